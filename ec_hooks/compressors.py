@@ -1,0 +1,509 @@
+"""Compressors: the ``C`` in error-compensated SGD.
+
+Every compressor maps a tensor ``x`` to a :class:`Payload` (what goes on the wire) and back to a
+dense fp32 tensor shaped like ``x``.  The same objects serve the DDP hook (Mem-SGD) and the
+gossip algorithms (DeepSqueeze, CHOCO-SGD), so a compressor knows nothing about communication;
+it only says
+
+* how many bytes its payload puts on the wire (:meth:`Compressor.wire_bytes`, exact, padding
+  included), and
+* whether payloads of different workers can be summed element-wise (:attr:`Compressor.summable`).
+  Summable payloads are averaged with one allreduce; the others are packed into one ``uint8``
+  buffer per worker and allgathered (or exchanged with neighbours).
+
+Contract (Definition 2.1 of Stich et al., 2018) for the sparsifiers:
+``E||x - C(x)||^2 <= (1 - k/d) ||x||^2``.  ``TopK`` and ``RandK`` satisfy it, ``ScaledSign``
+satisfies it with ``delta = ||x||_1^2 / (d ||x||^2)``; ``QSGD`` is unbiased instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ec_hooks.kernels import topk_magnitude
+
+__all__ = [
+    "Payload",
+    "Compressor",
+    "TopK",
+    "RandK",
+    "ScaledSign",
+    "QSGD",
+    "Identity",
+    "Cast",
+    "FP16",
+    "BF16",
+    "make_compressor",
+    "COMPRESSOR_NAMES",
+]
+
+logger = logging.getLogger(__name__)
+
+# Byte payloads are padded to this many bytes so that every worker's slice of an allgather
+# output can be reinterpreted as int32/fp32 without a copy.
+_ALIGN = 4
+_BACKENDS = ("auto", "torch", "cpu", "cuda")
+
+
+@dataclass
+class Payload:
+    """What a compressor puts on the wire for one tensor.
+
+    Attributes:
+        data: the tensor that travels.  For summable compressors a numeric tensor that the
+            transport may sum across workers; otherwise a flat ``uint8`` buffer.
+        shape: shape of the compressed tensor.
+        indices: for ``RandK`` the indices every worker derives from the shared seed; they are
+            not sent.
+        value_dtype: for byte payloads that carry float values (``TopK``), their dtype.
+    """
+
+    data: torch.Tensor
+    shape: torch.Size
+    indices: torch.Tensor | None = None
+    value_dtype: torch.dtype | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def with_data(self, data: torch.Tensor) -> Payload:
+        """The same payload with other wire data (a peer's, or the sum over workers)."""
+        return Payload(data=data, shape=self.shape, indices=self.indices, value_dtype=self.value_dtype)
+
+
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise ValueError(f"density must be a float in (0, 1] (the fraction of entries kept), got {density!r}")
+    density = float(density)
+    if not (0.0 < density <= 1.0):  # also rejects NaN
+        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {density!r}")
+    return density
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    return value
+
+
+def _pad(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _to_bytes(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate contiguous tensors into one padded uint8 buffer."""
+    parts = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    total = sum(p.numel() for p in parts)
+    pad = _pad(total) - total
+    if pad:
+        parts.append(torch.zeros(pad, dtype=torch.uint8, device=parts[0].device))
+    return torch.cat(parts)
+
+
+def _seed_from(*values: int) -> int:
+    """A 63-bit seed that mixes its inputs well (adjacent steps give unrelated streams)."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` into ``ceil(n * bits / 8)`` bytes, little-endian."""
+    codes = codes.reshape(-1).to(torch.uint8)
+    n = codes.numel()
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        padded = torch.zeros(-(-n // per_byte) * per_byte, dtype=torch.uint8, device=codes.device)
+        padded[:n] = codes
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+        return (padded.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+    # Widths that do not divide a byte go through an explicit bit matrix.
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    bitmat = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    padded = torch.zeros(-(-bitmat.numel() // 8) * 8, dtype=torch.uint8, device=codes.device)
+    padded[: bitmat.numel()] = bitmat
+    return (padded.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=codes.device)).sum(
+        dim=1, dtype=torch.uint8
+    )
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` codes as uint8."""
+    packed = packed.reshape(-1)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
+    bitmat = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(-1)
+    bitmat = bitmat[: n * bits].view(n, bits)
+    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
+    return (bitmat.to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+class Compressor:
+    """Base class.  Subclasses implement :meth:`compress`, :meth:`decompress`, :meth:`wire_bytes`."""
+
+    #: payloads of different workers may be summed element-wise (then: one allreduce)
+    summable: bool = False
+    name: str = "compressor"
+
+    def compress(
+        self, x: torch.Tensor, *, step: int = 0, key: int = 0, rank: int = 0, wire_dtype: torch.dtype | None = None
+    ) -> Payload:
+        """Compress ``x``.
+
+        Args:
+            step, key: identify the call (training step, bucket or tensor id); randomised
+                compressors derive their random stream from them, never from the global RNG.
+            rank: the caller's rank, for compressors whose randomness must differ across workers.
+            wire_dtype: dtype of the values on the wire (default ``x.dtype``); the hook passes the
+                gradient's dtype so that an fp32 memory does not double the bytes of bf16 gradients.
+        """
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """Dense fp32 tensor shaped like the compressed one."""
+        raise NotImplementedError
+
+    def wire_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
+        """Exact bytes one payload for a tensor of ``numel`` entries of ``dtype`` puts on the wire."""
+        raise NotImplementedError
+
+    def sum_payloads(self, payloads: list[Payload]) -> torch.Tensor:
+        """Dense fp32 sum of several workers' payloads (the allgather path)."""
+        out = self.decompress(payloads[0]).clone()
+        for p in payloads[1:]:
+            out += self.decompress(p)
+        return out
+
+    def subtract_sent_(self, acc: torch.Tensor, payload: Payload, scale: torch.Tensor | None = None) -> None:
+        """``acc -= C(acc)`` in place: what stays in the error-feedback memory.
+
+        ``scale`` (a 0-dim tensor, 0 or 1) lets the caller void the update without a host sync.
+        """
+        sent = self.decompress(payload).view_as(acc)
+        acc.sub_(sent if scale is None else sent * scale)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._repr_args().items())
+        return f"{type(self).__name__}({args})"
+
+    def _repr_args(self) -> dict:
+        return {}
+
+
+class TopK(Compressor):
+    """Keep the ``k = ceil(density * d)`` entries of largest magnitude.
+
+    Wire format: ``k`` int32 indices followed by ``k`` values in the wire dtype, padded to 4 bytes.
+    Ties in magnitude go to the lower index, so every backend selects the same set.
+
+    Args:
+        density: fraction of entries kept, in (0, 1].
+        backend: selection backend, ``"auto" | "torch" | "cpu" | "cuda"`` (see
+            :func:`ec_hooks.kernels.topk_magnitude`).
+    """
+
+    summable = False
+    name = "topk"
+
+    def __init__(self, density: float = 0.01, backend: str = "auto"):
+        self.density = _check_density(density)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
+        self.backend = backend
+
+    def _repr_args(self):
+        return {"density": self.density, "backend": self.backend}
+
+    def k_for(self, numel: int) -> int:
+        # The small epsilon keeps density=k/d from rounding up to k+1.
+        return min(numel, max(1, math.ceil(self.density * numel - 1e-9)))
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        flat = x.reshape(-1)
+        k = self.k_for(flat.numel())
+        indices = topk_magnitude(flat, k, backend=self.backend)
+        values = flat[indices].to(wire_dtype or x.dtype)
+        return Payload(data=_to_bytes(indices.to(torch.int32), values), shape=x.shape, value_dtype=values.dtype)
+
+    def decode(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (int64) and fp32 values of a payload; rejects indices outside the tensor."""
+        k = self.k_for(payload.numel)
+        dtype = payload.value_dtype or torch.float32
+        size = torch.empty((), dtype=dtype).element_size()
+        if payload.nbytes != _pad(k * (4 + size)):
+            raise ValueError(f"TopK payload has {payload.nbytes} bytes, expected {_pad(k * (4 + size))}")
+        indices = payload.data[: 4 * k].view(torch.int32).long()
+        values = payload.data[4 * k : 4 * k + size * k].view(dtype)
+        if indices.device.type == "cpu" and indices.numel():
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= payload.numel:
+                raise ValueError(
+                    f"TopK payload carries index {hi if hi >= payload.numel else lo} outside [0, {payload.numel}): "
+                    "corrupted or mismatched payload (do all workers use the same model and compressor?)"
+                )
+        return indices, values.float()
+
+    def decompress(self, payload):
+        indices, values = self.decode(payload)
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
+        out.index_put_((indices,), values, accumulate=True)
+        return out.view(payload.shape)
+
+    def sum_payloads(self, payloads):
+        decoded = [self.decode(p) for p in payloads]
+        out = torch.zeros(payloads[0].numel, dtype=torch.float32, device=payloads[0].data.device)
+        out.index_add_(0, torch.cat([i for i, _ in decoded]), torch.cat([v for _, v in decoded]))
+        return out.view(payloads[0].shape)
+
+    def subtract_sent_(self, acc, payload, scale=None):
+        indices, values = self.decode(payload)
+        # Subtracting the rounded value (not zeroing) keeps the rounding error of bf16/fp16
+        # values in memory, so nothing is lost.
+        flat = acc.view(-1)
+        flat.index_put_((indices,), flat[indices] - (values if scale is None else values * scale))
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        k = self.k_for(numel)
+        return _pad(k * (4 + torch.empty((), dtype=dtype).element_size()))
+
+
+class RandK(Compressor):
+    """Keep ``k = ceil(density * d)`` entries chosen uniformly at random, without replacement.
+
+    All workers draw the same indices from a dedicated ``torch.Generator`` seeded by
+    ``(seed, step, key)``, so only the ``k`` values travel and they can be summed (one allreduce
+    of ``k`` values).  The global RNG is never touched.
+
+    Args:
+        density: fraction of entries kept, in (0, 1].
+        seed: base seed shared by all workers.
+    """
+
+    summable = True
+    name = "randk"
+
+    def __init__(self, density: float = 0.01, seed: int = 0):
+        self.density = _check_density(density)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _repr_args(self):
+        return {"density": self.density, "seed": self.seed}
+
+    k_for = TopK.k_for
+
+    def indices(self, numel: int, *, step: int, key: int, device) -> torch.Tensor:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(_seed_from(self.seed, step, key))
+        k = self.k_for(numel)
+        if k == numel:
+            idx = torch.arange(numel)
+        else:
+            idx = torch.randperm(numel, generator=generator)[:k].sort().values
+        return idx.to(device)
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        flat = x.reshape(-1)
+        idx = self.indices(flat.numel(), step=step, key=key, device=x.device)
+        return Payload(data=flat[idx].to(wire_dtype or x.dtype), shape=x.shape, indices=idx)
+
+    def decompress(self, payload):
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
+        out[payload.indices] = payload.data.float()
+        return out.view(payload.shape)
+
+    def subtract_sent_(self, acc, payload, scale=None):
+        values = payload.data.float()
+        flat = acc.view(-1)
+        flat[payload.indices] -= values if scale is None else values * scale
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        return self.k_for(numel) * torch.empty((), dtype=dtype).element_size()
+
+
+class ScaledSign(Compressor):
+    """``C(x) = (||x||_1 / d) * sign(x)``: one bit per entry plus one fp32 scale.
+
+    The signs are bit-packed (32x smaller than fp32).  Zero maps to ``+``.  Payloads of different
+    workers carry different scales, so they are allgathered, not summed.
+    """
+
+    summable = False
+    name = "sign"
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        flat = x.reshape(-1).float()
+        scale = flat.abs().mean().reshape(1)
+        bits = pack_bits((flat < 0).to(torch.uint8), 1)
+        return Payload(data=_to_bytes(scale, bits), shape=x.shape)
+
+    def decompress(self, payload):
+        n = payload.numel
+        scale = payload.data[:4].view(torch.float32)
+        negative = unpack_bits(payload.data[4:], 1, n)
+        return (scale * (1.0 - 2.0 * negative.float())).view(payload.shape)
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        return _pad(4 + -(-numel // 8))
+
+
+class QSGD(Compressor):
+    """Stochastic quantisation to ``levels`` levels per sign (Alistarh et al., 2017).
+
+    1. ``norm = ||x||_2``;  ``r = levels * |x| / norm``.
+    2. ``l = floor(r) + Bernoulli(r - floor(r))`` (unbiased), from a generator seeded by
+       ``(seed, rank, step, key)``: independent across workers, reproducible, global RNG untouched.
+    3. Wire: the fp32 norm, then ``1 + ceil(log2(levels + 1))`` bits per entry (sign and level).
+
+    ``QSGD.from_bits(b)`` gives the ``b``-bit variant (``levels = 2**(b-1) - 1``).
+    """
+
+    summable = False
+    name = "qsgd"
+
+    def __init__(self, levels: int = 7, seed: int = 0):
+        self.levels = _check_int("levels", levels, 1, 2**15 - 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.level_bits = max(1, math.ceil(math.log2(self.levels + 1)))
+        self.bits = 1 + self.level_bits
+
+    @classmethod
+    def from_bits(cls, bits: int, seed: int = 0) -> QSGD:
+        bits = _check_int("bits", bits, 2, 16)
+        return cls(levels=2 ** (bits - 1) - 1, seed=seed)
+
+    def _repr_args(self):
+        return {"levels": self.levels, "seed": self.seed}
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        flat = x.reshape(-1).float()
+        norm = flat.norm().reshape(1)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(_seed_from(self.seed, rank, step, key))
+        noise = torch.rand(flat.numel(), generator=generator).to(flat.device)
+        scaled = flat.abs() / norm.clamp_min(torch.finfo(torch.float32).tiny) * self.levels
+        level = torch.floor(scaled + noise).clamp_(0, self.levels).to(torch.int32)
+        codes = level | ((flat < 0).to(torch.int32) << self.level_bits)
+        if self.bits <= 8:
+            packed = pack_bits(codes.to(torch.uint8), self.bits)
+        else:
+            packed = codes.to(torch.int16)
+        return Payload(data=_to_bytes(norm, packed), shape=x.shape)
+
+    def decompress(self, payload):
+        n = payload.numel
+        norm = payload.data[:4].view(torch.float32)
+        if self.bits <= 8:
+            codes = unpack_bits(payload.data[4:], self.bits, n).to(torch.int32)
+        else:
+            codes = payload.data[4 : 4 + 2 * n].view(torch.int16).to(torch.int32)
+        level = (codes & ((1 << self.level_bits) - 1)).float()
+        sign = 1.0 - 2.0 * ((codes >> self.level_bits) & 1).float()
+        return (norm * sign * level / self.levels).view(payload.shape)
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        body = -(-numel * self.bits // 8) if self.bits <= 8 else 2 * numel
+        return _pad(4 + body)
+
+
+class Identity(Compressor):
+    """No compression: the payload is the tensor itself, summed by allreduce.
+
+    With it (or ``TopK(density=1)``) the error-feedback hook reproduces DDP's default allreduce.
+    """
+
+    summable = True
+    name = "identity"
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        return Payload(data=x.reshape(-1).to(wire_dtype or x.dtype), shape=x.shape)
+
+    def decompress(self, payload):
+        return payload.data.float().view(payload.shape)
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        return numel * torch.empty((), dtype=dtype).element_size()
+
+
+class Cast(Compressor):
+    """Cast to a 16-bit float dtype (``torch.float16`` or ``torch.bfloat16``); summed by allreduce.
+
+    With error feedback the rounding error is kept in memory instead of being lost.
+    """
+
+    summable = True
+    _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+    def __init__(self, dtype: torch.dtype | str = torch.float16):
+        if isinstance(dtype, str):
+            if dtype not in self._DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(self._DTYPES)}, got {dtype!r}")
+            dtype = self._DTYPES[dtype]
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
+        self.dtype = dtype
+        self.name = "fp16" if dtype == torch.float16 else "bf16"
+
+    def _repr_args(self):
+        return {"dtype": self.dtype}
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        return Payload(data=x.reshape(-1).to(self.dtype), shape=x.shape)
+
+    def decompress(self, payload):
+        return payload.data.float().view(payload.shape)
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        return 2 * numel
+
+
+def FP16() -> Cast:  # noqa: N802 - reads as a compressor class at call sites
+    """Half precision on the wire."""
+    return Cast(torch.float16)
+
+
+def BF16() -> Cast:  # noqa: N802
+    """bfloat16 on the wire."""
+    return Cast(torch.bfloat16)
+
+
+COMPRESSOR_NAMES = ("topk", "randk", "sign", "qsgd", "identity", "fp16", "bf16")
+
+
+def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compressor:
+    """Build a compressor from a name (``COMPRESSOR_NAMES``) and its arguments, or pass one through.
+
+    ``density`` is ignored by compressors that do not take it, so one config can switch freely
+    between ``topk`` and ``sign``.
+    """
+    if isinstance(compressor, Compressor):
+        return compressor
+    if not isinstance(compressor, str) or compressor.lower() not in COMPRESSOR_NAMES:
+        raise ValueError(f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}")
+    name = compressor.lower()
+    if name == "topk":
+        return TopK(**{k: v for k, v in kwargs.items() if k in ("density", "backend")})
+    if name == "randk":
+        return RandK(**{k: v for k, v in kwargs.items() if k in ("density", "seed")})
+    if name == "sign":
+        return ScaledSign()
+    if name == "qsgd":
+        return QSGD(**{k: v for k, v in kwargs.items() if k in ("levels", "seed")})
+    if name == "identity":
+        return Identity()
+    return Cast(torch.float16 if name == "fp16" else torch.bfloat16)

@@ -1,0 +1,278 @@
+"""DDP communication hooks: Mem-SGD (error-feedback compression) and a local no-op hook.
+
+Usage::
+
+    state = ErrorFeedbackState(compressor=TopK(density=0.01), module=ddp_model)
+    ddp_model.register_comm_hook(state, error_feedback_hook)
+
+The whole data path of one bucket is :func:`error_feedback_hook`, top to bottom.
+"""
+
+
+import logging
+import time
+from collections.abc import Hashable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ec_hooks import transport
+from ec_hooks.compressors import Compressor, TopK, _check_int, make_compressor
+from ec_hooks.memory import ErrorFeedbackMemory
+from ec_hooks.stats import CommStats
+
+__all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
+
+logger = logging.getLogger(__name__)
+
+_STATUS_BYTES = 4  # one fp32 word per worker: 1.0 when its gradient was not finite
+
+
+class ErrorFeedbackState:
+    """State of :func:`error_feedback_hook`: the compressor, the fp32 memories and the statistics.
+
+    Args:
+        process_group: the group to communicate in (default: the world).
+        compressor: a :class:`~ec_hooks.compressors.Compressor` or a name from
+            ``ec_hooks.COMPRESSOR_NAMES`` (default ``TopK(density=0.01)``).
+        start_iter: number of initial steps that use DDP's plain allreduce (no compression, memory
+            untouched), as ``start_powerSGD_iter`` in torch's PowerSGD.
+        module: the model (DDP-wrapped or not).  When given, memories are keyed by parameter name,
+            so a state dict loads into any bucket layout and is checked against the model;
+            without it, parameters are keyed by the order in which the hook first meets them,
+            which is stable for a given model and ``bucket_cap_mb``.
+        dense_fallback: allreduce the densified compressed bucket when the allgather of
+            ``world_size`` payloads would put more bytes on the wire than the dense bucket.
+
+    The process group is not part of the state dict (as in torch's ``PowerSGDState``).
+    """
+
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None = None,
+        compressor: Compressor | str | None = None,
+        start_iter: int = 0,
+        module: torch.nn.Module | None = None,
+        dense_fallback: bool = True,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "ErrorFeedbackState needs an initialized process group: call "
+                "torch.distributed.init_process_group() before creating it"
+            )
+        self.process_group = process_group
+        self.compressor = make_compressor(TopK(0.01) if compressor is None else compressor)
+        self.start_iter = _check_int("start_iter", start_iter, 0)
+        if not isinstance(dense_fallback, bool):
+            raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
+        self.dense_fallback = dense_fallback
+        self.iteration = 0
+        self.memory = ErrorFeedbackMemory()
+        self.stats = CommStats()
+        self._param_keys: dict[int, Hashable] = {}
+        self._module_names: set[str] | None = None
+        self._shapes: dict[Hashable, int] = {}
+        if module is not None:
+            self.bind_module(module)
+
+    @property
+    def world_size(self) -> int:
+        return transport.world_size(self.process_group)
+
+    @property
+    def rank(self) -> int:
+        return transport.rank_in(self.process_group)
+
+    def bind_module(self, module: torch.nn.Module) -> None:
+        """Key the memories by the parameter names of ``module`` (DDP wrapper stripped)."""
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        self._param_keys = {id(p): name for name, p in module.named_parameters()}
+        self._shapes = {name: p.numel() for name, p in module.named_parameters()}
+        self._module_names = set(self._shapes)
+
+    def _key(self, param: torch.Tensor) -> Hashable:
+        key = self._param_keys.get(id(param))
+        if key is None:
+            key = f"param{len(self._param_keys)}"
+            self._param_keys[id(param)] = key
+        return key
+
+    def _advance(self, bucket: dist.GradBucket) -> None:
+        if bucket.is_last():
+            self.iteration += 1
+            self.stats.end_step()
+
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "start_iter": self.start_iter,
+            "compressor": repr(self.compressor),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "memories": self.memory.state_dict(),
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore memories and counters; refuses a state of another world size, rank or model."""
+        if not isinstance(state_dict, dict) or "memories" not in state_dict:
+            raise ValueError("state_dict is not an ErrorFeedbackState state dict (no 'memories' entry)")
+        if state_dict.get("world_size", self.world_size) != self.world_size:
+            raise ValueError(
+                f"state_dict was saved with world_size={state_dict['world_size']}, this group has "
+                f"{self.world_size}: error-feedback memories belong to individual workers and cannot be "
+                "redistributed"
+            )
+        if state_dict.get("rank", self.rank) != self.rank:
+            raise ValueError(
+                f"state_dict holds the memories of rank {state_dict['rank']}, this is rank {self.rank}: "
+                "load each worker's own state (loading one rank's memory everywhere would send it n times)"
+            )
+        memories = state_dict["memories"]
+        if self._module_names is not None:
+            unknown = sorted(set(memories) - self._module_names)
+            if unknown:
+                raise ValueError(f"state_dict has memories for parameters the model does not have: {unknown[:5]}")
+            for key, tensor in memories.items():
+                if torch.as_tensor(tensor).numel() != self._shapes[key]:
+                    raise ValueError(
+                        f"state_dict memory for {key!r} has {torch.as_tensor(tensor).numel()} entries, the "
+                        f"parameter has {self._shapes[key]}"
+                    )
+        if repr(self.compressor) != state_dict.get("compressor", repr(self.compressor)):
+            logger.warning(
+                "loading error-feedback memories saved with %s into a state using %s",
+                state_dict["compressor"],
+                self.compressor,
+            )
+        self.memory.load_state_dict(memories)
+        self.iteration = int(state_dict.get("iteration", 0))
+        if "stats" in state_dict:
+            self.stats.load_state_dict(state_dict["stats"])
+
+    def __getstate__(self):
+        # Process groups do not pickle; the state re-attaches to the default group.
+        state = self.__dict__.copy()
+        state["process_group"] = None
+        state["_param_keys"] = {}
+        return state
+
+
+def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Mem-SGD for one DDP bucket (Stich, Cordonnier, Jaggi, 2018).
+
+    With gradient ``g``, this worker's fp32 memory ``m`` and the compressor ``C``:
+
+    1. During warm-up (``iteration < start_iter``): DDP's plain allreduce; memory untouched.
+    2. ``acc = m + g`` in place in ``m``.  A gradient with any inf/NaN (an AMP overflow step) is
+       not added, so it never enters memory.
+    3. ``payload = C(acc)``, values in the gradient's dtype.
+    4. Transport, with each worker's 4-byte "non-finite" status word appended:
+       summable payloads are averaged by one allreduce; others are allgathered as one byte buffer
+       each and summed (top-k: a scatter-add of all workers' values), unless ``world_size``
+       payloads outweigh the dense bucket, in which case the densified ``C(acc)`` is allreduced.
+    5. When every worker's gradient was finite: ``m = acc - C(acc)`` (what was not sent stays).
+       Otherwise the step is void everywhere: ``m`` goes back to its value before step 2 and the
+       result is NaN, so that a GradScaler sees the overflow on every rank and skips the step.
+    6. Return the mean ``(1/n) sum_i C_i`` in the bucket's dtype.
+
+    Invariant: ``sum_t g_t = sum_t C(acc_t) + m_T`` on every worker, to float rounding.
+    """
+    group = state.process_group
+    grad = bucket.buffer()
+    bytes_dense = grad.numel() * grad.element_size()
+    if state.iteration < state.start_iter:
+        state.stats.record(bytes_sent=bytes_dense, bytes_dense=bytes_dense, entries_sent=grad.numel(),
+                           entries=grad.numel())
+        fut = transport.allreduce_mean(grad, group)
+        state._advance(bucket)
+        return fut
+
+    started = time.perf_counter()
+    compressor, n = state.compressor, state.world_size
+    params = bucket.parameters()
+    keys = [state._key(p) for p in params]
+    numels = [p.numel() for p in params]
+    if sum(numels) != grad.numel():
+        raise RuntimeError(f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}")
+    memory = state.memory.buffer_for(keys, numels, grad.device)
+
+    # 2. error compensation
+    finite = torch.isfinite(grad).all()
+    memory.add_(torch.where(finite, grad, 0))
+    # 3. compression
+    payload = compressor.compress(memory, step=state.iteration, key=bucket.index(), rank=state.rank,
+                                  wire_dtype=grad.dtype)
+    status = (~finite).float().reshape(1)
+    # 4. transport
+    if compressor.summable:
+        wire = torch.cat([payload.data, status.to(payload.data.dtype)])
+        fut = transport.allreduce_mean(wire, group)
+
+        def aggregate(wire: torch.Tensor):
+            return compressor.decompress(payload.with_data(wire[:-1])), wire[-1] == 0
+
+        subtract = compressor.subtract_sent_
+    elif state.dense_fallback and n * (payload.nbytes + _STATUS_BYTES) > bytes_dense:
+        sent = compressor.decompress(payload).reshape(-1).to(grad.dtype)
+        wire = torch.cat([sent, status.to(grad.dtype)])
+        fut = transport.allreduce_mean(wire, group)
+
+        def aggregate(wire: torch.Tensor):
+            return wire[:-1].float(), wire[-1] == 0
+
+        def subtract(acc, _payload, scale=None):
+            acc.sub_(sent.float() if scale is None else sent.float() * scale)
+    else:
+        wire = torch.cat([payload.data, status.view(torch.uint8)])
+        fut = transport.allgather(wire, group)
+
+        def aggregate(rows: torch.Tensor):
+            payloads = [payload.with_data(row[:-_STATUS_BYTES]) for row in rows]
+            status_all = rows[:, -_STATUS_BYTES:].contiguous().view(torch.float32)
+            return compressor.sum_payloads(payloads).reshape(-1) / n, status_all.sum() == 0
+
+        subtract = compressor.subtract_sent_
+    state.stats.record(
+        bytes_sent=wire.numel() * wire.element_size(),
+        bytes_dense=bytes_dense,
+        entries_sent=compressor.k_for(grad.numel()) if hasattr(compressor, "k_for") else grad.numel(),
+        entries=grad.numel(),
+        seconds=time.perf_counter() - started,
+    )
+    bucket_key = keys[0]
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        mean, all_finite = aggregate(fut.value())
+        # 5. memory update, conditional on every worker's status
+        if memory.is_cuda:
+            # No host sync on the GPU path: both branches as arithmetic masked by the status.
+            subtract(memory, payload, scale=all_finite.float())
+            memory.sub_(torch.where(finite & ~all_finite, grad, 0))
+            mean = torch.where(all_finite, mean, float("nan"))
+        elif bool(all_finite):
+            subtract(memory, payload)
+        else:
+            if bool(finite):
+                memory.sub_(grad)
+            mean = torch.full_like(mean, float("nan"))
+        state.stats.set_residual(bucket_key, memory)
+        # 6. the bucket's new gradient
+        return mean.to(grad.dtype).view_as(grad)
+
+    state._advance(bucket)
+    return fut.then(finish)
+
+
+def local_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP comm hook that communicates nothing: every worker keeps its own gradient.
+
+    For decentralized loops (DeepSqueeze, CHOCO-SGD, D-PSGD) that keep DDP for its conveniences
+    (buffer broadcast, ``no_sync``) while the models are mixed by gossip after the optimizer step.
+    ``state`` is ignored (pass ``None``).
+    """
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
