@@ -312,10 +312,20 @@ class RandK(Compressor):
         generator.manual_seed(_seed_from(self.seed, step, key))
         k = self.k_for(numel)
         if k == numel:
-            idx = torch.arange(numel)
-        else:
-            idx = torch.randperm(numel, generator=generator)[:k].sort().values
-        return idx.to(device)
+            return torch.arange(numel, device=device)
+        if 4 * k > numel:
+            return torch.randperm(numel, generator=generator)[:k].sort().values.to(device)
+        # randperm(d) costs O(d) per step; for small k draw with replacement and deduplicate.
+        # The distinct draws form a uniformly random subset given their number, and a random
+        # k-subset of it is a uniformly random k-subset of range(d).
+        draws = k + k // 8 + 16
+        while True:
+            distinct = torch.randint(numel, (draws,), generator=generator).unique()
+            if distinct.numel() >= k:
+                break
+            draws *= 2
+        pick = torch.randperm(distinct.numel(), generator=generator)[:k]
+        return distinct[pick].sort().values.to(device)
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         flat = x.reshape(-1)

@@ -166,3 +166,14 @@ def test_make_compressor_by_name():
     assert make_compressor("bf16").dtype == torch.bfloat16
     c = TopK(0.2)
     assert make_compressor(c) is c
+
+
+def test_randk_samples_every_coordinate_equally_often():
+    d, c = 40, RandK(0.1, seed=2)
+    counts = torch.zeros(d)
+    draws = 8000
+    for step in range(draws):
+        counts[c.indices(d, step=step, key=0, device="cpu")] += 1
+    expected = draws * c.k_for(d) / d
+    # binomial standard deviation is about 19 here: 6 sigma
+    assert (counts - expected).abs().max() < 6 * math.sqrt(expected)
