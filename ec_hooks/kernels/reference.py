@@ -1,0 +1,19 @@
+"""The torch reference selection: the exact set every backend must return."""
+
+import torch
+
+__all__ = ["topk_magnitude_reference"]
+
+
+def topk_magnitude_reference(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64, ascending) of the ``k`` entries of largest ``|x|``; ties go to the lower index.
+
+    NaN is never selected (it ranks below every number), so a corrupted entry stays in memory.
+    """
+    flat = x.reshape(-1)
+    magnitude = flat.abs().float()
+    magnitude = torch.where(torch.isnan(magnitude), -1.0, magnitude)
+    threshold = torch.topk(magnitude, k, sorted=False).values.min()
+    above = torch.nonzero(magnitude > threshold).reshape(-1)
+    tied = torch.nonzero(magnitude == threshold).reshape(-1)[: k - above.numel()]
+    return torch.cat([above, tied]).sort().values
