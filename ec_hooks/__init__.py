@@ -27,37 +27,36 @@ from ec_hooks.compressors import (
     TopK,
     make_compressor,
 )
+from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze, GossipAlgorithm
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook, local_hook
 from ec_hooks.memory import ErrorFeedbackMemory
 from ec_hooks.stats import CommStats
+from ec_hooks.topology import TOPOLOGY_NAMES, Topology
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BF16",
     "COMPRESSOR_NAMES",
+    "DPSGD",
     "FP16",
     "QSGD",
     "Cast",
+    "ChocoSGD",
     "CommStats",
     "Compressor",
+    "DeepSqueeze",
     "ErrorFeedbackMemory",
     "ErrorFeedbackState",
+    "GossipAlgorithm",
     "Identity",
     "Payload",
     "RandK",
     "ScaledSign",
+    "TOPOLOGY_NAMES",
     "TopK",
+    "Topology",
     "error_feedback_hook",
     "local_hook",
     "make_compressor",
 ]
-
-try:  # the decentralized algorithms live in their own modules
-    from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze  # noqa: F401
-    from ec_hooks.topology import Topology  # noqa: F401
-
-    __all__ += ["ChocoSGD", "DPSGD", "DeepSqueeze", "Topology"]
-except ImportError as _exc:  # pragma: no cover - removed once gossip lands
-    if "ec_hooks.gossip" not in str(_exc) and "ec_hooks.topology" not in str(_exc):
-        raise

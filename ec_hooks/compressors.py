@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ec_hooks.kernels import topk_magnitude
+from ec_hooks.kernels import error_feedback_topk_, topk_magnitude
 
 __all__ = [
     "Payload",
@@ -240,6 +240,24 @@ class TopK(Compressor):
         indices = topk_magnitude(flat, k, backend=self.backend)
         values = flat[indices].to(wire_dtype or x.dtype)
         return Payload(data=_to_bytes(indices.to(torch.int32), values), shape=x.shape, value_dtype=values.dtype)
+
+    def compress_error_feedback_(
+        self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0, wire_dtype=None
+    ) -> tuple[Payload, torch.Tensor]:
+        """``memory += grad`` (finite entries only), then ``compress(memory)``, in one fused step.
+
+        Returns the payload (the same bytes as :meth:`compress` of the accumulated memory) and a
+        0-dim bool, "every gradient entry was finite".  ``memory`` (contiguous fp32) keeps the
+        sent values: subtract them with :meth:`subtract_sent_` once the step stands, or undo the
+        accumulation with :func:`ec_hooks.kernels.undo_accumulate_` when it is voided.  On CUDA
+        tensors with the CUDA backend this is one kernel pipeline without host synchronization.
+        """
+        k = self.k_for(memory.numel())
+        selected = error_feedback_topk_(memory, grad, k, wire_dtype=wire_dtype or memory.dtype,
+                                        subtract_sent=False, backend=self.backend)
+        payload = Payload(data=_to_bytes(selected.indices, selected.values), shape=memory.shape,
+                          value_dtype=selected.values.dtype)
+        return payload, selected.grad_finite
 
     def decode(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices (int64) and fp32 values of a payload; rejects indices outside the tensor."""

@@ -10,6 +10,7 @@ The whole data path of one bucket is :func:`error_feedback_hook`, top to bottom.
 
 
 import logging
+import math
 import time
 from collections.abc import Hashable
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ec_hooks import transport
+from ec_hooks import kernels, transport
 from ec_hooks.compressors import Compressor, TopK, _check_int, make_compressor
 from ec_hooks.memory import ErrorFeedbackMemory
 from ec_hooks.stats import CommStats
@@ -104,6 +105,17 @@ class ErrorFeedbackState:
             self.iteration += 1
             self.stats.end_step()
 
+    def rescale_memories(self, factor: float) -> None:
+        """Multiply the memories by ``factor``: call it when a GradScaler changes the loss scale.
+
+        With AMP the hook sees gradients multiplied by the loss scale ``S``, so the memories hold
+        residuals in units of ``S``.  After ``scaler.update()`` changed ``S_old`` to ``S_new``,
+        ``state.rescale_memories(S_new / S_old)`` keeps them in step with the next gradients.
+        """
+        if not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"factor must be a finite positive number, got {factor!r}")
+        self.memory.scale_(factor)
+
     def state_dict(self) -> dict:
         return {
             "iteration": self.iteration,
@@ -166,15 +178,17 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     With gradient ``g``, this worker's fp32 memory ``m`` and the compressor ``C``:
 
     1. During warm-up (``iteration < start_iter``): DDP's plain allreduce; memory untouched.
-    2. ``acc = m + g`` in place in ``m``.  A gradient with any inf/NaN (an AMP overflow step) is
-       not added, so it never enters memory.
-    3. ``payload = C(acc)``, values in the gradient's dtype.
+    2. ``acc = m + g`` in place in ``m``; inf/NaN gradient entries (an AMP overflow step) are
+       not added, so they never enter memory.
+    3. ``payload = C(acc)``, values in the gradient's dtype (for top-k, 2 and 3 are one fused
+       pass: :meth:`~ec_hooks.compressors.TopK.compress_error_feedback_`).
     4. Transport, with each worker's 4-byte "non-finite" status word appended:
        summable payloads are averaged by one allreduce; others are allgathered as one byte buffer
        each and summed (top-k: a scatter-add of all workers' values), unless ``world_size``
        payloads outweigh the dense bucket, in which case the densified ``C(acc)`` is allreduced.
     5. When every worker's gradient was finite: ``m = acc - C(acc)`` (what was not sent stays).
-       Otherwise the step is void everywhere: ``m`` goes back to its value before step 2 and the
+       Otherwise the step is void everywhere: the finite gradient entries added in step 2 are
+       taken out of ``m`` again (its value before step 2, to float rounding), and the
        result is NaN, so that a GradScaler sees the overflow on every rank and skips the step.
     6. Return the mean ``(1/n) sum_i C_i`` in the bucket's dtype.
 
@@ -199,12 +213,17 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
         raise RuntimeError(f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}")
     memory = state.memory.buffer_for(keys, numels, grad.device)
 
-    # 2. error compensation
-    finite = torch.isfinite(grad).all()
-    memory.add_(torch.where(finite, grad, 0))
-    # 3. compression
-    payload = compressor.compress(memory, step=state.iteration, key=bucket.index(), rank=state.rank,
-                                  wire_dtype=grad.dtype)
+    # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
+    fused = getattr(compressor, "compress_error_feedback_", None)
+    if fused is not None:
+        payload, finite = fused(memory, grad, step=state.iteration, key=bucket.index(), rank=state.rank,
+                                wire_dtype=grad.dtype)
+    else:
+        finite_entries = torch.isfinite(grad)
+        finite = finite_entries.all()
+        memory.add_(torch.where(finite_entries, grad, 0))
+        payload = compressor.compress(memory, step=state.iteration, key=bucket.index(), rank=state.rank,
+                                      wire_dtype=grad.dtype)
     status = (~finite).float().reshape(1)
     # 4. transport
     if compressor.summable:
@@ -242,23 +261,22 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
         entries=grad.numel(),
         seconds=time.perf_counter() - started,
     )
-    bucket_key = keys[0]
+    bucket_layout = tuple(keys)
+    backend = getattr(compressor, "backend", "auto")
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         mean, all_finite = aggregate(fut.value())
         # 5. memory update, conditional on every worker's status
         if memory.is_cuda:
-            # No host sync on the GPU path: both branches as arithmetic masked by the status.
+            # No host sync on the GPU path: the update is masked by the status instead.
             subtract(memory, payload, scale=all_finite.float())
-            memory.sub_(torch.where(finite & ~all_finite, grad, 0))
             mean = torch.where(all_finite, mean, float("nan"))
         elif bool(all_finite):
             subtract(memory, payload)
         else:
-            if bool(finite):
-                memory.sub_(grad)
             mean = torch.full_like(mean, float("nan"))
-        state.stats.set_residual(bucket_key, memory)
+        kernels.undo_accumulate_(memory, grad, all_finite, backend=backend)
+        state.stats.set_residual(bucket_layout, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)
 

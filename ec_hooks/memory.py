@@ -59,6 +59,17 @@ class ErrorFeedbackMemory:
         self._buffers[signature] = buffer
         return buffer
 
+    def scale_(self, factor: float) -> None:
+        """Multiply every memory by ``factor`` in place (a GradScaler changed the loss scale)."""
+        for buffer in self._buffers.values():
+            buffer.mul_(factor)
+        for tensor in self._pending.values():
+            tensor.mul_(factor)
+
+    def layouts(self) -> set[tuple]:
+        """The bucket layouts (tuples of parameter keys) whose buffers are current."""
+        return set(self._buffers)
+
     def norm(self) -> float:
         """L2 norm over all memories (host sync; for logging, not the hot path)."""
         total = 0.0

@@ -60,9 +60,16 @@ class CommStats:
         self._step_entries += int(entries)
         self._step_time += seconds
 
-    def set_residual(self, key, tensor: torch.Tensor) -> None:
-        """Remember ``||tensor||^2`` for one bucket or tensor (stays on its device until read)."""
+    def set_residual(self, key, tensor: torch.Tensor, live_keys=None) -> None:
+        """Remember ``||tensor||^2`` for one bucket or tensor (stays on its device until read).
+
+        ``live_keys``: when given, entries under other keys are dropped, so that a bucket layout
+        DDP replaced (its rebuild after the first step) is not counted twice.
+        """
         self._residual_sq_by_key[key] = tensor.detach().float().pow(2).sum()
+        if live_keys is not None:
+            for stale in [k for k in self._residual_sq_by_key if k not in live_keys]:
+                del self._residual_sq_by_key[stale]
 
     def end_step(self) -> None:
         """Close the step in progress: its figures become the ``last_*`` ones."""

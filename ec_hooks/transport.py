@@ -67,8 +67,13 @@ def exchange(
     """Send ``sends[peer]`` to each peer and receive into ``recvs[peer]``; blocks until done.
 
     Peers are ranks in ``group``.  All operations are posted in one ``batch_isend_irecv`` so
-    that rings of odd size and time-varying peers cannot deadlock on send ordering.
+    that rings of odd size and time-varying peers cannot deadlock on send ordering; the send and
+    receive peers may differ (directed graphs such as the one-peer exponential graph).  Only the
+    peers take part: there is no barrier.
     """
+    me = rank_in(group)
+    if me in sends or me in recvs:
+        raise ValueError(f"exchange: rank {me} lists itself as a peer; keep the local term out of the exchange")
     ops = []
     for peer, tensor in recvs.items():
         ops.append(dist.P2POp(dist.irecv, tensor, _global_rank(peer, group), group))

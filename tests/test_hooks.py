@@ -393,6 +393,25 @@ def test_stats_report_bytes_and_ratio():
     assert stats["residual_norm"] > 0
 
 
+def _residual_after_rebuild(rank, world_size):
+    model = DDP(make_model(), bucket_cap_mb=0.0005)  # several buckets, rebuilt after step 1
+    state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model)
+    model.register_comm_hook(state, error_feedback_hook)
+    train(model, 4, rank)
+    reported, true = state.stats.residual_norm, state.memory.norm()
+    state.rescale_memories(0.25)  # a GradScaler backed off twice
+    with pytest.raises(ValueError, match="factor"):
+        state.rescale_memories(float("inf"))
+    return reported, true, state.memory.norm()
+
+
+def test_residual_norm_counts_each_memory_once_across_the_bucket_rebuild():
+    for reported, true, rescaled in run_distributed(_residual_after_rebuild, 2):
+        assert true > 0
+        assert reported == pytest.approx(true, rel=1e-5)
+        assert rescaled == pytest.approx(true / 4, rel=1e-6)
+
+
 def _bad_state(rank, world_size):
     errors = {}
     for kwargs in ({"start_iter": -1}, {"compressor": "zip"}, {"dense_fallback": "yes"}):

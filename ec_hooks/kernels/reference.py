@@ -8,7 +8,9 @@ __all__ = ["topk_magnitude_reference"]
 def topk_magnitude_reference(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (int64, ascending) of the ``k`` entries of largest ``|x|``; ties go to the lower index.
 
-    NaN is never selected (it ranks below every number), so a corrupted entry stays in memory.
+    NaN ranks below every number (zero included): it is selected only when ``k`` exceeds the
+    number of non-NaN entries, so a corrupted entry stays in memory.  ``inf`` ranks above every
+    finite value.  ``k`` must be in ``[1, x.numel()]``.
     """
     flat = x.reshape(-1)
     magnitude = flat.abs().float()

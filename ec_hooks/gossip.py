@@ -1,0 +1,660 @@
+"""Decentralized training: DeepSqueeze, CHOCO-SGD and D-PSGD gossip over a sparse topology.
+
+There is no allreduce: every worker keeps its own model ``x_i`` and, after each optimizer step,
+mixes it with what its neighbours send::
+
+    gossip = DeepSqueeze(model.parameters(), topology="ring", compressor=TopK(density=0.01))
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step(); optimizer.zero_grad()
+        gossip.step()                      # compress, exchange with neighbours, mix (in place)
+    final = gossip.average_parameters()    # the mean model x_bar: evaluate and save this one
+
+All parameters are flattened into one fp32 buffer, so each step sends one message per neighbour
+(``transport.exchange``, one ``batch_isend_irecv``; no barrier).  Messages are the compressors'
+payloads (top-k index/value pairs, bit-packed signs, QSGD codes, ...), so the bytes on the wire
+shrink by the compression ratio.  Compressor randomness: rand-k draws its indices from
+``(seed, step)`` and every worker draws the *same* indices at a step, so only the ``k`` values
+travel and a receiver rebuilds the sender's payload from its own indices; QSGD's rounding noise
+is drawn per rank (independent across workers).
+
+Gossip needs a *contraction* ``E||C(x) - x||^2 <= (1 - delta) ||x||^2``.  Top-k, rand-k (unscaled)
+and scaled sign are; QSGD is unbiased instead, with variance up to ``omega ||x||^2``,
+``omega = min(d / s^2, sqrt(d) / s)`` for ``s`` levels, and diverges at any consensus step when
+used as is.  Its decoded values are therefore multiplied by ``1 / (1 + omega)`` on both ends, the
+rescaling of Koloskova et al. (2019), which makes it a contraction with ``delta = 1 / (1 + omega)``.
+Over a whole flattened model ``omega`` is large (about ``sqrt(d) / s``), so QSGD mixes slowly.
+
+Mixing matrices come from :class:`~ec_hooks.topology.Topology`; ``W_ij(t)`` is the weight worker
+``i`` gives to ``j`` at step ``t``.  Every topology is doubly stochastic (columns sum to 1 as well
+as rows), which is what keeps the mean model ``x_bar`` moving exactly as the mean of the local
+optimizer steps, for every algorithm and compressor.
+
+The consensus distance is ``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over the flattened parameters
+(the root-mean-square distance of the workers' models to their mean).  A divergence watch
+measures it every ``watch_every`` steps and warns when it keeps growing.
+
+Everything here also runs as a single-process simulation of ``n`` workers
+(:meth:`GossipAlgorithm.simulated` + :func:`simulate_step`) with the very same update code, for
+experiments such as ``benchmarks/consensus_step.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ec_hooks import transport
+from ec_hooks.compressors import Compressor, Identity, Payload, TopK, _check_int, make_compressor
+from ec_hooks.stats import CommStats
+from ec_hooks.topology import Topology
+
+__all__ = [
+    "GossipAlgorithm",
+    "DeepSqueeze",
+    "ChocoSGD",
+    "DPSGD",
+    "contraction_scale",
+    "default_consensus_step",
+    "simulate_step",
+    "simulated_consensus_distance",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def default_consensus_step(algorithm: str, compressor: Compressor) -> float:
+    """The consensus step used when ``consensus_step=None``.
+
+    Measured with ``benchmarks/consensus_step.py`` (8 simulated workers on a ring and on the
+    exponential graph) and ``benchmarks/gossip_logreg.py`` (8 gloo workers, logistic regression on
+    heterogeneous shards); the figures are in the README.  A step qualifies when, on both graphs,
+    the steady-state consensus distance under per-step noise stays below that of no gossip at all,
+    independent random models contract (final/initial < 0.5 after 1000 steps), and it is at most
+    half the smallest step that diverged in any of the runs.  DeepSqueeze takes the largest
+    qualifying step (training loss improves with the step up to instability); CHOCO-SGD, stable over
+    a wider range, takes a step between the one with the smallest distance and the largest
+    qualifying one:
+
+    ===============  ======================================  ======================================
+    compressor       DeepSqueeze ``eta``                     ChocoSGD ``gamma``
+    ===============  ======================================  ======================================
+    TopK(density)    density, within [0.005, 0.5]            2 * density, within [0.01, 1]
+    RandK(density)   0.5 * density, within [0.002, 0.25]     0.5 * density, within [0.002, 0.5]
+    ScaledSign       0.1                                     0.5
+    QSGD(levels)     0.007 * levels, within [0.005, 0.1]     0.03 * levels, within [0.02, 0.5]
+    Identity, casts  1                                       1
+    other            0.01                                    0.1
+    ===============  ======================================  ======================================
+
+    DeepSqueeze compresses the model itself, so what it does not send (kept in ``delta``) is of
+    the model's size and only small steps keep it from pushing the workers apart; CHOCO-SGD
+    compresses differences that shrink as the workers agree and takes larger steps.  D-PSGD uses 1.
+
+    Args:
+        algorithm: ``"deepsqueeze"``, ``"choco"`` or ``"dpsgd"``.
+        compressor: the compressor in use.
+    """
+    if algorithm not in _DEFAULT_STEPS:
+        raise ValueError(f"algorithm must be one of {sorted(_DEFAULT_STEPS)}, got {algorithm!r}")
+    table = _DEFAULT_STEPS[algorithm]
+    name = getattr(compressor, "name", "")
+    rule = table.get(name, table["other"])
+    if isinstance(rule, tuple):
+        per_unit, low, high = rule
+        unit = compressor.levels if name == "qsgd" else compressor.density
+        return round(min(high, max(low, per_unit * unit)), 6)
+    return float(rule)
+
+
+# algorithm -> compressor name -> step, or (step per unit of density / QSGD level, min, max).
+_DEFAULT_STEPS: dict[str, dict] = {
+    "deepsqueeze": {"topk": (1.0, 0.005, 0.5), "randk": (0.5, 0.002, 0.25), "sign": 0.1,
+                    "qsgd": (0.007, 0.005, 0.1), "identity": 1.0, "fp16": 1.0, "bf16": 1.0, "other": 0.01},
+    "choco": {"topk": (2.0, 0.01, 1.0), "randk": (0.5, 0.002, 0.5), "sign": 0.5, "qsgd": (0.03, 0.02, 0.5),
+              "identity": 1.0, "fp16": 1.0, "bf16": 1.0, "other": 0.1},
+    "dpsgd": {"identity": 1.0, "other": 1.0},
+}
+
+
+def contraction_scale(compressor: Compressor, numel: int) -> float:
+    """Factor applied to decoded payloads so that ``compressor`` is a contraction (see above)."""
+    levels = getattr(compressor, "levels", None)
+    if getattr(compressor, "name", "") == "qsgd" and levels:
+        return 1.0 / (1.0 + min(numel / levels**2, math.sqrt(numel) / levels))
+    return 1.0
+
+
+def _check_fraction(name: str, value, meaning: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be a float in (0, 1] ({meaning}), got {value!r}")
+    return float(value)
+
+
+def _collect_params(params) -> list[torch.Tensor]:
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    out: list[torch.Tensor] = []
+    for item in params:
+        if isinstance(item, dict):  # optimizer param groups
+            out.extend(item["params"])
+        else:
+            out.append(item)
+    if not out:
+        raise ValueError("params is empty: pass model.parameters() (or a list of tensors) to gossip")
+    seen = set()
+    for i, p in enumerate(out):
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"params must be tensors, item {i} is a {type(p).__name__}")
+        if not p.is_floating_point():
+            raise ValueError(f"params must be floating-point tensors, item {i} has dtype {p.dtype}")
+        if id(p) in seen:
+            raise ValueError(f"params lists the same tensor twice (item {i})")
+        seen.add(id(p))
+        if p.device != out[0].device:
+            raise ValueError(f"params must all be on one device: item 0 is on {out[0].device}, item {i} on {p.device}")
+    return out
+
+
+class GossipAlgorithm:
+    """Base class: flattening, neighbour exchange, statistics, the divergence watch, state dicts.
+
+    Args:
+        params: the model's parameters (an iterable of tensors, or optimizer param groups).
+        topology: a :class:`Topology`, a name from ``ec_hooks.topology.TOPOLOGY_NAMES``, or a
+            mixing matrix; its size must be the process group's size.
+        compressor: a :class:`~ec_hooks.compressors.Compressor` or a name from
+            ``ec_hooks.COMPRESSOR_NAMES`` (default ``TopK(density=0.01)``).
+        consensus_step: the step ``eta`` (or ``gamma``) in (0, 1] of the mixing; ``None`` picks
+            :func:`default_consensus_step` for the compressor.
+        process_group: the group to gossip in (default: the world).  Ranks in the topology are
+            ranks in this group.
+        watch_every: measure the consensus distance every this many steps (one allreduce of the
+            model in fp64 and one of a scalar; 0 turns the watch off).  Every rank must use the
+            same value.  This traffic is not counted in :attr:`stats`, which counts gossip only.
+        watch_patience: warn when the distance grew at this many consecutive checks ...
+        watch_growth: ... each time by at least this factor (> 1), and is at least
+            ``watch_min_relative`` (1%) of the mean model's norm.  Geometric growth is the
+            signature of a consensus step too large for the compressor; the slower, polynomial
+            growth of a run that starts from identical models (or warms its learning rate up)
+            does not pass this test, nor does growth far below the scale of the model.
+
+    Attributes:
+        params, topology, compressor, consensus_step, iteration (steps taken), stats
+        (:class:`~ec_hooks.stats.CommStats`: ``bytes_sent`` to neighbours vs ``bytes_dense``, the
+        bytes of a dense allreduce of the model; ``residual_norm``), last_consensus_distance.
+    """
+
+    #: key of :func:`default_consensus_step`
+    algorithm = "gossip"
+    #: the watch ignores distances below this fraction of ``||x_bar||``
+    watch_min_relative = 0.01
+    #: dtype in which ``sum_j W_ij c_j`` is accumulated
+    _mix_dtype = torch.float32
+    #: buffers kept in another dtype than fp32
+    _buffer_dtypes: dict[str, torch.dtype] = {}
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        topology: Topology | str = "ring",
+        compressor: Compressor | str | None = None,
+        consensus_step: float | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        *,
+        watch_every: int = 100,
+        watch_patience: int = 3,
+        watch_growth: float = 1.5,
+    ) -> None:
+        self._setup(params, topology, compressor, consensus_step, process_group,
+                    transport.rank_in(process_group), transport.world_size(process_group),
+                    watch_every, watch_patience, watch_growth)
+        self._simulated = False
+
+    @classmethod
+    def simulated(
+        cls,
+        params_per_worker: Sequence[Iterable[torch.Tensor]],
+        topology: Topology | str = "ring",
+        compressor: Compressor | str | None = None,
+        consensus_step: float | None = None,
+    ) -> list[GossipAlgorithm]:
+        """``n`` workers in this process (no ``torch.distributed``), one per parameter list.
+
+        Step them all together with :func:`simulate_step`: the same update code as
+        :meth:`step`, with messages handed over in memory.  For experiments and tests.  The
+        divergence watch is off (it needs collectives); see :func:`simulated_consensus_distance`.
+        """
+        n = len(params_per_worker)
+        workers = []
+        for rank, params in enumerate(params_per_worker):
+            worker = cls.__new__(cls)
+            worker._setup(params, topology, compressor, consensus_step, None, rank, n, 0, 3, 1.5)
+            worker._simulated = True
+            workers.append(worker)
+        return workers
+
+    def _setup(self, params, topology, compressor, consensus_step, process_group, rank, world_size,
+               watch_every, watch_patience, watch_growth) -> None:
+        self.params = _collect_params(params)
+        self.process_group = process_group
+        self.rank, self.world_size = rank, world_size
+        self.topology = Topology.make(topology, world_size)
+        self.compressor = self._resolve_compressor(compressor)
+        if consensus_step is None:
+            consensus_step = default_consensus_step(self.algorithm, self.compressor)
+        self.consensus_step = _check_fraction(
+            "consensus_step", consensus_step, "the eta of W_eff = (1 - eta) I + eta W"
+        )
+        self.watch_every = _check_int("watch_every", watch_every, 0)
+        self.watch_patience = _check_int("watch_patience", watch_patience, 1)
+        if isinstance(watch_growth, bool) or not isinstance(watch_growth, numbers.Real) or not watch_growth > 1:
+            raise ValueError(f"watch_growth must be a float > 1, got {watch_growth!r}")
+        self.watch_growth = float(watch_growth)
+        self._check_topology()
+
+        self.numel = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
+        dtypes = {p.dtype for p in self.params}
+        # Values travel in the model's dtype (a bf16 model sends bf16 values); mixed models in fp32.
+        self.wire_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        self.bytes_dense = sum(p.numel() * p.element_size() for p in self.params)
+        self._decode_scale = contraction_scale(self.compressor, self.numel)
+        self.iteration = 0
+        self.stats = CommStats()
+        self.last_consensus_distance: float | None = None
+        self._mean_norm = 0.0
+        self._watch_history: list[float] = []
+        self._warned = False
+
+    # ------------------------------------------------------------------ subclass interface
+
+    def _resolve_compressor(self, compressor) -> Compressor:
+        return make_compressor(TopK(0.01) if compressor is None else compressor)
+
+    def _check_topology(self) -> None:
+        """Reject topologies the algorithm cannot use (raise ValueError)."""
+
+    def _outgoing(self, x: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        """Compress what this worker sends; return the payload and its dense fp32 value."""
+        raise NotImplementedError
+
+    def _incoming(self, x: torch.Tensor, sent: torch.Tensor, mixed: torch.Tensor) -> None:
+        """Update ``x`` in place given ``mixed = sum_j W_ij c_j`` (self included)."""
+        raise NotImplementedError
+
+    def _buffers(self) -> dict[str, torch.Tensor | None]:
+        """The per-worker buffers that a state dict carries."""
+        return {}
+
+    def _residual(self) -> torch.Tensor | None:
+        return None
+
+    def _divergence_advice(self) -> str:
+        return "lower consensus_step or use ChocoSGD"
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> None:
+        """Compress, exchange with this step's neighbours, mix; updates ``params`` in place.
+
+        Call after ``optimizer.step()`` on every worker.  With one worker it does nothing (but
+        counts the step).
+        """
+        if self._simulated:
+            raise RuntimeError("a simulated worker steps with ec_hooks.gossip.simulate_step(workers)")
+        if self.world_size == 1:
+            self.iteration += 1
+            return
+        with torch.no_grad():
+            x = self._flatten()
+            payload, sent = self._compress(x)
+            recvs = {peer: torch.empty_like(payload.data) for peer in self.topology.in_peers(self.rank, self.iteration)}
+            sends = {peer: payload.data for peer in self.topology.out_peers(self.rank, self.iteration)}
+            transport.exchange(sends, recvs, self.process_group)
+            self._finish(x, payload, sent, recvs, len(sends))
+        if self.watch_every and self.iteration % self.watch_every == 0:
+            self._watch(self.consensus_distance())
+
+    def _compress(self, x: torch.Tensor) -> tuple[Payload, torch.Tensor]:
+        started = time.perf_counter()
+        payload, sent = self._outgoing(x)
+        self._compress_seconds = time.perf_counter() - started
+        return payload, sent
+
+    def _finish(self, x, payload: Payload, sent: torch.Tensor, recvs: dict[int, torch.Tensor], n_sends: int) -> None:
+        weights = self.topology.weights(self.rank, self.iteration)
+        # Own term first, then peers in rank order: a fixed order keeps runs bit-reproducible.
+        sent = sent.reshape(-1).to(self._mix_dtype)
+        mixed = sent * weights.get(self.rank, 0.0)
+        for peer in sorted(recvs):
+            mixed.add_(self._decode(payload.with_data(recvs[peer])).to(self._mix_dtype), alpha=weights[peer])
+        self._incoming(x, sent, mixed)
+        self._write_back(x)
+        numel = self.numel
+        entries = self.compressor.k_for(numel) if hasattr(self.compressor, "k_for") else numel
+        self.stats.record(bytes_sent=payload.nbytes * n_sends, bytes_dense=self.bytes_dense,
+                          entries_sent=entries, entries=numel, seconds=self._compress_seconds)
+        residual = self._residual()
+        if residual is not None:
+            self.stats.set_residual("gossip", residual)
+        self.stats.end_step()
+        self.iteration += 1
+
+    def _decode(self, payload: Payload) -> torch.Tensor:
+        dense = self.compressor.decompress(payload).reshape(-1)
+        return dense if self._decode_scale == 1.0 else dense.mul_(self._decode_scale)
+
+    def _flatten(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+
+    def _write_back(self, x: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.copy_(x[offset : offset + n].view_as(p))
+            offset += n
+
+    # ------------------------------------------------------------------ collectives for evaluation
+
+    def average_parameters(self) -> list[torch.Tensor]:
+        """The mean model ``x_bar`` (one allreduce of one flat fp32 buffer), as new tensors in
+        the order and dtypes of ``params``.  Local parameters are not modified.  Collective."""
+        with torch.no_grad():
+            x = self._flatten()
+            if self.world_size > 1:
+                transport.allreduce_mean(x, self.process_group).wait()
+            out, offset = [], 0
+            for p in self.params:
+                out.append(x[offset : offset + p.numel()].view_as(p).to(p.dtype).clone())
+                offset += p.numel()
+        return out
+
+    def consensus_distance(self) -> float:
+        """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all parameters, in fp64.  Collective:
+        every rank must call it; every rank gets the same value (0 for one worker)."""
+        if self.world_size == 1:
+            self.last_consensus_distance = 0.0
+            return 0.0
+        with torch.no_grad():
+            x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.params])
+            mean = x.clone()
+            dist.all_reduce(mean, group=self.process_group)
+            mean.div_(self.world_size)
+            spread = (x - mean).pow(2).sum().reshape(1)
+            dist.all_reduce(spread, group=self.process_group)
+            self._mean_norm = float(mean.norm())
+        self.last_consensus_distance = math.sqrt(float(spread) / self.world_size)
+        return self.last_consensus_distance
+
+    # ------------------------------------------------------------------ divergence watch
+
+    def _watch(self, distance: float) -> None:
+        history = self._watch_history
+        history.append(distance)
+        del history[: -(self.watch_patience + 1)]
+        if not math.isfinite(distance):
+            growing, trail = True, f"{distance}"
+        else:
+            growing = (
+                len(history) == self.watch_patience + 1
+                and all(b > self.watch_growth * a for a, b in zip(history, history[1:]))
+                and distance >= self.watch_min_relative * self._mean_norm
+            )
+            trail = " -> ".join(f"{d:.3g}" for d in history)
+        if growing and not self._warned:
+            message = (
+                f"{type(self).__name__}: the consensus distance keeps growing ({trail}, checked every "
+                f"{self.watch_every} steps, now at step {self.iteration}): the workers' models are drifting "
+                f"apart. With compressor {self.compressor!r} and consensus_step={self.consensus_step:g}, "
+                f"{self._divergence_advice()}."
+            )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self._warned = growing
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Step counter, this worker's buffers, the watch and the statistics; not the parameters
+        (save those, or :meth:`average_parameters`, with the model)."""
+        return {
+            "algorithm": type(self).__name__,
+            "iteration": self.iteration,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "numel": self.numel,
+            "topology": {"name": self.topology.name, "size": self.topology.size,
+                         "weights": self.topology.weights(self.rank, 0), "period": self.topology.period},
+            "compressor": repr(self.compressor),
+            "consensus_step": self.consensus_step,
+            "buffers": {k: None if v is None else v.detach().cpu().clone() for k, v in self._buffers().items()},
+            "watch": {"history": list(self._watch_history), "warned": self._warned,
+                      "last_consensus_distance": self.last_consensus_distance, "mean_norm": self._mean_norm},
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` saved; ValueError for another algorithm, world size,
+        rank, model size or (for ChocoSGD) topology."""
+        if not isinstance(state_dict, dict) or "algorithm" not in state_dict or "buffers" not in state_dict:
+            raise ValueError("state_dict is not a gossip state dict (no 'algorithm' / 'buffers' entries)")
+        name = type(self).__name__
+        if state_dict["algorithm"] != name:
+            raise ValueError(f"state_dict was saved by {state_dict['algorithm']}, this is {name}")
+        for key, mine in (("world_size", self.world_size), ("rank", self.rank), ("numel", self.numel)):
+            if state_dict.get(key) != mine:
+                what = {"world_size": "workers", "rank": "as rank", "numel": "parameter entries"}[key]
+                raise ValueError(
+                    f"state_dict was saved with {key}={state_dict.get(key)}, this {name} has {mine} {what}: "
+                    + ("load each worker's own state" if key == "rank" else "the state belongs to another run")
+                )
+        self._check_loaded_topology(state_dict.get("topology", {}))
+        buffers = self._buffers()
+        saved = state_dict["buffers"]
+        if set(saved) != set(buffers):
+            raise ValueError(f"state_dict has buffers {sorted(saved)}, {name} expects {sorted(buffers)}")
+        for key, tensor in saved.items():
+            if tensor is not None and torch.as_tensor(tensor).numel() != self.numel:
+                raise ValueError(f"state_dict buffer {key!r} has {torch.as_tensor(tensor).numel()} entries, "
+                                 f"the model has {self.numel}")
+        if state_dict.get("compressor", repr(self.compressor)) != repr(self.compressor):
+            logger.warning("loading a %s state saved with %s into one using %s", name, state_dict["compressor"],
+                           self.compressor)
+        for key, tensor in saved.items():
+            dtype = self._buffer_dtypes.get(key, torch.float32)
+            setattr(self, f"_{key}", None if tensor is None else
+                    torch.as_tensor(tensor).to(self.device, dtype).reshape(-1).clone())
+        self.iteration = int(state_dict["iteration"])
+        watch = state_dict.get("watch", {})
+        self._watch_history = [float(d) for d in watch.get("history", [])]
+        self._warned = bool(watch.get("warned", False))
+        self.last_consensus_distance = watch.get("last_consensus_distance")
+        self._mean_norm = float(watch.get("mean_norm", 0.0))
+        if "stats" in state_dict:
+            self.stats.load_state_dict(state_dict["stats"])
+
+    def _check_loaded_topology(self, saved: dict) -> None:
+        if saved and (saved.get("name"), saved.get("size")) != (self.topology.name, self.topology.size):
+            logger.warning("loading a %s state saved on topology %s into one on %s", type(self).__name__,
+                           saved.get("name"), self.topology.name)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(numel={self.numel}, topology={self.topology.name!r}, "
+                f"compressor={self.compressor!r}, consensus_step={self.consensus_step:g}, "
+                f"rank={self.rank}, world_size={self.world_size})")
+
+
+class DeepSqueeze(GossipAlgorithm):
+    """DeepSqueeze (Tang et al., 2019): gossip of the compressed, error-compensated model.
+
+    For worker ``i``, after the optimizer step has produced ``x_half``, with the fp32 compression
+    error ``delta_i`` (zero at the start) and the consensus step ``eta``:
+
+    1. ``v = x_half + delta_i``                      (error compensation)
+    2. ``c_i = C(v)``;  ``delta_i = v - c_i``        (what was not sent stays local)
+    3. send ``c_i`` to the out-neighbours, receive ``c_j`` from the in-neighbours
+    4. ``x_i = x_half + eta * (sum_j W_ij c_j - c_i)``
+
+    The effective mixing matrix is ``(1 - eta) I + eta W``.  The mean model moves exactly as the
+    mean of the local optimizer steps whatever ``C`` does (columns of ``W`` sum to 1).  With
+    ``Identity()`` and ``eta = 1`` this is D-PSGD, bit for bit.  Too large an ``eta`` for a crude
+    compressor lets the workers drift apart: the divergence watch warns.
+    """
+
+    algorithm = "deepsqueeze"
+
+    def _outgoing(self, x):
+        if getattr(self, "_delta", None) is None:
+            self._delta = torch.zeros_like(x)
+        v = x + self._delta
+        payload = self.compressor.compress(v, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype)
+        sent = self._decode(payload)
+        torch.sub(v, sent, out=self._delta)
+        return payload, sent
+
+    def _incoming(self, x, sent, mixed):
+        x.add_(mixed.sub_(sent), alpha=self.consensus_step)
+
+    def _buffers(self):
+        return {"delta": getattr(self, "_delta", None)}
+
+    def _residual(self):
+        return self._delta
+
+
+class DPSGD(GossipAlgorithm):
+    """D-PSGD (Lian et al., 2017): uncompressed gossip of the model.
+
+    1. send ``x_half`` (in the model's dtype) to the out-neighbours, receive the ``x_j``
+    2. ``x_i = x_half + eta * (sum_j W_ij x_j - x_half)``; with the default ``eta = 1`` that is
+       ``x_i = sum_j W_ij x_j``.
+
+    Takes no compressor: ``compressor`` must be ``None`` or :class:`Identity` (use DeepSqueeze or
+    ChocoSGD to compress).
+    """
+
+    algorithm = "dpsgd"
+
+    def _resolve_compressor(self, compressor):
+        if compressor is None:
+            return Identity()
+        resolved = make_compressor(compressor)
+        if not isinstance(resolved, Identity):
+            raise ValueError(f"compressor must be None or Identity() for DPSGD (it sends uncompressed models), "
+                             f"got {compressor!r}: use DeepSqueeze or ChocoSGD to compress")
+        return resolved
+
+    def _outgoing(self, x):
+        payload = self.compressor.compress(x, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype)
+        return payload, self._decode(payload)
+
+    def _incoming(self, x, sent, mixed):
+        x.add_(mixed.sub_(sent), alpha=self.consensus_step)
+
+    def _divergence_advice(self):
+        return ("plain gossip never increases the disagreement by itself, so the local steps do: lower the "
+                "learning rate or use a better-connected topology")
+
+
+class ChocoSGD(GossipAlgorithm):
+    """CHOCO-SGD (Koloskova, Stich, Jaggi, 2019): gossip of compressed model *differences*.
+
+    Every worker keeps its public copy ``x_hat_i`` (what its neighbours know of it) and, instead
+    of one copy per neighbour, the neighbour sum ``sum_j W_ij x_hat_j``, stored relative to its own
+    copy as ``d_i = sum_j W_ij x_hat_j - x_hat_i``.  Both start at zero.  After the optimizer step
+    has produced ``x_half``, with the consensus step ``gamma``:
+
+    1. ``q_i = C(x_half - x_hat_i)``;  ``x_hat_i += q_i``
+    2. send ``q_i`` to the neighbours, receive their ``q_j``
+    3. ``d_i += sum_j W_ij q_j - q_i``              (self included in the sum)
+    4. ``x_i = x_half + gamma * d_i``               (``= x_half + gamma sum_j W_ij (x_hat_j - x_hat_i)``)
+
+    ``d_i`` is a running sum: a rounding error in it would stay forever and, through step 4, move
+    the mean model at a constant speed (in fp32, about 1e-4 of the model's scale per 3000 steps).
+    It is therefore kept, and its increments computed, in fp64; relative to its own copy, so that
+    it stays small.  Reaches exact consensus with any compressor for a small enough ``gamma``.
+    Needs a static topology (``d_i`` is a running sum over fixed weights).
+    """
+
+    algorithm = "choco"
+    _mix_dtype = torch.float64
+    _buffer_dtypes = {"disagreement": torch.float64}
+
+    def _check_topology(self):
+        if self.topology.time_varying:
+            raise ValueError(
+                f"topology must be static for ChocoSGD (it keeps sum_j W_ij x_hat_j - x_hat_i as a running sum over "
+                f"fixed weights), got the time-varying {self.topology.name!r}: use DeepSqueeze or DPSGD on it, or a "
+                "static topology such as 'exponential'"
+            )
+
+    def _outgoing(self, x):
+        if getattr(self, "_x_hat", None) is None:
+            self._x_hat = torch.zeros_like(x)
+            self._disagreement = torch.zeros_like(x, dtype=torch.float64)
+        payload = self.compressor.compress(x - self._x_hat, step=self.iteration, key=0, rank=self.rank,
+                                           wire_dtype=self.wire_dtype)
+        q = self._decode(payload)
+        self._x_hat.add_(q)
+        return payload, q
+
+    def _incoming(self, x, sent, mixed):
+        self._disagreement.add_(mixed.sub_(sent))
+        x.add_(self._disagreement.to(x.dtype), alpha=self.consensus_step)
+        self._error = x - self._x_hat
+
+    def _buffers(self):
+        return {"x_hat": getattr(self, "_x_hat", None), "disagreement": getattr(self, "_disagreement", None)}
+
+    def _residual(self):
+        return self._error
+
+    def _divergence_advice(self):
+        return "lower consensus_step (gamma) or the learning rate"
+
+    def _check_loaded_topology(self, saved):
+        weights = saved.get("weights")
+        mine = self.topology.weights(self.rank, 0)
+        if weights is not None and {int(k): float(v) for k, v in weights.items()} != mine:
+            raise ValueError(
+                f"state_dict was saved on topology {saved.get('name')!r} with other mixing weights for rank "
+                f"{self.rank}: ChocoSGD's disagreement sum_j W_ij x_hat_j - x_hat_i is only valid for the topology it was "
+                f"built on ({self.topology.name!r} now)"
+            )
+
+
+# ---------------------------------------------------------------------- single-process simulation
+
+
+def simulate_step(workers: Sequence[GossipAlgorithm]) -> None:
+    """One gossip step of every worker of :meth:`GossipAlgorithm.simulated` (in rank order).
+
+    Same code path as :meth:`GossipAlgorithm.step`; messages are handed over in memory.
+    """
+    if not workers or any(not w._simulated for w in workers):
+        raise ValueError("workers must be the list returned by GossipAlgorithm.simulated(...)")
+    if len(workers) == 1:
+        workers[0].iteration += 1
+        return
+    with torch.no_grad():
+        flats = [w._flatten() for w in workers]
+        outgoing = [w._compress(x) for w, x in zip(workers, flats)]
+        # Every message is copied before any worker mixes (a payload may alias its sender's model).
+        inboxes = [{peer: outgoing[peer][0].data.clone() for peer in w.topology.in_peers(w.rank, w.iteration)}
+                   for w in workers]
+        for w, x, (payload, sent), recvs in zip(workers, flats, outgoing, inboxes):
+            w._finish(x, payload, sent, recvs, len(w.topology.out_peers(w.rank, w.iteration)))
+
+
+def simulated_consensus_distance(workers: Sequence[GossipAlgorithm]) -> float:
+    """:meth:`GossipAlgorithm.consensus_distance` for simulated workers."""
+    flats = torch.stack([torch.cat([p.detach().reshape(-1).double() for p in w.params]) for w in workers])
+    return math.sqrt(float((flats - flats.mean(dim=0)).pow(2).sum()) / len(workers))

@@ -1,0 +1,54 @@
+"""Checks of the strategies' constructor arguments, so that a bad value fails at construction."""
+
+from __future__ import annotations
+
+import numbers
+
+from ec_hooks.compressors import Compressor, make_compressor
+
+__all__ = ["build_compressor", "check_unit_interval", "reject_comm_hook_kwargs"]
+
+# DDPStrategy arguments that would replace or wrap the communication our strategies install.
+_COMM_HOOK_KWARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
+def reject_comm_hook_kwargs(strategy: str, kwargs: dict) -> None:
+    """Refuse DDPStrategy arguments that would install another communication hook.
+
+    ``None`` (what a config system may pass for every argument left unset) is dropped.
+    """
+    for name in _COMM_HOOK_KWARGS:
+        if kwargs.pop(name, None) is not None:
+            raise ValueError(
+                f"{name} cannot be given to {strategy}: the strategy installs its own communication "
+                f"(use lightning's DDPStrategy for a custom hook)"
+            )
+
+
+def build_compressor(compressor: str | Compressor | None, density: float | None) -> Compressor | None:
+    """A compressor from a name and a density, or the object itself (``None`` stays ``None``).
+
+    ``density`` belongs to a compressor *name*; a compressor object already carries its own.
+    """
+    if compressor is None:
+        if density is not None:
+            raise ValueError(f"density={density!r} needs a compressor name (e.g. compressor='topk')")
+        return None
+    if isinstance(compressor, Compressor):
+        if density is not None:
+            raise ValueError(
+                f"density={density!r} cannot be combined with the compressor object {compressor!r}: "
+                "give the density to the compressor itself"
+            )
+        return compressor
+    return make_compressor(compressor, **({} if density is None else {"density": density}))
+
+
+def check_unit_interval(name: str, value, *, allow_none: bool = True) -> float | None:
+    """A float in (0, 1], or ``None`` when allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
+        allowed = "a float in (0, 1]" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)

@@ -1,0 +1,84 @@
+"""Recipes: every shipped config parses and instantiates (LightningCLI with run=False)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import lightning_plugin
+from recipes.baselines import TorchHookDDPStrategy
+from recipes.compare import DEFAULT_METHODS
+from recipes.data import CIFAR10DataModule, DigitsDataModule
+from recipes.train import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+STRATEGY = {
+    "ddp": (TorchHookDDPStrategy, {"hook": "allreduce"}),
+    "fp16": (TorchHookDDPStrategy, {"hook": "fp16"}),
+    "powersgd": (TorchHookDDPStrategy, {"hook": "powersgd"}),
+    "memsgd_topk1": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.01}),
+    "memsgd_topk01": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.001}),
+    "memsgd_randk": (lightning_plugin.MemSGDStrategy, {"compressor.name": "randk"}),
+    "ef_sign": (lightning_plugin.MemSGDStrategy, {"compressor.name": "sign"}),
+    "deepsqueeze_topk": (lightning_plugin.DeepSqueezeStrategy, {"compressor.name": "topk"}),
+    "deepsqueeze_sign": (lightning_plugin.DeepSqueezeStrategy, {"compressor.name": "sign"}),
+    "choco": (lightning_plugin.ChocoStrategy, {"compressor.name": "topk"}),
+    "dpsgd": (lightning_plugin.DPSGDStrategy, {}),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_command_line(monkeypatch):
+    # LightningCLI warns when both args and sys.argv (here pytest's) carry arguments.
+    monkeypatch.setattr("sys.argv", ["recipes.train"])
+
+
+def _attr(obj, dotted):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def test_every_method_has_a_config_for_both_data_sets():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    for method in DEFAULT_METHODS:
+        assert f"digits_{method}" in names and f"resnet20_cifar10_{method}" in names
+    assert set(STRATEGY) == set(DEFAULT_METHODS)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "resnet20_cifar10"])
+def test_configs_instantiate(dataset):
+    for method, (strategy_class, expected) in STRATEGY.items():
+        cli = main(["--config", str(CONFIGS / f"{dataset}_{method}.yaml"), "--trainer.logger", "false"], run=False)
+        strategy = cli.trainer.strategy
+        assert type(strategy) is strategy_class, method
+        for name, value in expected.items():
+            assert _attr(strategy, name) == value, (method, name)
+        if dataset == "digits":
+            assert isinstance(cli.datamodule, DigitsDataModule) and cli.model.hparams.arch == "digits_cnn"
+            assert cli.model.hparams.in_channels == 1 and cli.model.hparams.image_size == 8
+        else:
+            assert isinstance(cli.datamodule, CIFAR10DataModule) and cli.model.hparams.arch == "resnet20"
+            assert cli.model.hparams.in_channels == 3 and cli.model.hparams.image_size == 32
+        assert cli.trainer.num_devices == 4
+
+
+def test_wandb_config_logs_offline():
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    cli = main(["--config", str(CONFIGS / "digits_memsgd_topk1.yaml"), "--config", str(CONFIGS / "wandb.yaml")],
+               run=False)
+    assert isinstance(cli.trainer.logger, WandbLogger)
+    assert cli.trainer.logger._offline is True
+    assert any(type(c).__name__ == "CompressionMonitor" for c in cli.trainer.callbacks)
+
+
+def test_bad_values_are_rejected_with_the_parameter_name():
+    with pytest.raises(SystemExit):  # jsonargparse reports the bad value and exits, like argparse
+        main(["--config", str(CONFIGS / "digits_ddp.yaml"), "--model.schedule", "linear"], run=False)
+    with pytest.raises(ValueError, match="hook must be one of"):
+        TorchHookDDPStrategy(hook="nccl")
+    with pytest.raises(ValueError, match="start_powerSGD_iter"):
+        TorchHookDDPStrategy(hook="powersgd", start_powerSGD_iter=1)
