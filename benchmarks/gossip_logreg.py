@@ -11,14 +11,16 @@ gossip methods then mix over a ring, allreduce SGD averages the gradients.
     python benchmarks/gossip_logreg.py --world-size 4 --steps 500 --quick
     python benchmarks/gossip_logreg.py --algorithms DeepSqueeze --consensus-steps 0.02,0.05,0.1,0.2
 
-Prints a Markdown table: algorithm, compressor, consensus step, final training loss of the mean
-model on all data (and its excess over allreduce SGD), final consensus distance, bytes each
-worker sends per step, and the ratio to the bytes of a dense allreduce of the model.
+Prints a Markdown table: algorithm, compressor, consensus step (the default is marked), final
+training loss of the mean model on all data (and its excess over allreduce SGD; "diverged" above
+10x), final consensus distance, bytes each worker sends per step, and their ratio to the bytes of
+the model (what each worker contributes to a dense allreduce).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -161,10 +163,18 @@ def main() -> None:
     print("| algorithm | compressor | consensus step | final loss | vs allreduce | consensus distance "
           "| bytes/step/worker | vs dense allreduce |")
     print("|---|---|---|---|---|---|---|---|")
+    defaults = {(cls.__name__, name): default_consensus_step(key, build())
+                for cls, key in ((ec_hooks.DeepSqueeze, "deepsqueeze"), (ec_hooks.ChocoSGD, "choco"))
+                for name, build in COMPRESSORS.items()}
     for name, compressor, eta, loss, distance, sent, dense, _ in rows:
         step = "-" if eta is None else f"{eta:g}"
-        print(f"| {name} | {compressor} | {step} | {loss:.4f} | {100 * (loss - reference) / reference:+.2f}% "
-              f"| {distance:.3g} | {sent:,.0f} | {sent / dense:.3g}x |")
+        if defaults.get((name, compressor)) == eta:
+            step += " (default)"
+        if math.isfinite(loss) and loss < 10 * reference:
+            result = f"{loss:.4f} | {100 * (loss - reference) / reference:+.2f}%"
+        else:
+            result = "diverged | -"
+        print(f"| {name} | {compressor} | {step} | {result} | {distance:.3g} | {sent:,.0f} | {sent / dense:.3g}x |")
 
 
 if __name__ == "__main__":

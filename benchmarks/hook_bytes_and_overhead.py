@@ -25,9 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recipes.models import resnet20  # noqa: E402
-
 import ec_hooks  # noqa: E402
+from recipes.models import resnet20  # noqa: E402
 
 METHODS = {
     "allreduce (DDP default)": None,

@@ -16,14 +16,16 @@ Two modes:
   worker from the hooks' / gossip's ``CommStats`` (analytic for torch's hooks), the bytes the
   collective algorithm should put on the wire, and the namespace's ``lo`` byte counter as a
   cross-check; the ratio to allreduce of the same run.  ``--profile`` adds, for the ec-hooks
-  methods, single-process timings of selection/packing, decompression and memory update on the
-  real bucket sizes.
+  methods, timings of error compensation, selection/packing, decompression, memory update and
+  residual norm on the real bucket sizes (all ranks at once, as in training); gossip methods
+  always report the phases of ``gossip.step()`` (flatten, compress, exchange, mix).
 * ``--mode time-to-accuracy``: the offline digits recipe (scikit-learn's 8x8 digits, the
   recipes' ``DigitsCNN``), trained for ``--tta-steps`` steps per method; wall time (training
   steps only, evaluation excluded) to reach ``--tta-target`` validation accuracy, and the final
   accuracy.  Decentralized methods are evaluated on their mean model.
 
-Writes ``<out>/<mode>.csv`` and ``<out>/<mode>.png`` and prints a Markdown table::
+Writes ``<out>/step_time.{csv,png,md}`` or ``<out>/time_to_accuracy.{csv,png,md}`` (and
+``time_to_accuracy_curves.csv``) and prints a Markdown table::
 
     python benchmarks/slow_network.py --rates 100mbit            # as root: 4 ranks, 100 Mbit/s
     python benchmarks/slow_network.py --no-netns --world-size 2  # anyone: plain loopback
@@ -39,6 +41,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -699,8 +702,6 @@ def _run_in_namespace(ns: _netns.RateLimitedNamespace, cfg: dict, result_path: s
 
 
 def _stop_group(child: subprocess.Popen) -> None:
-    import signal
-
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(child.pid, sig)
@@ -916,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_csv(curves, os.path.join(args.out, "time_to_accuracy_curves.csv"), CSV_FIELDS["curves"])
         plot_tta(curves, args.tta_target, png_path)
         table = tta_table(rows)
-    with open(os.path.join(args.out, f"{args.mode}.md"), "w") as f:
+    with open(os.path.join(args.out, f"{args.mode.replace('-', '_')}.md"), "w") as f:
         f.write(f"`{command}`\n\n{rows[0]['network']}\n\n{table}\n")
     print(f"\n`{command}`\n\n{table}\n\nwrote {csv_path} and {png_path}")
     return 0

@@ -121,6 +121,12 @@ def _seed_from(*values: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _mask_out_of_range(indices: torch.Tensor, values: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices outside ``[0, numel)`` become 0 and their values NaN; no host synchronization."""
+    valid = (indices >= 0) & (indices < numel)
+    return torch.where(valid, indices, 0), torch.where(valid, values, float("nan"))
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` into ``ceil(n * bits / 8)`` bytes, little-endian."""
     codes = codes.reshape(-1).to(torch.uint8)
@@ -268,14 +274,22 @@ class TopK(Compressor):
             raise ValueError(f"TopK payload has {payload.nbytes} bytes, expected {_pad(k * (4 + size))}")
         indices = payload.data[: 4 * k].view(torch.int32).long()
         values = payload.data[4 * k : 4 * k + size * k].view(dtype)
-        if indices.device.type == "cpu" and indices.numel():
+        values = values.float()
+        if not indices.numel():
+            return indices, values
+        if indices.device.type == "cpu":
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= payload.numel:
                 raise ValueError(
                     f"TopK payload carries index {hi if hi >= payload.numel else lo} outside [0, {payload.numel}): "
                     "corrupted or mismatched payload (do all workers use the same model and compressor?)"
                 )
-        return indices, values.float()
+            return indices, values
+        # On a GPU a check would cost a host sync per bucket, and an out-of-range index in
+        # index_put_ is a device-side assert that kills the context: such entries are redirected
+        # to index 0 with the value NaN instead, so the decoded tensor is visibly non-finite (a
+        # GradScaler skips the step) and nothing is written outside it.
+        return _mask_out_of_range(indices, values, payload.numel)
 
     def decompress(self, payload):
         indices, values = self.decode(payload)
@@ -383,11 +397,25 @@ class ScaledSign(Compressor):
     def decompress(self, payload):
         n = payload.numel
         scale = payload.data[:4].view(torch.float32)
-        negative = unpack_bits(payload.data[4:], 1, n)
-        return (scale * (1.0 - 2.0 * negative.float())).view(payload.shape)
+        # One gather of 8 scaled signs per byte, from a 256-row table scaled once.
+        table = _sign_table(payload.data.device) * scale
+        return table[payload.data[4 : 4 + -(-n // 8)].long()].reshape(-1)[:n].view(payload.shape)
 
     def wire_bytes(self, numel, dtype=torch.float32):
         return _pad(4 + -(-numel // 8))
+
+
+_SIGN_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """``(256, 8)`` fp32: row ``b`` holds the signs (+1 for a 0 bit, -1 for a 1 bit) of byte ``b``,
+    least significant bit first, as :func:`pack_bits` packs them."""
+    table = _SIGN_TABLES.get(device)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _SIGN_TABLES[device] = (1.0 - 2.0 * bits.float()).to(device)
+    return table
 
 
 class QSGD(Compressor):

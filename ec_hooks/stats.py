@@ -9,8 +9,9 @@ Definitions (per worker):
 * ``compression_ratio`` -- ``bytes_dense / bytes_sent``.
 
 Each exists cumulatively and for the last completed step (``last_*``).  Values are plain Python
-numbers, except the residual norm, which stays on the device until read so that recording it
-adds no host synchronization to the GPU hot path.
+numbers, except the residual norm: the statistics keep a reference to the residual tensors and
+compute the norm only when it is read, so recording it costs the hot path nothing (no pass over
+the memory, no host synchronization).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class CommStats:
         self._step_entries = 0
         self._step_time = 0.0
         self._residual_sq: torch.Tensor | float = 0.0
-        self._residual_sq_by_key: dict = {}
+        self._residuals: dict = {}
 
     def record(
         self,
@@ -61,15 +62,17 @@ class CommStats:
         self._step_time += seconds
 
     def set_residual(self, key, tensor: torch.Tensor, live_keys=None) -> None:
-        """Remember ``||tensor||^2`` for one bucket or tensor (stays on its device until read).
+        """Point the residual norm of one bucket or tensor at ``tensor`` (read when the norm is).
 
-        ``live_keys``: when given, entries under other keys are dropped, so that a bucket layout
-        DDP replaced (its rebuild after the first step) is not counted twice.
+        ``tensor`` is the live buffer (an error-feedback memory, a compression error), not a copy:
+        the norm always describes its latest value.  ``live_keys``: when given, entries under
+        other keys are dropped, so that a bucket layout DDP replaced (its rebuild after the first
+        step) is not counted twice.
         """
-        self._residual_sq_by_key[key] = tensor.detach().float().pow(2).sum()
+        self._residuals[key] = tensor.detach()
         if live_keys is not None:
-            for stale in [k for k in self._residual_sq_by_key if k not in live_keys]:
-                del self._residual_sq_by_key[stale]
+            for stale in [k for k in self._residuals if k not in live_keys]:
+                del self._residuals[stale]
 
     def end_step(self) -> None:
         """Close the step in progress: its figures become the ``last_*`` ones."""
@@ -103,8 +106,8 @@ class CommStats:
     @property
     def residual_norm(self) -> float:
         """L2 norm of the error-feedback memory (or compression error) after the last step."""
-        if self._residual_sq_by_key:
-            value = sum(float(v) for v in self._residual_sq_by_key.values())
+        if self._residuals:
+            value = sum(float(t.double().pow(2).sum()) for t in self._residuals.values())
         else:
             value = self._residual_sq
             value = float(value) if isinstance(value, torch.Tensor) else value

@@ -44,7 +44,7 @@ def allreduce_mean(tensor: torch.Tensor, group=None) -> torch.futures.Future:
         fut.set_result(tensor)
         return fut
     work = dist.all_reduce(tensor, group=group, async_op=True)
-    return work.get_future().then(lambda _: tensor)
+    return _resolve_to(work, tensor)
 
 
 def allgather(buffer: torch.Tensor, group=None) -> torch.futures.Future:
@@ -58,7 +58,18 @@ def allgather(buffer: torch.Tensor, group=None) -> torch.futures.Future:
         return fut
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     work = gather(out.view(-1), buffer.contiguous(), group=group, async_op=True)
-    return work.get_future().then(lambda _: out)
+    return _resolve_to(work, out)
+
+
+def _resolve_to(work, result: torch.Tensor) -> torch.futures.Future:
+    """A future of ``result`` once ``work`` is done; a failed collective (a peer died, a timeout)
+    fails the future instead of handing on a buffer that was never filled."""
+
+    def done(fut: torch.futures.Future) -> torch.Tensor:
+        fut.value()  # re-raises the collective's error
+        return result
+
+    return work.get_future().then(done)
 
 
 def exchange(
