@@ -22,10 +22,13 @@ ignores the entry and uses the checkpoint's ``state_dict``.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -41,6 +44,14 @@ _FORMAT = 1
 
 def _to_cpu(obj: Any) -> Any:
     return apply_to_collection(obj, torch.Tensor, lambda t: t.detach().cpu())
+
+
+def _local_path(filepath) -> Path | None:
+    """The checkpoint's path when it is on the local filesystem (``None`` for remote URLs)."""
+    text = os.fspath(filepath)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    return Path(text.removeprefix("file://"))
 
 
 def gather_to_rank_zero(obj: Any) -> list[Any] | None:
@@ -102,7 +113,23 @@ class WorkerStateDDPStrategy(DDPStrategy):
                         "world_size": self.world_size,
                         "workers": states,
                     }
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        local = _local_path(filepath)
+        if local is None or not self.is_global_zero or type(self.checkpoint_io) is not TorchCheckpointIO:
+            super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            return
+        # Lightning's local save moves a temporary file from $TMPDIR over the checkpoint; across
+        # filesystems (a tmpfs /tmp) that move is a copy into the final path, and a crash during
+        # it leaves a truncated checkpoint in place of the last good one.  A temporary file in
+        # the same directory and a rename keep the previous checkpoint until the new one is whole.
+        tmp = local.with_name(f".{local.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, local)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import ec_hooks
-from ec_hooks import QSGD, ChocoSGD, DeepSqueeze, DPSGD, ErrorFeedbackState, RandK, TopK, Topology
+from ec_hooks import DPSGD, QSGD, ChocoSGD, DeepSqueeze, ErrorFeedbackState, RandK, TopK, Topology
 from ec_hooks.gossip import simulate_step
 from lightning_plugin import DeepSqueezeStrategy, MemSGDStrategy
 from tests.distributed import free_port

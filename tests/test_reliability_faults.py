@@ -86,6 +86,8 @@ def train(algorithm: str, rank: int, checkpoint_dir: Path | None, steps: int = S
         x, y = _batch(rank, step)
         loss = torch.nn.functional.cross_entropy(net(x), y)
         if kill_at == step and rank == KILLED_RANK:
+            if checkpoint_dir is not None:
+                (checkpoint_dir / "killed_at").write_text(repr(time.monotonic()))
             os.kill(os.getpid(), signal.SIGKILL)
         optimizer.zero_grad()
         loss.backward()
@@ -170,8 +172,8 @@ def uninterrupted():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact(tmp_path, uninterrupted,
                                                                                    algorithm):
-    killed_after = time.monotonic()
     reports, exitcodes = launch([algorithm], tmp_path, kill_at=KILL_STEP)
+    killed_at = float((tmp_path / "killed_at").read_text())
     # The killed rank died of SIGKILL; every survivor left its collective with an error and exited.
     assert exitcodes[KILLED_RANK] == -signal.SIGKILL
     survivors = [r for r in range(WORLD_SIZE) if r != KILLED_RANK]
@@ -180,7 +182,9 @@ def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact
         status, message, when = reports[rank]
         assert status == "error", f"rank {rank} finished training although rank {KILLED_RANK} died"
         assert any(word in message.lower() for word in ("connection", "closed", "peer", "timed out", "timeout")), message
-        assert when - killed_after < PG_TIMEOUT_S + 60
+        # CLOCK_MONOTONIC is shared by the processes of one machine.
+        assert 0 <= when - killed_at < PG_TIMEOUT_S, f"rank {rank} noticed after {when - killed_at:.1f} s"
+        print(f"{algorithm}: rank {rank} stopped {when - killed_at:.3f} s after the kill: {message[:160]}")
         assert exitcodes[rank] == 0
     # Every rank's last complete checkpoint is the one before the kill; no temporary file is left
     # in place of a checkpoint.
