@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from ec_hooks.compressors import _check_int
+
 __all__ = ["DEFAULT_METHODS", "MethodResult", "compare", "format_table", "main", "plot"]
 
 logger = logging.getLogger(__name__)
@@ -207,8 +209,7 @@ def compare(
 
     Each method's full configuration is saved in ``out_dir/<method>/config.yaml``.
     """
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"devices must be a positive integer, got {devices!r}")
+    _check_int("devices", devices, 1)
     if accelerator not in ("cpu", "gpu", "cuda"):
         raise ValueError(f"accelerator must be one of ['cpu', 'gpu', 'cuda'], got {accelerator!r}")
     if accelerator != "cpu" and torch.cuda.device_count() < devices:

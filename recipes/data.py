@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ec_hooks.compressors import _check_int
+
 __all__ = [
     "CIFAR10_ARCHIVE",
     "CIFAR10_ARCHIVE_MD5",
@@ -232,10 +234,8 @@ class TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_set: TensorDataset | None = None
@@ -301,8 +301,7 @@ class CIFAR10DataModule(TensorDataModule):
         archive_md5: str | None = CIFAR10_ARCHIVE_MD5,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        if isinstance(subset, bool) or not isinstance(subset, int) or subset < 0:
-            raise ValueError(f"subset must be an integer >= 0 (0 = the whole set), got {subset!r}")
+        _check_int("subset", subset, 0)  # 0: the whole set
         self.data_dir = data_dir
         self.download = download
         self.use_augmentation = augment
@@ -394,8 +393,7 @@ class SyntheticDataModule(TensorDataModule):
         super().__init__(batch_size, 0)
         for name, value in (("num_samples", num_samples), ("num_classes", num_classes),
                             ("in_channels", in_channels), ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _check_int(name, value, 1)
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.in_channels = in_channels

@@ -128,7 +128,7 @@ def test_compare_rejects_unknown_methods(tmp_path):
 
     with pytest.raises(ValueError, match="methods: no config .* for method 'allgather'"):
         compare(methods=["allgather"], out_dir=tmp_path)
-    with pytest.raises(ValueError, match="devices must be a positive integer"):
+    with pytest.raises(ValueError, match="devices must be an integer >= 1"):
         compare(methods=["ddp"], devices=0, out_dir=tmp_path)
 
 
