@@ -600,7 +600,8 @@ __device__ __forceinline__ void emit(float* __restrict__ m, long long n, u32* __
                                 reinterpret_cast<u16*>(out_value)[pos] = wv;
                                 if (SUBTRACT) m[i] = value - bf16_to_f32(wv);
                             } else if (WIRE == 3) {
-                                const u16 wv = f32_to_f16(value);
+                                // Clamped: an fp32 memory beyond fp16's range must not travel as inf.
+                                const u16 wv = f32_to_f16(value != value ? value : fminf(fmaxf(value, -65504.0f), 65504.0f));
                                 reinterpret_cast<u16*>(out_value)[pos] = wv;
                                 if (SUBTRACT) m[i] = value - f16_to_f32(wv);
                             }

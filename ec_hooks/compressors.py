@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ec_hooks.kernels import error_feedback_topk_, topk_magnitude
+from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
 
 __all__ = [
     "Payload",
@@ -244,7 +244,7 @@ class TopK(Compressor):
         flat = x.reshape(-1)
         k = self.k_for(flat.numel())
         indices = topk_magnitude(flat, k, backend=self.backend)
-        values = flat[indices].to(wire_dtype or x.dtype)
+        values = to_wire(flat[indices], wire_dtype or x.dtype)
         return Payload(data=_to_bytes(indices.to(torch.int32), values), shape=x.shape, value_dtype=values.dtype)
 
     def compress_error_feedback_(
@@ -362,7 +362,7 @@ class RandK(Compressor):
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         flat = x.reshape(-1)
         idx = self.indices(flat.numel(), step=step, key=key, device=x.device)
-        return Payload(data=flat[idx].to(wire_dtype or x.dtype), shape=x.shape, indices=idx)
+        return Payload(data=to_wire(flat[idx], wire_dtype or x.dtype), shape=x.shape, indices=idx)
 
     def decompress(self, payload):
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
@@ -487,7 +487,7 @@ class Identity(Compressor):
     name = "identity"
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
-        return Payload(data=x.reshape(-1).to(wire_dtype or x.dtype), shape=x.shape)
+        return Payload(data=to_wire(x.reshape(-1), wire_dtype or x.dtype), shape=x.shape)
 
     def decompress(self, payload):
         return payload.data.float().view(payload.shape)
@@ -519,7 +519,7 @@ class Cast(Compressor):
         return {"dtype": self.dtype}
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
-        return Payload(data=x.reshape(-1).to(self.dtype), shape=x.shape)
+        return Payload(data=to_wire(x.reshape(-1), self.dtype), shape=x.shape)
 
     def decompress(self, payload):
         return payload.data.float().view(payload.shape)
@@ -552,6 +552,9 @@ def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compress
     if not isinstance(compressor, str) or compressor.lower() not in COMPRESSOR_NAMES:
         raise ValueError(f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}")
     name = compressor.lower()
+    unknown = sorted(set(kwargs) - {"density", "backend", "seed", "levels"})
+    if unknown:
+        raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: density, backend, seed, levels")
     if name == "topk":
         return TopK(**{k: v for k, v in kwargs.items() if k in ("density", "backend")})
     if name == "randk":

@@ -28,6 +28,9 @@ __all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
 logger = logging.getLogger(__name__)
 
 _STATUS_BYTES = 4  # one fp32 word per worker: 1.0 when its gradient was not finite
+# A ring allgather makes each worker send (n - 1) payloads, a ring allreduce 2 (n - 1) / n
+# dense buffers: the allreduce is cheaper once n * payload > 2 * dense.
+_RING_ALLREDUCE_FACTOR = 2
 
 
 class ErrorFeedbackState:
@@ -43,8 +46,9 @@ class ErrorFeedbackState:
             so a state dict loads into any bucket layout and is checked against the model;
             without it, parameters are keyed by the order in which the hook first meets them,
             which is stable for a given model and ``bucket_cap_mb``.
-        dense_fallback: allreduce the densified compressed bucket when the allgather of
-            ``world_size`` payloads would put more bytes on the wire than the dense bucket.
+        dense_fallback: allreduce the densified compressed bucket when allgathering the payloads
+            would put more bytes on the wire than a ring allreduce of the dense bucket
+            (``world_size * payload > 2 * dense``).
 
     The process group is not part of the state dict (as in torch's ``PowerSGDState``).
     """
@@ -96,6 +100,13 @@ class ErrorFeedbackState:
     def _key(self, param: torch.Tensor) -> Hashable:
         key = self._param_keys.get(id(param))
         if key is None:
+            if self._module_names is not None:
+                # A copied or unpickled state no longer knows the model's parameters by identity;
+                # numbering them would silently orphan name-keyed memories.
+                raise ValueError(
+                    "ErrorFeedbackState meets a parameter of no bound module: after copying or unpickling "
+                    "the state, call state.bind_module(model) again"
+                )
             key = f"param{len(self._param_keys)}"
             self._param_keys[id(param)] = key
         return key
@@ -185,7 +196,8 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     4. Transport, with each worker's 4-byte "non-finite" status word appended:
        summable payloads are averaged by one allreduce; others are allgathered as one byte buffer
        each and summed (top-k: a scatter-add of all workers' values), unless ``world_size``
-       payloads outweigh the dense bucket, in which case the densified ``C(acc)`` is allreduced.
+       payloads outweigh twice the dense bucket (what a ring allreduce sends per worker), in
+       which case the densified ``C(acc)`` is allreduced.
     5. When every worker's gradient was finite: ``m = acc - C(acc)`` (what was not sent stays).
        Otherwise the step is void everywhere: the finite gradient entries added in step 2 are
        taken out of ``m`` again (its value before step 2, to float rounding), and the
@@ -234,7 +246,7 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
             return compressor.decompress(payload.with_data(wire[:-1])), wire[-1] == 0
 
         subtract = compressor.subtract_sent_
-    elif state.dense_fallback and n * (payload.nbytes + _STATUS_BYTES) > bytes_dense:
+    elif state.dense_fallback and n * (payload.nbytes + _STATUS_BYTES) > _RING_ALLREDUCE_FACTOR * bytes_dense:
         sent = compressor.decompress(payload).reshape(-1).to(grad.dtype)
         wire = torch.cat([sent, status.to(grad.dtype)])
         fut = transport.allreduce_mean(wire, group)

@@ -61,9 +61,7 @@ class ErrorFeedbackMemory:
 
     def scale_(self, factor: float) -> None:
         """Multiply every memory by ``factor`` in place (a GradScaler changed the loss scale)."""
-        for buffer in self._buffers.values():
-            buffer.mul_(factor)
-        for tensor in self._pending.values():
+        for tensor in [*self._views.values(), *self._pending.values()]:
             tensor.mul_(factor)
 
     def layouts(self) -> set[tuple]:
@@ -91,6 +89,7 @@ class ErrorFeedbackMemory:
     def load_state_dict(self, memories: dict[Hashable, torch.Tensor]) -> None:
         if not isinstance(memories, dict):
             raise TypeError(f"memories must be a dict of parameter key -> tensor, got {type(memories).__name__}")
+        self._pending.clear()  # a later load replaces an earlier one whole
         for key, tensor in memories.items():
             tensor = torch.as_tensor(tensor, dtype=torch.float32)
             if key in self._views:

@@ -71,8 +71,9 @@ class CommStats:
         """
         self._residuals[key] = tensor.detach()
         if live_keys is not None:
-            for stale in [k for k in self._residuals if k not in live_keys]:
-                del self._residuals[stale]
+            # list(): DDP runs future callbacks on more than one thread.
+            for stale in [k for k in list(self._residuals) if k not in live_keys]:
+                self._residuals.pop(stale, None)
 
     def end_step(self) -> None:
         """Close the step in progress: its figures become the ``last_*`` ones."""
@@ -107,7 +108,7 @@ class CommStats:
     def residual_norm(self) -> float:
         """L2 norm of the error-feedback memory (or compression error) after the last step."""
         if self._residuals:
-            value = sum(float(t.double().pow(2).sum()) for t in self._residuals.values())
+            value = sum(float(t.double().pow(2).sum()) for t in list(self._residuals.values()))
         else:
             value = self._residual_sq
             value = float(value) if isinstance(value, torch.Tensor) else value

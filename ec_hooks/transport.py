@@ -85,14 +85,23 @@ def exchange(
     me = rank_in(group)
     if me in sends or me in recvs:
         raise ValueError(f"exchange: rank {me} lists itself as a peer; keep the local term out of the exchange")
+    # gloo's point-to-point ops take host tensors only: stage device tensors through host memory.
+    staged = any(t.device.type != "cpu" for t in [*sends.values(), *recvs.values()]) and (
+        dist.get_backend(group) == dist.Backend.GLOO
+    )
+    host_recvs = {peer: t.cpu() if staged else t for peer, t in recvs.items()}
     ops = []
-    for peer, tensor in recvs.items():
+    for peer, tensor in host_recvs.items():
         ops.append(dist.P2POp(dist.irecv, tensor, _global_rank(peer, group), group))
     for peer, tensor in sends.items():
+        tensor = tensor.cpu() if staged else tensor
         ops.append(dist.P2POp(dist.isend, tensor.contiguous(), _global_rank(peer, group), group))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+    if staged:
+        for peer, tensor in recvs.items():
+            tensor.copy_(host_recvs[peer])
     return recvs
 
 

@@ -177,3 +177,23 @@ def test_randk_samples_every_coordinate_equally_often():
     expected = draws * c.k_for(d) / d
     # binomial standard deviation is about 19 here: 6 sigma
     assert (counts - expected).abs().max() < 6 * math.sqrt(expected)
+
+
+@pytest.mark.parametrize("compressor", [FP16(), TopK(0.5), RandK(1.0), Identity()],
+                         ids=repr)
+def test_memory_beyond_the_fp16_range_travels_clamped_and_stays_finite(compressor):
+    memory = torch.tensor([7e4, -2e5, 1.0, 3.0])
+    total = memory.clone()
+    sent = torch.zeros(4)
+    for step in range(6):  # the excess goes out over the next steps, 65504 at a time
+        payload = compressor.compress(memory, step=step, wire_dtype=torch.float16)
+        assert torch.isfinite(compressor.decompress(payload)).all()
+        sent += compressor.decompress(payload).reshape(-1)
+        compressor.subtract_sent_(memory, payload)
+        assert torch.isfinite(memory).all()
+    torch.testing.assert_close(sent + memory, total)
+
+
+def test_make_compressor_refuses_misspelled_arguments():
+    with pytest.raises(ValueError, match="dnesity"):
+        make_compressor("topk", dnesity=0.5)

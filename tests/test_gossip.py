@@ -548,3 +548,25 @@ def test_gossip_on_cuda_tensors():
     gossip = DeepSqueeze([p.cuda() for p in make_params(0)])  # a world of one on the GPU
     gossip.step()
     assert all(m.is_cuda for m in gossip.average_parameters())
+
+
+def _gossip_cuda_over_gloo(rank, world_size):
+    torch.cuda.set_device(0)  # the ranks share one GPU; gloo cannot send device tensors itself
+    params = [p.cuda() for p in make_params(rank)]
+    gossip = DeepSqueeze(params, compressor=ec_hooks.TopK(0.5), consensus_step=0.5, watch_every=0)
+    before = [m.cpu() for m in gossip.average_parameters()]
+    distance = gossip.consensus_distance()
+    for _ in range(5):
+        gossip.step()
+    after = [m.cpu() for m in gossip.average_parameters()]
+    return before, after, distance, gossip.consensus_distance(), params[0].is_cuda
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gossip_on_cuda_tensors_over_gloo_stages_through_host_memory():
+    for before, after, start, end, on_gpu in run_distributed(_gossip_cuda_over_gloo, 3):
+        assert on_gpu
+        for a, b in zip(before, after):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # the mean model does not move
+        assert end < start

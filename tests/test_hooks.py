@@ -393,6 +393,21 @@ def test_stats_report_bytes_and_ratio():
     assert stats["residual_norm"] > 0
 
 
+def _bytes_for_density(rank, world_size, density):
+    model = DDP(torch.nn.Linear(1000, 10, bias=False))  # 10,000 fp32 parameters, one bucket
+    state = ErrorFeedbackState(compressor=ec_hooks.TopK(density), module=model)
+    model.register_comm_hook(state, error_feedback_hook)
+    model(torch.randn(4, 1000)).sum().backward()
+    return state.stats.last_bytes_sent
+
+
+def test_allgather_until_it_outweighs_a_ring_allreduce_then_dense():
+    # 3 ranks, 40,000 dense bytes: top-k payloads of 8 bytes per entry are allgathered while
+    # 3 * payload <= 2 * 40,000, i.e. up to about 3,333 entries (density 0.33).
+    assert run_distributed(_bytes_for_density, 3, 0.3)[0] == 3_000 * 8 + 4
+    assert run_distributed(_bytes_for_density, 3, 0.4)[0] == 40_000 + 4
+
+
 def _residual_after_rebuild(rank, world_size):
     model = DDP(make_model(), bucket_cap_mb=0.0005)  # several buckets, rebuilt after step 1
     state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model)

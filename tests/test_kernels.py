@@ -193,7 +193,11 @@ def _torch_step(memory, grad, k, wire_dtype, subtract_sent):
     finite = torch.isfinite(grad)
     memory.add_(torch.where(finite, grad, 0))
     indices = topk_magnitude_reference(memory, k)
-    values = memory[indices].to(wire_dtype)
+    values = memory[indices]
+    if wire_dtype != torch.float32:  # clamped to the format's range, NaN kept
+        limit = torch.finfo(wire_dtype).max
+        values = torch.where(values.isnan(), values, values.clamp(-limit, limit))
+    values = values.to(wire_dtype)
     if subtract_sent:
         memory[indices] -= values.float()
     return indices.int(), values, finite.all()
@@ -205,6 +209,7 @@ def _torch_step(memory, grad, k, wire_dtype, subtract_sent):
 def test_error_feedback_step_matches_plain_torch(grad_dtype, wire_dtype, backend):
     n = 40_000
     memory = make_input("randn", n, torch.float32, seed=1)
+    memory[[7, 9]] = torch.tensor([1e5, -3e5])  # beyond fp16's range: clamped on the wire
     grad = make_input("ties", n, grad_dtype, seed=2) * 0.25
     for subtract_sent in (True, False):
         for k in (1, 400, n):

@@ -124,6 +124,7 @@ def test_fused_step_matches_plain_torch_bit_for_bit(grad_dtype, wire_dtype, subt
     memory = make_input("randn", n, torch.float32, seed=7)
     memory[::101] = float("nan")  # corrupted memory entries are never sent
     memory[5] = float("inf")
+    memory[[7, 9]] = torch.tensor([1e5, -3e5])  # beyond fp16's range: clamped on the wire
     grad = make_input("ties", n, grad_dtype, seed=8) * 0.5
     grad[[11, 12]] = torch.tensor([float("nan"), float("-inf")], dtype=grad_dtype)
     for k in (1, 2_000, 20_000, n - 1):

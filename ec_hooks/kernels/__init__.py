@@ -26,6 +26,7 @@ from ec_hooks.kernels.dispatch import (
     SelectedEntries,
     error_feedback_topk_,
     resolve_backend,
+    to_wire,
     topk_magnitude,
     undo_accumulate_,
 )
@@ -42,5 +43,6 @@ __all__ = [
     "topk_magnitude",
     "topk_magnitude_reference",
     "topk_magnitude_threshold",
+    "to_wire",
     "undo_accumulate_",
 ]

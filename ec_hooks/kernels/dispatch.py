@@ -18,6 +18,7 @@ __all__ = [
     "error_feedback_topk_",
     "resolve_backend",
     "topk_magnitude",
+    "to_wire",
     "undo_accumulate_",
 ]
 
@@ -37,6 +38,20 @@ class SelectedEntries(NamedTuple):
     values: torch.Tensor
     #: 0-dim bool on the tensors' device: every gradient entry was finite
     grad_finite: torch.Tensor
+
+
+def to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` cast to the wire dtype, clamped to its largest finite value (as the CUDA
+    kernels do).
+
+    An fp32 memory can outgrow fp16 (65504); cast as is, such an entry would travel as inf and
+    leave -inf in memory for good.  Clamped, the excess stays in memory and goes out later.
+    NaN stays NaN.
+    """
+    if values.dtype != dtype and dtype in (torch.float16, torch.bfloat16):
+        limit = torch.finfo(dtype).max
+        values = values.clamp(-limit, limit)
+    return values.to(dtype)
 
 
 def _check_backend(backend) -> None:
@@ -193,7 +208,7 @@ def error_feedback_topk_(
         indices = topk_magnitude_threshold(flat, k)
     else:
         indices = topk_magnitude_reference(flat, k)
-    values = flat[indices].to(wire_dtype)
+    values = to_wire(flat[indices], wire_dtype)
     if subtract_sent:
         flat.index_put_((indices,), flat[indices] - values.float())
     return SelectedEntries(indices.to(torch.int32), values, grad_finite)
