@@ -258,6 +258,11 @@ class GossipStrategy(WorkerStateDDPStrategy):
         }
 
     def load_worker_state(self, state: dict) -> None:
+        if "gossip" not in state or "model" not in state:
+            raise ValueError(
+                f"the checkpoint's per-worker state has no gossip state (it holds {sorted(state)}): it was saved "
+                "by another strategy; resume it with the strategy that saved it"
+            )
         if len(state["gossip"]) != len(self.gossips):
             raise ValueError(
                 f"the checkpoint has {len(state['gossip'])} gossip groups (one per optimizer), this run has "

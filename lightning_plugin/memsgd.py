@@ -95,6 +95,11 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
     def load_worker_state(self, state: dict) -> None:
         if self.comm_state is None:
             raise ValueError("the checkpoint carries error-feedback memories but this run has no Mem-SGD hook")
+        if "error_feedback" not in state:
+            raise ValueError(
+                f"the checkpoint's per-worker state has no error-feedback memories (it holds {sorted(state)}): it "
+                "was saved by another strategy; resume it with the strategy that saved it"
+            )
         self.comm_state.load_state_dict(state["error_feedback"])
 
     def optimizer_step(self, optimizer: Optimizer, closure, model=None, **kwargs: Any) -> Any:

@@ -182,3 +182,9 @@ def test_average_of_one_worker_is_a_copy_and_the_swap_restores_exactly():
     swap.swap_back(module)
     assert not swap.holding_average
     assert all(torch.equal(module.state_dict()[k], local[k]) for k in local)
+
+
+def test_gossip_strategy_refuses_worker_state_saved_by_memsgd():
+    strategy = DeepSqueezeStrategy()
+    with pytest.raises(ValueError, match="saved by another strategy"):
+        strategy.load_worker_state({"error_feedback": {"memories": {}}})
