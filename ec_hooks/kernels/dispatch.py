@@ -48,9 +48,14 @@ def to_wire(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     leave -inf in memory for good.  Clamped, the excess stays in memory and goes out later.
     NaN stays NaN.
     """
-    if values.dtype != dtype and dtype in (torch.float16, torch.bfloat16):
+    if (
+        values.dtype != dtype
+        and dtype in (torch.float16, torch.bfloat16)
+        and values.is_floating_point()
+        and torch.finfo(values.dtype).max > torch.finfo(dtype).max
+    ):
         limit = torch.finfo(dtype).max
-        values = values.clamp(-limit, limit)
+        values = values.float().clamp(-limit, limit)  # in fp32: bf16 cannot hold fp16's limit
     return values.to(dtype)
 
 
