@@ -288,8 +288,9 @@ class GossipAlgorithm:
         raise NotImplementedError
 
     def _incoming(self, x: torch.Tensor, sent: torch.Tensor, mixed: torch.Tensor) -> None:
-        """Update ``x`` in place given ``mixed = sum_j W_ij c_j`` (self included)."""
-        raise NotImplementedError
+        """Update ``x`` in place given ``mixed = sum_j W_ij c_j`` (self included): the gossip step
+        ``x += eta (sum_j W_ij c_j - c_i)`` of DeepSqueeze and D-PSGD."""
+        x.add_(mixed.sub_(sent), alpha=self.consensus_step)
 
     def _buffers(self) -> dict[str, torch.Tensor | None]:
         """The per-worker buffers that a state dict carries."""
@@ -521,9 +522,6 @@ class DeepSqueeze(GossipAlgorithm):
         torch.sub(v, sent, out=self._delta)
         return payload, sent
 
-    def _incoming(self, x, sent, mixed):
-        x.add_(mixed.sub_(sent), alpha=self.consensus_step)
-
     def _buffers(self):
         return {"delta": getattr(self, "_delta", None)}
 
@@ -556,9 +554,6 @@ class DPSGD(GossipAlgorithm):
     def _outgoing(self, x):
         payload = self.compressor.compress(x, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype)
         return payload, self._decode(payload)
-
-    def _incoming(self, x, sent, mixed):
-        x.add_(mixed.sub_(sent), alpha=self.consensus_step)
 
     def _divergence_advice(self):
         return ("plain gossip never increases the disagreement by itself, so the local steps do: lower the "
