@@ -189,6 +189,10 @@ class Compressor:
         """Exact bytes one payload for a tensor of ``numel`` entries of ``dtype`` puts on the wire."""
         raise NotImplementedError
 
+    def entries_sent(self, numel: int) -> int:
+        """How many of ``numel`` entries a payload carries a value for (all, unless sparse)."""
+        return numel
+
     def sum_payloads(self, payloads: list[Payload]) -> torch.Tensor:
         """Dense fp32 sum of several workers' payloads (the allgather path)."""
         out = self.decompress(payloads[0]).clone()
@@ -239,6 +243,9 @@ class TopK(Compressor):
     def k_for(self, numel: int) -> int:
         # The small epsilon keeps density=k/d from rounding up to k+1.
         return min(numel, max(1, math.ceil(self.density * numel - 1e-9)))
+
+    def entries_sent(self, numel: int) -> int:
+        return self.k_for(numel)
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         flat = x.reshape(-1)
@@ -338,6 +345,7 @@ class RandK(Compressor):
         return {"density": self.density, "seed": self.seed}
 
     k_for = TopK.k_for
+    entries_sent = TopK.entries_sent
 
     def indices(self, numel: int, *, step: int, key: int, device) -> torch.Tensor:
         generator = torch.Generator(device="cpu")

@@ -341,9 +341,8 @@ class GossipAlgorithm:
         self._incoming(x, sent, mixed)
         self._write_back(x)
         numel = self.numel
-        entries = self.compressor.k_for(numel) if hasattr(self.compressor, "k_for") else numel
         self.stats.record(bytes_sent=payload.nbytes * n_sends, bytes_dense=self.bytes_dense,
-                          entries_sent=entries, entries=numel, seconds=self._compress_seconds)
+                          entries_sent=self.compressor.entries_sent(numel), entries=numel, seconds=self._compress_seconds)
         residual = self._residual()
         if residual is not None:
             self.stats.set_residual("gossip", residual)

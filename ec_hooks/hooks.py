@@ -269,7 +269,7 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     state.stats.record(
         bytes_sent=wire.numel() * wire.element_size(),
         bytes_dense=bytes_dense,
-        entries_sent=compressor.k_for(grad.numel()) if hasattr(compressor, "k_for") else grad.numel(),
+        entries_sent=compressor.entries_sent(grad.numel()),
         entries=grad.numel(),
         seconds=time.perf_counter() - started,
     )
