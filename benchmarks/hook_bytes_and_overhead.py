@@ -31,6 +31,8 @@ from recipes.models import resnet20  # noqa: E402
 METHODS = {
     "allreduce (DDP default)": None,
     "top-k 1%": lambda: ec_hooks.TopK(0.01),
+    "top-k 1% delta16": lambda: ec_hooks.TopK(0.01, index_encoding="delta16"),
+    "top-k 1% delta16 + bf16 values": lambda: ec_hooks.TopK(0.01, index_encoding="delta16", value_dtype="bf16"),
     "top-k 0.1%": lambda: ec_hooks.TopK(0.001),
     "rand-k 1%": lambda: ec_hooks.RandK(0.01),
     "rand-k 0.1%": lambda: ec_hooks.RandK(0.001),

@@ -85,6 +85,8 @@ class Method:
     kind: str
     needs: tuple[str, ...] = ()
     density: float | None = None
+    #: further ``TopK`` arguments, as ``(name, value)`` pairs (e.g. the compact wire format)
+    topk_options: tuple[tuple[str, str], ...] = ()
 
 
 METHODS = {m.name: m for m in (
@@ -95,6 +97,10 @@ METHODS = {m.name: m for m in (
     Method("powersgd_r4", "torch PowerSGD rank 4", "ddp"),
     Method("memsgd_topk_1pct", "Mem-SGD top-k 1%", "hook", density=0.01),
     Method("memsgd_topk_0.1pct", "Mem-SGD top-k 0.1%", "hook", density=0.001),
+    Method("memsgd_topk_1pct_delta16", "Mem-SGD top-k 1%, delta16 indices", "hook", density=0.01,
+           topk_options=(("index_encoding", "delta16"),)),
+    Method("memsgd_topk_1pct_delta16_bf16", "Mem-SGD top-k 1%, delta16 indices + bf16 values", "hook", density=0.01,
+           topk_options=(("index_encoding", "delta16"), ("value_dtype", "bf16"))),
     Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
     Method("ef_sign", "error-feedback scaled sign", "hook"),
     Method("deepsqueeze_ring", "DeepSqueeze top-k 1%, ring", "gossip", ("DeepSqueeze",), 0.01),
@@ -117,7 +123,7 @@ def _compressor(method: Method):
         return ec_hooks.ScaledSign()
     if "randk" in method.name:
         return ec_hooks.RandK(method.density)
-    return ec_hooks.TopK(method.density)
+    return ec_hooks.TopK(method.density, **dict(method.topk_options))
 
 
 def _powersgd_bytes(model: nn.Module, rank: int) -> int:

@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 # output can be reinterpreted as int32/fp32 without a copy.
 _ALIGN = 4
 _BACKENDS = ("auto", "torch", "cpu", "cuda")
+_HALF_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_INDEX_ENCODINGS = ("int32", "delta16")
+#: largest gap between consecutive indices that one uint16 slot of the ``delta16`` format holds
+_MAX_GAP = 65535
 
 
 @dataclass
@@ -115,6 +119,14 @@ def _to_bytes(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _view_bytes(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``data`` (uint8) viewed as ``dtype``; copied first when its offset is not a multiple of the
+    element size (fp64 values behind an odd number of 4-byte words), as ``view`` requires."""
+    if data.storage_offset() % torch.empty((), dtype=dtype).element_size():
+        data = data.clone()
+    return data.view(dtype)
+
+
 def _seed_from(*values: int) -> int:
     """A 63-bit seed that mixes its inputs well (adjacent steps give unrelated streams)."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
@@ -125,6 +137,75 @@ def _mask_out_of_range(indices: torch.Tensor, values: torch.Tensor, numel: int) 
     """Indices outside ``[0, numel)`` become 0 and their values NaN; no host synchronization."""
     valid = (indices >= 0) & (indices < numel)
     return torch.where(valid, indices, 0), torch.where(valid, values, float("nan"))
+
+
+def _delta16_capacity(numel: int, k: int) -> int:
+    """Slots of a ``delta16`` payload: ``k`` entries plus the most fillers any ``k`` indices need.
+
+    An index set needs ``sum_j floor((g_j - 1) / 65535)`` fillers over its nonzero gaps ``g_j``
+    (the first gap is counted from 0), and ``sum_j floor(a_j) <= floor(sum_j a_j)``.  With
+    ``k >= 2`` the maximum puts index 0 first (its gap 0 costs nothing) and the other gaps, at
+    least 1 each, sum to at most ``numel - 1``: ``floor((numel - k) / 65535)``, reached by
+    ``{0, 1, ..., k - 2, numel - 1}``.  With ``k = 1`` the single gap is at most ``numel - 1``:
+    ``floor((numel - 2) / 65535)``.
+    """
+    if k == 0:
+        return 0
+    return k + max(0, (numel - max(k, 2)) // _MAX_GAP)
+
+
+def _delta16_encode(indices: torch.Tensor, values: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``capacity`` uint16 gaps (stored as int16 bit patterns) and values for ascending ``indices``.
+
+    1. ``g_j = i_j - i_{j-1}`` with ``i_{-1} = 0``.
+    2. A gap above 65535 is preceded by ``f_j = floor((g_j - 1) / 65535)`` filler slots of gap
+       65535 and value 0; the entry keeps the remainder ``g_j - 65535 f_j`` (in ``[1, 65535]``).
+    3. Entry ``j`` lands in slot ``j + sum_{l <= j} f_l``; slots past the last entry are gap 0,
+       value 0.  Every step is a tensor op: no host synchronization.
+    """
+    device = indices.device
+    idx = indices.long()
+    k = idx.numel()
+    values_out = torch.zeros(capacity, dtype=values.dtype, device=device)
+    if k == 0:
+        return torch.zeros(capacity, dtype=torch.int16, device=device), values_out
+    gaps = torch.diff(idx, prepend=idx.new_zeros(1))
+    if device.type == "cpu" and int(gaps.max()) <= _MAX_GAP:
+        # No filler (the usual case at densities above 1/65535): entry j in slot j.  A host
+        # check is free on CPU, and skipping the slot arithmetic makes encoding 4x faster.
+        values_out[:k] = values
+        return _as_int16_bits(torch.cat([gaps, gaps.new_zeros(capacity - k)])), values_out
+    fillers = (gaps - 1).clamp_min_(0).div_(_MAX_GAP, rounding_mode="floor")
+    slots = torch.cumsum(fillers, 0).add_(torch.arange(k, device=device))
+    # Every slot before the last entry's that holds no entry is a filler.
+    gaps_out = torch.where(torch.arange(capacity, device=device) < slots[-1], _MAX_GAP, 0).to(torch.int32)
+    gaps_out[slots] = (gaps - fillers * _MAX_GAP).to(torch.int32)
+    values_out[slots] = values
+    return _as_int16_bits(gaps_out), values_out
+
+
+def _as_int16_bits(gaps: torch.Tensor) -> torch.Tensor:
+    """Integers in ``[0, 65535]`` as int16 holding their uint16 bit pattern (an explicit wrap: a
+    narrowing cast of values above 32767 is implementation-defined)."""
+    return torch.where(gaps > 32767, gaps - 65536, gaps).to(torch.int16)
+
+
+def _delta16_decode(gaps: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, non-decreasing, with repeats at fillers and the tail) of int16-stored gaps."""
+    return torch.cumsum(gaps.to(torch.int64) & 0xFFFF, 0)
+
+
+def _value_dtype(value_dtype) -> torch.dtype | None:
+    if value_dtype is None:
+        return None
+    if isinstance(value_dtype, str) and value_dtype in _HALF_DTYPES:
+        return _HALF_DTYPES[value_dtype]
+    if isinstance(value_dtype, torch.dtype) and value_dtype in (torch.float16, torch.bfloat16):
+        return value_dtype
+    raise ValueError(
+        f"value_dtype must be None (the caller's wire dtype), torch.float16, torch.bfloat16 or one of "
+        f"{sorted(_HALF_DTYPES)}, got {value_dtype!r}"
+    )
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -219,40 +300,88 @@ class Compressor:
 class TopK(Compressor):
     """Keep the ``k = ceil(density * d)`` entries of largest magnitude.
 
-    Wire format: ``k`` int32 indices followed by ``k`` values in the wire dtype, padded to 4 bytes.
-    Ties in magnitude go to the lower index, so every backend selects the same set.
+    Ties in magnitude go to the lower index, so every backend selects the same set.  Wire
+    formats (``index_encoding``), padded to 4 bytes, values in ``value_dtype`` (default: the
+    caller's wire dtype):
+
+    * ``"int32"``: ``k`` int32 indices, then ``k`` values.  8 bytes per entry with fp32 values.
+    * ``"delta16"``: ``S`` values, then ``S`` uint16 gaps between consecutive indices (the
+      first from 0); decoding is a cumulative sum.  A gap above 65535 is bridged by filler
+      slots (gap 65535, value 0) and unused tail slots are gap 0, value 0, so that the size
+      depends on ``d`` only, as an allgather needs: ``S = k + floor((d - max(k, 2)) / 65535)``,
+      the most fillers any ``k`` indices can need.  6 bytes per slot with fp32 values, 4 with
+      ``value_dtype=torch.bfloat16`` (or ``float16``); the ``d / 65535`` filler slots add
+      ``1 / (65535 * density)`` to that (0.15% at density 0.01).
+
+    Fillers and tail slots repeat an index with the value 0, so every consumer accumulates
+    (scatter-add) instead of assigning.  16-bit values are rounded (fp16 clamped to its finite
+    range); :meth:`subtract_sent_` subtracts the rounded values, so the rounding error stays in
+    the error-feedback memory.
 
     Args:
         density: fraction of entries kept, in (0, 1].
         backend: selection backend, ``"auto" | "torch" | "cpu" | "cuda"`` (see
             :func:`ec_hooks.kernels.topk_magnitude`).
+        index_encoding: ``"int32"`` (default) or ``"delta16"``.
+        value_dtype: ``None`` (default: the dtype the caller asks for, the gradient's in the
+            hook), ``torch.float16`` or ``torch.bfloat16`` (also ``"float16"``, ``"fp16"``,
+            ``"bfloat16"``, ``"bf16"``).
     """
 
     summable = False
     name = "topk"
 
-    def __init__(self, density: float = 0.01, backend: str = "auto"):
+    def __init__(
+        self,
+        density: float = 0.01,
+        backend: str = "auto",
+        index_encoding: str = "int32",
+        value_dtype: torch.dtype | str | None = None,
+    ):
         self.density = _check_density(density)
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
         self.backend = backend
+        if index_encoding not in _INDEX_ENCODINGS:
+            raise ValueError(f"index_encoding must be one of {list(_INDEX_ENCODINGS)}, got {index_encoding!r}")
+        self.index_encoding = index_encoding
+        self.value_dtype = _value_dtype(value_dtype)
 
     def _repr_args(self):
-        return {"density": self.density, "backend": self.backend}
+        args = {"density": self.density, "backend": self.backend}
+        # Defaults stay out, so that the reprs stored in existing checkpoints still match.
+        if self.index_encoding != "int32":
+            args["index_encoding"] = self.index_encoding
+        if self.value_dtype is not None:
+            args["value_dtype"] = self.value_dtype
+        return args
 
     def k_for(self, numel: int) -> int:
         # The small epsilon keeps density=k/d from rounding up to k+1.
         return min(numel, max(1, math.ceil(self.density * numel - 1e-9)))
 
     def entries_sent(self, numel: int) -> int:
+        """``k``: fillers and tail slots of ``delta16`` carry no entry of the tensor."""
         return self.k_for(numel)
+
+    def slots_for(self, numel: int) -> int:
+        """Index/value pairs a payload holds: ``k``, or the fixed ``delta16`` capacity."""
+        k = self.k_for(numel)
+        return k if self.index_encoding == "int32" else _delta16_capacity(numel, k)
+
+    def _pack(self, indices: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
+        if self.index_encoding == "int32":
+            return _to_bytes(indices.to(torch.int32), values)
+        gaps, slot_values = _delta16_encode(indices, values, _delta16_capacity(numel, indices.numel()))
+        # Values first: at offset 0 of a 4-byte aligned row they view as fp32 without a copy.
+        return _to_bytes(slot_values, gaps)
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         flat = x.reshape(-1)
         k = self.k_for(flat.numel())
         indices = topk_magnitude(flat, k, backend=self.backend)
-        values = to_wire(flat[indices], wire_dtype or x.dtype)
-        return Payload(data=_to_bytes(indices.to(torch.int32), values), shape=x.shape, value_dtype=values.dtype)
+        values = to_wire(flat[indices], self.value_dtype or wire_dtype or x.dtype)
+        return Payload(data=self._pack(indices, values, flat.numel()), shape=x.shape, value_dtype=values.dtype)
 
     def compress_error_feedback_(
         self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0, wire_dtype=None
@@ -266,21 +395,32 @@ class TopK(Compressor):
         tensors with the CUDA backend this is one kernel pipeline without host synchronization.
         """
         k = self.k_for(memory.numel())
-        selected = error_feedback_topk_(memory, grad, k, wire_dtype=wire_dtype or memory.dtype,
+        selected = error_feedback_topk_(memory, grad, k, wire_dtype=self.value_dtype or wire_dtype or memory.dtype,
                                         subtract_sent=False, backend=self.backend)
-        payload = Payload(data=_to_bytes(selected.indices, selected.values), shape=memory.shape,
+        payload = Payload(data=self._pack(selected.indices, selected.values, memory.numel()), shape=memory.shape,
                           value_dtype=selected.values.dtype)
         return payload, selected.grad_finite
 
     def decode(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices (int64) and fp32 values of a payload; rejects indices outside the tensor."""
-        k = self.k_for(payload.numel)
+        """Indices (int64) and fp32 values of a payload; rejects indices outside the tensor.
+
+        With ``delta16`` the indices repeat (fillers, tail) where the values are 0: sum, never
+        assign, the values into a tensor.
+        """
+        slots = self.slots_for(payload.numel)
         dtype = payload.value_dtype or torch.float32
         size = torch.empty((), dtype=dtype).element_size()
-        if payload.nbytes != _pad(k * (4 + size)):
-            raise ValueError(f"TopK payload has {payload.nbytes} bytes, expected {_pad(k * (4 + size))}")
-        indices = payload.data[: 4 * k].view(torch.int32).long()
-        values = payload.data[4 * k : 4 * k + size * k].view(dtype)
+        index_size = 4 if self.index_encoding == "int32" else 2
+        expected = _pad(slots * (index_size + size))
+        if payload.nbytes != expected:
+            raise ValueError(f"TopK payload has {payload.nbytes} bytes, expected {expected} "
+                             f"(index_encoding={self.index_encoding!r}, {slots} slots of {dtype} values)")
+        if self.index_encoding == "int32":
+            indices = payload.data[: 4 * slots].view(torch.int32).long()
+            values = _view_bytes(payload.data[4 * slots : 4 * slots + size * slots], dtype)
+        else:
+            values = _view_bytes(payload.data[: size * slots], dtype)
+            indices = _delta16_decode(payload.data[size * slots : (size + 2) * slots].view(torch.int16))
         values = values.float()
         if not indices.numel():
             return indices, values
@@ -313,13 +453,14 @@ class TopK(Compressor):
     def subtract_sent_(self, acc, payload, scale=None):
         indices, values = self.decode(payload)
         # Subtracting the rounded value (not zeroing) keeps the rounding error of bf16/fp16
-        # values in memory, so nothing is lost.
-        flat = acc.view(-1)
-        flat.index_put_((indices,), flat[indices] - (values if scale is None else values * scale))
+        # values in memory, so nothing is lost.  A scatter-add, because delta16 repeats indices
+        # (with value 0); ``a + (-1) v`` is ``a - v`` bit for bit, and adding -0 changes nothing.
+        # (``values`` may alias the payload's bytes: never modify it in place.)
+        acc.view(-1).index_add_(0, indices, values if scale is None else values * scale, alpha=-1)
 
     def wire_bytes(self, numel, dtype=torch.float32):
-        k = self.k_for(numel)
-        return _pad(k * (4 + torch.empty((), dtype=dtype).element_size()))
+        size = torch.empty((), dtype=self.value_dtype or dtype).element_size()
+        return _pad(self.slots_for(numel) * ((4 if self.index_encoding == "int32" else 2) + size))
 
 
 class RandK(Compressor):
@@ -511,7 +652,7 @@ class Cast(Compressor):
     """
 
     summable = True
-    _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    _DTYPES = _HALF_DTYPES
 
     def __init__(self, dtype: torch.dtype | str = torch.float16):
         if isinstance(dtype, str):
@@ -552,19 +693,20 @@ COMPRESSOR_NAMES = ("topk", "randk", "sign", "qsgd", "identity", "fp16", "bf16")
 def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compressor:
     """Build a compressor from a name (``COMPRESSOR_NAMES``) and its arguments, or pass one through.
 
-    ``density`` is ignored by compressors that do not take it, so one config can switch freely
-    between ``topk`` and ``sign``.
+    ``density`` (and top-k's ``index_encoding`` and ``value_dtype``) is ignored by compressors
+    that do not take it, so one config can switch freely between ``topk`` and ``sign``.
     """
     if isinstance(compressor, Compressor):
         return compressor
     if not isinstance(compressor, str) or compressor.lower() not in COMPRESSOR_NAMES:
         raise ValueError(f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}")
     name = compressor.lower()
-    unknown = sorted(set(kwargs) - {"density", "backend", "seed", "levels"})
+    allowed = ("density", "backend", "index_encoding", "value_dtype", "seed", "levels")
+    unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: density, backend, seed, levels")
+        raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: {', '.join(allowed)}")
     if name == "topk":
-        return TopK(**{k: v for k, v in kwargs.items() if k in ("density", "backend")})
+        return TopK(**{k: v for k, v in kwargs.items() if k in ("density", "backend", "index_encoding", "value_dtype")})
     if name == "randk":
         return RandK(**{k: v for k, v in kwargs.items() if k in ("density", "seed")})
     if name == "sign":
