@@ -6,20 +6,46 @@ Usage::
     ddp_model.register_comm_hook(state, error_feedback_hook)
 
 The whole data path of one bucket is :func:`error_feedback_hook`, top to bottom.
+
+Exact resume.  A new DDP instance reduces its first step in one bucket that holds every
+parameter and only then rebuilds its buckets (of ``bucket_cap_mb``) in the order in which the
+gradients became ready.  A run resumed from a checkpoint therefore meets, at its first step, a
+bucket layout that the uninterrupted run no longer uses, and compressing that bucket whole would
+select other entries (top-k over the whole model instead of per bucket, other rand-k indices,
+another QSGD norm).  The state dict records the bucket layouts in use (tuples of parameter keys);
+at the first step after :meth:`ErrorFeedbackState.load_state_dict`, a bucket made of whole saved
+layouts is split into them, and each is compressed and communicated exactly as the uninterrupted
+run does it (one collective each, the same buffer, hence the same summation order on 3 or more
+ranks, and the same randomness).  Randomness (rand-k indices, QSGD rounding) is keyed by the
+bucket's parameter keys, not by ``bucket.index()``, so it is the same wherever DDP puts that
+bucket in its list.  The resumed run is then bit-identical to the uninterrupted one, on any
+number of ranks, for every compressor and through a warm-up (``start_iter``).
+
+It is not bit-identical at that first step (later steps follow from it) when
+
+* the state dict carries no ``"layouts"`` (it was written before they were recorded), or
+* one of DDP's first buckets holds only *part* of a saved layout: DDP bucketed the first step
+  by size (``find_unused_parameters=True`` on a model whose registration order is not its
+  gradient order, or per-bucket caps) in a way that cuts across the saved layouts.
+
+Such a bucket is compressed as it comes (a warning, once): correct Mem-SGD, no memory is lost,
+but other entries are selected at that step.  A resume with another ``bucket_cap_mb``
+splits its first step into the saved layouts and uses its own layout from the next step on.
 """
 
 
 import logging
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ec_hooks import kernels, transport
-from ec_hooks.compressors import Compressor, TopK, _check_int, make_compressor
+from ec_hooks.compressors import Compressor, TopK, _check_int, _seed_from, make_compressor
+from ec_hooks.layouts import SavedLayouts
 from ec_hooks.memory import ErrorFeedbackMemory
 from ec_hooks.stats import CommStats
 
@@ -78,6 +104,9 @@ class ErrorFeedbackState:
         self._param_keys: dict[int, Hashable] = {}
         self._module_names: set[str] | None = None
         self._shapes: dict[Hashable, int] = {}
+        # Bucket layouts of the checkpoint last loaded (see the module docstring).
+        self._saved_layouts = SavedLayouts()
+        self._layout_seeds: dict[tuple, int] = {}
         if module is not None:
             self.bind_module(module)
 
@@ -111,10 +140,21 @@ class ErrorFeedbackState:
             self._param_keys[id(param)] = key
         return key
 
+    def _layout_seed(self, keys: tuple) -> int:
+        """The randomness key of a bucket: a digest of its parameter keys, identical on every
+        worker and in every process (names are hashed with blake2b, never Python's ``hash``)."""
+        seed = self._layout_seeds.get(keys)
+        if seed is None:
+            seed = self._layout_seeds[keys] = _seed_from(*keys)
+        return seed
+
     def _advance(self, bucket: dist.GradBucket) -> None:
         if bucket.is_last():
             self.iteration += 1
             self.stats.end_step()
+            # Only the first step after a load meets DDP's initial bucket; from the next one on,
+            # DDP's own (rebuilt) layout rules, as it did in the run that saved the state.
+            self._saved_layouts.clear()
 
     def rescale_memories(self, factor: float) -> None:
         """Multiply the memories by ``factor``: call it when a GradScaler changes the loss scale.
@@ -128,6 +168,8 @@ class ErrorFeedbackState:
         self.memory.scale_(factor)
 
     def state_dict(self) -> dict:
+        """Counters, memories (by parameter key), statistics and the bucket layouts in use."""
+        layouts = self.memory.layouts() or self._saved_layouts.layouts
         return {
             "iteration": self.iteration,
             "start_iter": self.start_iter,
@@ -135,11 +177,14 @@ class ErrorFeedbackState:
             "world_size": self.world_size,
             "rank": self.rank,
             "memories": self.memory.state_dict(),
+            "layouts": sorted([list(layout) for layout in layouts], key=repr),
             "stats": self.stats.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore memories and counters; refuses a state of another world size, rank or model."""
+        """Restore memories, counters and bucket layouts; refuses a state of another world size,
+        rank or model.  State dicts without ``"layouts"`` (older ones) load too; the first step
+        after them is then not bit-identical to an uninterrupted run (see the module docstring)."""
         if not isinstance(state_dict, dict) or "memories" not in state_dict:
             raise ValueError("state_dict is not an ErrorFeedbackState state dict (no 'memories' entry)")
         if state_dict.get("world_size", self.world_size) != self.world_size:
@@ -164,6 +209,7 @@ class ErrorFeedbackState:
                         f"state_dict memory for {key!r} has {torch.as_tensor(tensor).numel()} entries, the "
                         f"parameter has {self._shapes[key]}"
                     )
+        layouts = self._check_layouts(state_dict.get("layouts", []))
         if repr(self.compressor) != state_dict.get("compressor", repr(self.compressor)):
             logger.warning(
                 "loading error-feedback memories saved with %s into a state using %s",
@@ -171,9 +217,23 @@ class ErrorFeedbackState:
                 self.compressor,
             )
         self.memory.load_state_dict(memories)
+        self._saved_layouts.expect(layouts)
         self.iteration = int(state_dict.get("iteration", 0))
         if "stats" in state_dict:
             self.stats.load_state_dict(state_dict["stats"])
+
+    def _check_layouts(self, layouts) -> list[tuple]:
+        if not isinstance(layouts, (list, tuple)) or not all(isinstance(x, (list, tuple)) and x for x in layouts):
+            raise ValueError(f"state_dict 'layouts' must be a list of non-empty lists of parameter keys, got {layouts!r}")
+        layouts = [tuple(layout) for layout in layouts]
+        keys = [key for layout in layouts for key in layout]
+        if len(set(keys)) != len(keys):
+            raise ValueError("state_dict 'layouts' lists a parameter in more than one bucket layout")
+        if self._module_names is not None:
+            unknown = sorted(set(keys) - self._module_names, key=repr)
+            if unknown:
+                raise ValueError(f"state_dict has bucket layouts with parameters the model does not have: {unknown[:5]}")
+        return layouts
 
     def __getstate__(self):
         # Process groups do not pickle; the state re-attaches to the default group.
@@ -191,8 +251,9 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     1. During warm-up (``iteration < start_iter``): DDP's plain allreduce; memory untouched.
     2. ``acc = m + g`` in place in ``m``; inf/NaN gradient entries (an AMP overflow step) are
        not added, so they never enter memory.
-    3. ``payload = C(acc)``, values in the gradient's dtype (for top-k, 2 and 3 are one fused
-       pass: :meth:`~ec_hooks.compressors.TopK.compress_error_feedback_`).
+    3. ``payload = C(acc)``, values in the gradient's dtype unless the compressor sets its own
+       (top-k's ``value_dtype``); for top-k, 2 and 3 are one fused pass
+       (:meth:`~ec_hooks.compressors.TopK.compress_error_feedback_`).
     4. Transport, with each worker's 4-byte "non-finite" status word appended:
        summable payloads are averaged by one allreduce; others are allgathered as one byte buffer
        each and summed (top-k: a scatter-add of all workers' values), unless ``world_size``
@@ -205,37 +266,82 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     6. Return the mean ``(1/n) sum_i C_i`` in the bucket's dtype.
 
     Invariant: ``sum_t g_t = sum_t C(acc_t) + m_T`` on every worker, to float rounding.
-    """
-    group = state.process_group
-    grad = bucket.buffer()
-    bytes_dense = grad.numel() * grad.element_size()
-    if state.iteration < state.start_iter:
-        state.stats.record(bytes_sent=bytes_dense, bytes_dense=bytes_dense, entries_sent=grad.numel(),
-                           entries=grad.numel())
-        fut = transport.allreduce_mean(grad, group)
-        state._advance(bucket)
-        return fut
 
-    started = time.perf_counter()
-    compressor, n = state.compressor, state.world_size
+    Randomness is keyed by the bucket's parameters; the first bucket after
+    :meth:`ErrorFeedbackState.load_state_dict` goes through these steps once per saved bucket
+    layout it holds (see the module docstring).
+    """
+    grad = bucket.buffer()
     params = bucket.parameters()
-    keys = [state._key(p) for p in params]
+    keys = tuple(state._key(p) for p in params)
     numels = [p.numel() for p in params]
     if sum(numels) != grad.numel():
         raise RuntimeError(f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}")
+    units = state._saved_layouts.split(keys)
+    if units is None:
+        fut = _reduce(state, keys, numels, grad)
+    else:
+        fut = _reduce_by_layout(state, keys, numels, grad, units)
+    state._advance(bucket)
+    return fut
+
+
+def _reduce_by_layout(
+    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, units: list[tuple]
+) -> torch.futures.Future[torch.Tensor]:
+    """:func:`_reduce` of each saved layout in ``units`` on its slices of ``grad``, reassembled."""
+    # The uninterrupted run met this very bucket at its first step: laying the memories out for
+    # it once lists them in the same order (memory norms then sum in the same order too).
+    state.memory.buffer_for(keys, numels, grad.device)
+    where, offset = {}, 0
+    for key, numel in zip(keys, numels):
+        where[key] = (offset, numel)
+        offset += numel
+    futures = []
+    for unit in units:
+        unit_grad = torch.cat([grad[where[k][0] : where[k][0] + where[k][1]] for k in unit])
+        futures.append(_reduce(state, unit, [where[k][1] for k in unit], unit_grad))
+
+    def assemble(fut: torch.futures.Future) -> torch.Tensor:
+        out = torch.empty_like(grad)
+        for unit, unit_fut in zip(units, fut.value()):
+            # wait(), not value(): on CUDA it also orders this stream after the unit's work
+            mean, taken = unit_fut.wait(), 0
+            for key in unit:
+                start, numel = where[key]
+                out[start : start + numel].copy_(mean[taken : taken + numel])
+                taken += numel
+        return out
+
+    return torch.futures.collect_all(futures).then(assemble)
+
+
+def _reduce(
+    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor
+) -> torch.futures.Future[torch.Tensor]:
+    """Steps 1-6 of :func:`error_feedback_hook` for the flat gradient of parameters ``keys``."""
+    group = state.process_group
+    bytes_dense = grad.numel() * grad.element_size()
+    # Registers the layout even in warm-up, so that a checkpoint taken then records it.
     memory = state.memory.buffer_for(keys, numels, grad.device)
+    if state.iteration < state.start_iter:
+        state.stats.record(bytes_sent=bytes_dense, bytes_dense=bytes_dense, entries_sent=grad.numel(),
+                           entries=grad.numel())
+        return transport.allreduce_mean(grad, group)
+
+    started = time.perf_counter()
+    compressor, n = state.compressor, state.world_size
+    key = state._layout_seed(keys)
 
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
     fused = getattr(compressor, "compress_error_feedback_", None)
     if fused is not None:
-        payload, finite = fused(memory, grad, step=state.iteration, key=bucket.index(), rank=state.rank,
-                                wire_dtype=grad.dtype)
+        payload, finite = fused(memory, grad, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
     else:
         finite_entries = torch.isfinite(grad)
         finite = finite_entries.all()
         memory.add_(torch.where(finite_entries, grad, 0))
-        payload = compressor.compress(memory, step=state.iteration, key=bucket.index(), rank=state.rank,
-                                      wire_dtype=grad.dtype)
+        payload = compressor.compress(memory, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
     status = (~finite).float().reshape(1)
     # 4. transport
     if compressor.summable:
@@ -273,7 +379,6 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
         entries=grad.numel(),
         seconds=time.perf_counter() - started,
     )
-    bucket_layout = tuple(keys)
     backend = getattr(compressor, "backend", "auto")
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
@@ -288,11 +393,10 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
         else:
             mean = torch.full_like(mean, float("nan"))
         kernels.undo_accumulate_(memory, grad, all_finite, backend=backend)
-        state.stats.set_residual(bucket_layout, memory, live_keys=state.memory.layouts())
+        state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)
 
-    state._advance(bucket)
     return fut.then(finish)
 
 
