@@ -274,6 +274,7 @@ class GossipAlgorithm:
         self._mean_norm = 0.0
         self._watch_history: list[float] = []
         self._warned = False
+        self._scratch_buffers: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -316,7 +317,7 @@ class GossipAlgorithm:
             self.iteration += 1
             return
         with torch.no_grad():
-            x = self._flatten()
+            x = self._flatten(out=self._scratch("flat", torch.float32))
             payload, sent = self._compress(x)
             recvs = {peer: torch.empty_like(payload.data) for peer in self.topology.in_peers(self.rank, self.iteration)}
             sends = {peer: payload.data for peer in self.topology.out_peers(self.rank, self.iteration)}
@@ -334,10 +335,18 @@ class GossipAlgorithm:
     def _finish(self, x, payload: Payload, sent: torch.Tensor, recvs: dict[int, torch.Tensor], n_sends: int) -> None:
         weights = self.topology.weights(self.rank, self.iteration)
         # Own term first, then peers in rank order: a fixed order keeps runs bit-reproducible.
-        sent = sent.reshape(-1).to(self._mix_dtype)
-        mixed = sent * weights.get(self.rank, 0.0)
+        # Products and sums are taken in the mixing dtype, on buffers reused from step to step.
+        sent = sent.reshape(-1)
+        mixed = self._scratch("mixed", self._mix_dtype)
+        if sent.dtype == self._mix_dtype:
+            torch.mul(sent, weights.get(self.rank, 0.0), out=mixed)
+        else:
+            mixed.copy_(sent).mul_(weights.get(self.rank, 0.0))
         for peer in sorted(recvs):
-            mixed.add_(self._decode(payload.with_data(recvs[peer])).to(self._mix_dtype), alpha=weights[peer])
+            received = self._decode(payload.with_data(recvs[peer]))
+            if received.dtype != self._mix_dtype:
+                received = self._scratch("received", self._mix_dtype).copy_(received)
+            mixed.add_(received, alpha=weights[peer])
         self._incoming(x, sent, mixed)
         self._write_back(x)
         numel = self.numel
@@ -353,8 +362,17 @@ class GossipAlgorithm:
         dense = self.compressor.decompress(payload).reshape(-1)
         return dense if self._decode_scale == 1.0 else dense.mul_(self._decode_scale)
 
-    def _flatten(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+    def _flatten(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params], out=out)
+
+    def _scratch(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of the model's size, allocated once and reused by every step (a
+        working buffer, not state: nothing in it outlives the step that fills it, except the
+        residual that :attr:`stats` points at)."""
+        buffer = self._scratch_buffers.get(name)
+        if buffer is None or buffer.dtype != dtype:
+            buffer = self._scratch_buffers[name] = torch.empty(self.numel, dtype=dtype, device=self.device)
+        return buffer
 
     def _write_back(self, x: torch.Tensor) -> None:
         offset = 0
@@ -432,6 +450,8 @@ class GossipAlgorithm:
             "world_size": self.world_size,
             "rank": self.rank,
             "numel": self.numel,
+            "shapes": [list(p.shape) for p in self.params],
+            "dtypes": [str(p.dtype).removeprefix("torch.") for p in self.params],
             "topology": {"name": self.topology.name, "size": self.topology.size,
                          "weights": self.topology.weights(self.rank, 0), "period": self.topology.period},
             "compressor": repr(self.compressor),
@@ -442,21 +462,33 @@ class GossipAlgorithm:
             "stats": self.stats.state_dict(),
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore what :meth:`state_dict` saved; ValueError for another algorithm, world size,
-        rank, model size or (for ChocoSGD) topology."""
+    def check_state_dict(self, state_dict: dict) -> None:
+        """Raise ValueError when :meth:`load_state_dict` would refuse ``state_dict`` (another
+        algorithm, world size, rank, model or, for ChocoSGD, topology); changes nothing.
+
+        The model is checked parameter by parameter (shape and dtype, in order) against the
+        ``"shapes"`` and ``"dtypes"`` the state dict carries; one saved without them (by an
+        earlier version) is checked by its total number of entries only."""
         if not isinstance(state_dict, dict) or "algorithm" not in state_dict or "buffers" not in state_dict:
             raise ValueError("state_dict is not a gossip state dict (no 'algorithm' / 'buffers' entries)")
         name = type(self).__name__
         if state_dict["algorithm"] != name:
             raise ValueError(f"state_dict was saved by {state_dict['algorithm']}, this is {name}")
-        for key, mine in (("world_size", self.world_size), ("rank", self.rank), ("numel", self.numel)):
+        for key, mine in (("world_size", self.world_size), ("rank", self.rank)):
             if state_dict.get(key) != mine:
-                what = {"world_size": "workers", "rank": "as rank", "numel": "parameter entries"}[key]
+                what = {"world_size": "workers", "rank": "as rank"}[key]
                 raise ValueError(
                     f"state_dict was saved with {key}={state_dict.get(key)}, this {name} has {mine} {what}: "
                     + ("load each worker's own state" if key == "rank" else "the state belongs to another run")
                 )
+        mismatch = self._parameter_mismatch(state_dict)
+        if state_dict.get("numel") != self.numel:
+            raise ValueError(
+                f"state_dict was saved with numel={state_dict.get('numel')}, this {name} has {self.numel} parameter "
+                f"entries: the state belongs to another model" + (f" ({mismatch})" if mismatch else "")
+            )
+        if mismatch:
+            raise ValueError(f"state_dict does not fit this {name}'s parameters: {mismatch}")
         self._check_loaded_topology(state_dict.get("topology", {}))
         buffers = self._buffers()
         saved = state_dict["buffers"]
@@ -466,6 +498,32 @@ class GossipAlgorithm:
             if tensor is not None and torch.as_tensor(tensor).numel() != self.numel:
                 raise ValueError(f"state_dict buffer {key!r} has {torch.as_tensor(tensor).numel()} entries, "
                                  f"the model has {self.numel}")
+
+    def _parameter_mismatch(self, state_dict: dict) -> str | None:
+        """How the saved parameters differ from ``params`` (the first difference), or ``None``."""
+        shapes, dtypes = state_dict.get("shapes"), state_dict.get("dtypes")
+        if shapes is None:
+            return None
+        if len(shapes) != len(self.params):
+            return (f"it was saved for {len(shapes)} parameter tensors, this one gossips {len(self.params)}")
+        if dtypes is None or len(dtypes) != len(shapes):
+            dtypes = [None] * len(shapes)
+        for i, (p, shape, dtype) in enumerate(zip(self.params, shapes, dtypes)):
+            if tuple(shape) != tuple(p.shape):
+                return (f"parameter {i} was saved with shape {tuple(shape)}, here it has shape {tuple(p.shape)} "
+                        "(another model, or the parameters come in another order)")
+            mine = str(p.dtype).removeprefix("torch.")
+            # The dtype sets what travels (values in the model's dtype), so the saved buffers
+            # describe another computation.
+            if dtype is not None and dtype != mine:
+                return f"parameter {i} was saved with dtype {dtype}, here it has dtype {mine}"
+        return None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` saved, after :meth:`check_state_dict`."""
+        self.check_state_dict(state_dict)
+        name = type(self).__name__
+        saved = state_dict["buffers"]
         if state_dict.get("compressor", repr(self.compressor)) != repr(self.compressor):
             logger.warning("loading a %s state saved with %s into one using %s", name, state_dict["compressor"],
                            self.compressor)
@@ -515,7 +573,7 @@ class DeepSqueeze(GossipAlgorithm):
     def _outgoing(self, x):
         if getattr(self, "_delta", None) is None:
             self._delta = torch.zeros_like(x)
-        v = x + self._delta
+        v = torch.add(x, self._delta, out=self._scratch("compensated", torch.float32))
         payload = self.compressor.compress(v, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype)
         sent = self._decode(payload)
         torch.sub(v, sent, out=self._delta)
@@ -595,16 +653,21 @@ class ChocoSGD(GossipAlgorithm):
         if getattr(self, "_x_hat", None) is None:
             self._x_hat = torch.zeros_like(x)
             self._disagreement = torch.zeros_like(x, dtype=torch.float64)
-        payload = self.compressor.compress(x - self._x_hat, step=self.iteration, key=0, rank=self.rank,
+        difference = torch.sub(x, self._x_hat, out=self._scratch("difference", torch.float32))
+        payload = self.compressor.compress(difference, step=self.iteration, key=0, rank=self.rank,
                                            wire_dtype=self.wire_dtype)
         q = self._decode(payload)
         self._x_hat.add_(q)
         return payload, q
 
     def _incoming(self, x, sent, mixed):
+        # ``mixed`` is fp64, ``sent`` fp32: the subtraction converts ``sent`` exactly.
         self._disagreement.add_(mixed.sub_(sent))
-        x.add_(self._disagreement.to(x.dtype), alpha=self.consensus_step)
-        self._error = x - self._x_hat
+        # The payload (which may alias the difference) has been sent and mixed by now, so the
+        # difference's buffer takes d_i rounded to the model's dtype.
+        rounded = self._scratch("difference", torch.float32).copy_(self._disagreement)
+        x.add_(rounded, alpha=self.consensus_step)
+        self._error = torch.sub(x, self._x_hat, out=self._scratch("error", torch.float32))
 
     def _buffers(self):
         return {"x_hat": getattr(self, "_x_hat", None), "disagreement": getattr(self, "_disagreement", None)}
@@ -640,7 +703,7 @@ def simulate_step(workers: Sequence[GossipAlgorithm]) -> None:
         workers[0].iteration += 1
         return
     with torch.no_grad():
-        flats = [w._flatten() for w in workers]
+        flats = [w._flatten(out=w._scratch("flat", torch.float32)) for w in workers]
         outgoing = [w._compress(x) for w, x in zip(workers, flats)]
         # Every message is copied before any worker mixes (a payload may alias its sender's model).
         inboxes = [{peer: outgoing[peer][0].data.clone() for peer in w.topology.in_peers(w.rank, w.iteration)}

@@ -268,6 +268,16 @@ class GossipStrategy(WorkerStateDDPStrategy):
                 f"the checkpoint has {len(state['gossip'])} gossip groups (one per optimizer), this run has "
                 f"{len(self.gossips)}"
             )
+        # Every gossip state is checked before anything is loaded, so that a checkpoint of another
+        # model fails whole, naming the parameter, instead of leaving the run half restored.
+        for i, (gossip, gossip_state) in enumerate(zip(self.gossips, state["gossip"])):
+            try:
+                gossip.check_state_dict(gossip_state)
+            except ValueError as error:
+                raise ValueError(
+                    f"the checkpoint's state of gossip group {i} (one group per optimizer) does not fit this run: "
+                    f"{error}"
+                ) from error
         self.lightning_module.load_state_dict(state["model"], strict=True)
         for gossip, gossip_state in zip(self.gossips, state["gossip"]):
             gossip.load_state_dict(gossip_state)
