@@ -45,6 +45,8 @@ __all__ = ["DEFAULT_METHODS", "MethodResult", "compare", "format_table", "main",
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Seconds the worker processes may take to start (imports, first rendezvous) before the first method.
+STARTUP_TIMEOUT = 300.0
 
 DEFAULT_METHODS = (
     "ddp",
@@ -158,7 +160,8 @@ def _run_method(name: str, config: Path, devices: int, accelerator: str, overrid
                         trainer.global_step, seconds, recorder.curve)
 
 
-def _worker(rank, world_size, port, methods, config_paths, accelerator, overrides, out_dir, results):
+def _worker(rank, world_size, port, jobs, accelerator, overrides, out_dir, results):
+    """Train ``jobs`` (``(index, method, config)``) in turn; rank 0 reports each start and result."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -172,7 +175,9 @@ def _worker(rank, world_size, port, methods, config_paths, accelerator, override
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
     try:
-        for name, config in zip(methods, config_paths):
+        for index, name, config in jobs:
+            if rank == 0:
+                results.put(("started", index))
             try:
                 result = _run_method(name, config, world_size, accelerator, overrides, out_dir)
                 failed = 0.0
@@ -186,12 +191,70 @@ def _worker(rank, world_size, port, methods, config_paths, accelerator, override
                 if flag.item() and not result.error:
                     result = MethodResult(name, str(config), error="failed on another rank")
             if rank == 0:
-                results.put(("result", asdict(result)))
+                results.put(("result", (index, asdict(result))))
     except BaseException:  # noqa: BLE001
         results.put(("fatal", f"rank {rank}:\n{traceback.format_exc()}"))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _stop(procs, graceful: bool) -> None:
+    for p in procs:
+        p.join(timeout=30 if graceful else 0.1)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=10)
+
+
+def _run_jobs(jobs, devices, accelerator, overrides, out_dir, method_timeout, startup_timeout, on_result):
+    """One set of ``devices`` worker processes trains ``jobs`` until all are done or one fails hard.
+
+    Returns the index of the job that timed out or lost a worker (with the reason), or ``None``
+    when every job reported a result.  ``on_result`` receives each ``(index, MethodResult)``.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, devices, port, jobs, accelerator, overrides, out_dir, queue))
+             for r in range(devices)]
+    for p in procs:
+        p.start()
+    remaining = [index for index, _, _ in jobs]
+    current: int | None = None  # the job the workers are training
+    deadline = time.monotonic() + startup_timeout
+    failure: tuple[int, str] | None = None
+    try:
+        while remaining:
+            try:
+                kind, value = queue.get(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
+            except queue_module.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    failure = (remaining[0] if current is None else current,
+                               f"a worker process exited (exit code {dead[0]})")
+                elif time.monotonic() > deadline:
+                    what = f"timeout: no result within {method_timeout:g} s" if current is not None else \
+                        f"timeout: the workers did not start within {startup_timeout:g} s"
+                    failure = (remaining[0] if current is None else current, what)
+                if failure:
+                    break
+                continue
+            if kind == "started":
+                current, deadline = value, time.monotonic() + method_timeout
+            elif kind == "result":
+                index, fields = value
+                on_result(index, MethodResult(**fields))
+                remaining.remove(index)
+                current = None
+                deadline = time.monotonic() + method_timeout  # until the next one starts
+            else:  # "fatal": a worker's own code broke outside a method
+                failure = (remaining[0] if current is None else current, f"worker failed: {value.splitlines()[-1]}")
+                logger.error("a compare worker failed:\n%s", value)
+                break
+    finally:
+        _stop(procs, graceful=failure is None)
+    return failure
 
 
 def compare(
@@ -210,6 +273,8 @@ def compare(
     Each method's full configuration is saved in ``out_dir/<method>/config.yaml``.
     """
     _check_int("devices", devices, 1)
+    if isinstance(method_timeout, bool) or not isinstance(method_timeout, (int, float)) or not method_timeout > 0:
+        raise ValueError(f"method_timeout must be a number of seconds > 0, got {method_timeout!r}")
     if accelerator not in ("cpu", "gpu", "cuda"):
         raise ValueError(f"accelerator must be one of ['cpu', 'gpu', 'cuda'], got {accelerator!r}")
     if accelerator != "cpu" and torch.cuda.device_count() < devices:
@@ -224,35 +289,26 @@ def compare(
     overrides = list(overrides or [])
     if max_epochs is not None:
         overrides += ["--trainer.max_epochs", str(max_epochs)]
-    ctx = mp.get_context("spawn")
-    results_queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, devices, port, list(methods), config_paths, accelerator, overrides,
-                                               Path(out_dir), results_queue)) for r in range(devices)]
-    for p in procs:
-        p.start()
-    results: list[MethodResult] = []
-    try:
-        while len(results) < len(methods):
-            try:
-                kind, value = results_queue.get(timeout=method_timeout)
-            except queue_module.Empty:
-                name = methods[len(results)]
-                logger.error("method %s did not finish within %.0f s; stopping the workers", name, method_timeout)
-                results.append(MethodResult(name, str(config_paths[len(results)]), error="timeout"))
-                break
-            if kind == "fatal":
-                raise RuntimeError(f"a compare worker failed:\n{value}")
-            result = MethodResult(**value)
-            result.curve = [tuple(c) for c in result.curve]
-            results.append(result)
-            print(_progress_line(result), flush=True)
-    finally:
-        for p in procs:
-            p.join(timeout=30 if len(results) == len(methods) else 1)
-            if p.is_alive():
-                p.kill()
-    return results
+    jobs = list(zip(range(len(methods)), methods, config_paths))
+    done: dict[int, MethodResult] = {}
+
+    def on_result(index: int, result: MethodResult) -> None:
+        result.curve = [tuple(c) for c in result.curve]
+        done[index] = result
+        print(_progress_line(result), flush=True)
+
+    # A method that hangs or kills a worker leaves the others stuck in a collective: the workers
+    # are stopped, that method gets a failed row, and fresh workers train the methods after it.
+    while len(done) < len(jobs):
+        pending = [job for job in jobs if job[0] not in done]
+        failure = _run_jobs(pending, devices, accelerator, overrides, Path(out_dir), method_timeout,
+                            max(method_timeout, STARTUP_TIMEOUT), on_result)
+        if failure is not None:
+            index, reason = failure
+            logger.error("method %s failed: %s; restarting the workers for the methods after it",
+                         methods[index], reason)
+            on_result(index, MethodResult(methods[index], str(config_paths[index]), error=reason))
+    return [done[index] for index in range(len(jobs))]
 
 
 def _progress_line(r: MethodResult) -> str:
@@ -331,6 +387,7 @@ def main(
     overrides: list[str] | None = None,
     out_dir: str = "runs/compare",
     method_timeout: float = 900.0,
+    config_dir: str = str(CONFIG_DIR),
 ) -> list[MethodResult]:
     """Run the comparison, print the table, write it (Markdown, CSV) and the plot into ``out_dir``.
 
@@ -342,11 +399,13 @@ def main(
         max_epochs: override every config's ``trainer.max_epochs``.
         overrides: more LightningCLI arguments for every method, e.g. ``["--trainer.max_steps", "20"]``.
         out_dir: output folder.
-        method_timeout: seconds one method may take before the comparison stops.
+        method_timeout: seconds one method may take; a method that takes longer (or whose worker
+            process dies) gets a failed row, and fresh workers train the methods after it.
+        config_dir: the folder of the ``<dataset>_<method>.yaml`` configs.
     """
     started = time.perf_counter()
     results = compare(methods or DEFAULT_METHODS, dataset, devices, accelerator, max_epochs, overrides,
-                      method_timeout=method_timeout, out_dir=out_dir)
+                      config_dir=config_dir, method_timeout=method_timeout, out_dir=out_dir)
     total = time.perf_counter() - started
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

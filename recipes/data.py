@@ -1,7 +1,8 @@
 """Data modules of the recipes: CIFAR-10, the 8x8 digits of scikit-learn, and synthetic images.
 
-All three hold their whole data set as tensors (uint8 images for CIFAR-10), let Lightning shard
-it across ranks (its ``DistributedSampler``, one disjoint shard per rank and epoch), and do the
+All three hold their whole data set as tensors (uint8 images for CIFAR-10), shard it across
+ranks (training: Lightning's ``DistributedSampler``, one disjoint shard per rank and epoch;
+validation and test: an unrepeated sampler, so that every sample is counted exactly once), and do the
 per-batch work with torch ops after the batch reached its device: conversion to float,
 normalisation and, for CIFAR-10 training batches, random crops with zero padding and horizontal
 flips.  torchvision is not needed.
@@ -18,6 +19,7 @@ of https://www.cs.toronto.edu/~kriz/cifar.html) in a local folder:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -31,6 +33,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, TensorDataset
 
 from ec_hooks.compressors import _check_int
@@ -122,17 +125,38 @@ def _extract(archive: Path, root: Path, md5: str | None) -> None:
             if missing:
                 raise RuntimeError(f"{archive} does not hold {CIFAR10_FOLDER}/{missing[0]}: not the CIFAR-10 "
                                    f"python archive. {_where_to_put(root)}")
-            # Extract to a temporary folder first so that a failure leaves no half-written batches.
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp, filter="data")
-                else:  # Python < 3.10.12 has no extraction filters: extract only the batch files
-                    tar.extractall(tmp, members=[m for m in tar.getmembers() if m.isfile()
-                                                 and m.name.startswith(f"{CIFAR10_FOLDER}/") and ".." not in m.name])
-                os.replace(Path(tmp) / CIFAR10_FOLDER, root / CIFAR10_FOLDER)
+            _extract_atomically(tar, root)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise RuntimeError(f"cannot read {archive} ({exc}): the archive is corrupted. Delete it and download it "
                            f"again. {_where_to_put(root)}") from exc
+
+
+def _extract_atomically(tar: tarfile.TarFile, root: Path) -> None:
+    """Extract the batches into ``root/cifar-10-batches-py`` so that no process sees it half-written.
+
+    Several processes (the ranks of a node, or nodes sharing a filesystem) may extract at once:
+
+    1. each extracts into its own temporary folder beside the target (same filesystem);
+    2. it renames its ``cifar-10-batches-py`` into place, atomically: readers see no folder or a
+       whole one;
+    3. a process whose rename finds the folder there already (another one won) keeps the
+       winner's, which holds the same files, and deletes its own copy.
+    """
+    target = root / CIFAR10_FOLDER
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{CIFAR10_FOLDER}.") as tmp:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(tmp, filter="data")
+        else:  # Python < 3.10.12 has no extraction filters: extract only the batch files
+            tar.extractall(tmp, members=[m for m in tar.getmembers() if m.isfile()
+                                         and m.name.startswith(f"{CIFAR10_FOLDER}/") and ".." not in m.name])
+        try:
+            os.rename(Path(tmp) / CIFAR10_FOLDER, target)
+        except OSError as exc:
+            # rename(2) onto an existing non-empty folder fails (ENOTEMPTY or EEXIST): another
+            # process got there first.  Any other failure, or no folder there, is an error.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+                raise
+            logger.info("%s was extracted by another process meanwhile; using it", target)
 
 
 def _read_batch(path: Path, md5: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -250,14 +274,40 @@ class TensorDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, drop_last=shuffle)
 
+    def _eval_loader(self, dataset) -> DataLoader:
+        """Every sample on exactly one rank, none repeated.
+
+        Lightning's ``DistributedSampler`` pads the set to a multiple of the world size with
+        repeated samples (359 digits on 4 ranks: 360), which the metrics would count twice.
+        Lightning keeps a sampler that is a ``DistributedSampler`` already, so this one stays.  The
+        ranks may then run one batch more or less than each other, which nothing in evaluation
+        waits on: the logged metrics are reduced once, at the end of the epoch (torchmetrics'
+        ``compute``, ``self.log(..., sync_dist=True)`` with ``on_epoch``), DDP syncs its buffers on
+        the first batch only, and the gossip strategies average the model in
+        ``on_validation_start``, before any batch.  Every rank needs one sample at least.
+        """
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        trainer = getattr(self, "trainer", None)
+        num_replicas = trainer.world_size if trainer is not None else 1
+        if num_replicas == 1:
+            return self._loader(dataset, shuffle=False)
+        if len(dataset) < num_replicas:
+            raise ValueError(f"the evaluation set has {len(dataset)} samples, fewer than the {num_replicas} ranks: "
+                             "every rank needs one at least")
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=trainer.global_rank,
+                                               shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         """Training-time augmentation of normalised float images (none by default)."""

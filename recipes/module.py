@@ -9,6 +9,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from recipes.models import ARCH_NAMES, build_model
@@ -30,8 +31,14 @@ class ClassificationModule(pl.LightningModule):
             the run in ``milestones``) or ``"constant"``; applied per optimizer step.
         warmup_steps: linear warm-up from ``lr / 10`` over this many optimizer steps.
 
-    Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (accuracies are torchmetrics,
-    reduced across ranks at epoch end), ``lr``.
+    Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``,
+    ``lr``.  The evaluation figures are torchmetrics (sums of correct predictions, of losses and of
+    samples, reduced across ranks once at epoch end), so they count every sample once when the
+    ranks hold different numbers of samples (``recipes.data``'s unrepeated evaluation sampler).
+    The loss is a ``MeanMetric`` weighted by the batch size rather than ``self.log(...,
+    sync_dist=True)``: Lightning averages the sample counts of the ranks as integers (25 samples
+    on 3 ranks count as 3 x 8), which biases the mean as soon as the counts differ.  Nothing in
+    the evaluation steps communicates, so ranks may run different numbers of batches.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class ClassificationModule(pl.LightningModule):
         self.model = build_model(arch, num_classes, in_channels, image_size)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -81,19 +89,19 @@ class ClassificationModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluation_step(self, batch, stage: str) -> None:
         x, y = batch
         logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.val_acc.update(logits, y)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.log(f"{stage}/loss", self.val_loss)
+        self.log(f"{stage}/acc", self.val_acc, prog_bar=stage == "val")
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluation_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
-        self.log("test/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("test/acc", self.val_acc)
+        self._evaluation_step(batch, "test")
 
     def configure_optimizers(self):
         hp = self.hparams
