@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_plugin
 from recipes.baselines import TorchHookDDPStrategy
@@ -18,6 +19,8 @@ STRATEGY = {
     "fp16": (TorchHookDDPStrategy, {"hook": "fp16"}),
     "powersgd": (TorchHookDDPStrategy, {"hook": "powersgd"}),
     "memsgd_topk1": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.01}),
+    "memsgd_topk1_compact": (lightning_plugin.MemSGDStrategy,
+                             {"compressor.index_encoding": "delta16", "compressor.value_dtype": torch.bfloat16}),
     "memsgd_topk01": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.001}),
     "memsgd_randk": (lightning_plugin.MemSGDStrategy, {"compressor.name": "randk"}),
     "ef_sign": (lightning_plugin.MemSGDStrategy, {"compressor.name": "sign"}),
