@@ -15,6 +15,7 @@ the two, so both are measured under the same load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -42,6 +43,20 @@ def _module_at(revision: str):
     return module
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """The profiler's native side prints start/stop lines on file descriptor 1: keep the table clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _measure(module, algorithm: str, compressor, workers: int, numel: int, steps: int):
     params = [[torch.randn(numel, generator=torch.Generator().manual_seed(r))] for r in range(workers)]
     cls = getattr(module, algorithm)
@@ -52,7 +67,7 @@ def _measure(module, algorithm: str, compressor, workers: int, numel: int, steps
         started = time.perf_counter()
         module.simulate_step(group)
         times.append(time.perf_counter() - started)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stdout(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         module.simulate_step(group)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
@@ -94,8 +109,8 @@ def main() -> None:
             for label, results in runs.items():
                 seconds = min(r[0] for r in results)
                 _, peak, allocated, big = results[-1]
-                print(f"| {algorithm} | {name} | {label} | {seconds * 1e3:.0f} | {peak / 2**20:.0f} | "
-                      f"{allocated / 2**20:.0f} | {big} |")
+                print(f"| {algorithm} | {name} | {label} | {seconds * 1e3:.0f} | {peak / 2**20:.1f} | "
+                      f"{allocated / 2**20:.1f} | {big} |")
 
 
 if __name__ == "__main__":
