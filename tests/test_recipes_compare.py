@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = '{"class_path": "recipes.data.SyntheticDataModule", "init_args": {"num_samples": 64, "batch_size": 8}}'
-TIMEOUT = 10.0
+TIMEOUT = 30.0  # long enough for the DDP method on a loaded 2-core machine; the hang waits it out once
 
 
 class HangInSetup(Callback):
