@@ -274,6 +274,16 @@ class Compressor:
         """How many of ``numel`` entries a payload carries a value for (all, unless sparse)."""
         return numel
 
+    def sent_indices(self, payload: Payload) -> torch.Tensor | None:
+        """Flat indices of the entries this payload sends whole (the memory keeps nothing of them
+        but rounding), or ``None`` for a compressor that sends an approximation of every entry.
+
+        Momentum factor masking clears the velocity at these indices: for a sparsifier, the
+        entries it emptied; a dense compressor (sign, QSGD, 16-bit casts) would clear every
+        entry at every step, which is no momentum at all, so it masks nothing.
+        """
+        return None
+
     def sum_payloads(self, payloads: list[Payload]) -> torch.Tensor:
         """Dense fp32 sum of several workers' payloads (the allgather path)."""
         out = self.decompress(payloads[0]).clone()
@@ -450,6 +460,11 @@ class TopK(Compressor):
         out.index_add_(0, torch.cat([i for i, _ in decoded]), torch.cat([v for _, v in decoded]))
         return out.view(payloads[0].shape)
 
+    def sent_indices(self, payload):
+        indices, values = self.decode(payload)
+        # delta16 fillers and tail slots carry the value 0 at indices that were not selected
+        return indices[values != 0] if self.index_encoding == "delta16" else indices
+
     def subtract_sent_(self, acc, payload, scale=None):
         indices, values = self.decode(payload)
         # Subtracting the rounded value (not zeroing) keeps the rounding error of bf16/fp16
@@ -517,6 +532,9 @@ class RandK(Compressor):
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
         out[payload.indices] = payload.data.float()
         return out.view(payload.shape)
+
+    def sent_indices(self, payload):
+        return payload.indices
 
     def subtract_sent_(self, acc, payload, scale=None):
         values = payload.data.float()

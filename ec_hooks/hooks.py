@@ -47,7 +47,9 @@ from ec_hooks import kernels, transport
 from ec_hooks.compressors import Compressor, TopK, _check_int, _seed_from, make_compressor
 from ec_hooks.layouts import SavedLayouts
 from ec_hooks.memory import ErrorFeedbackMemory
+from ec_hooks.momentum import MomentumCorrection, VelocityUpdate
 from ec_hooks.stats import CommStats
+from ec_hooks.warmup import DensityWarmup
 
 __all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
 
@@ -75,6 +77,19 @@ class ErrorFeedbackState:
         dense_fallback: allreduce the densified compressed bucket when allgathering the payloads
             would put more bytes on the wire than a ring allreduce of the dense bucket
             (``world_size * payload > 2 * dense``).
+        momentum: momentum correction (DGC, see :mod:`ec_hooks.momentum`): each worker keeps an
+            fp32 velocity ``u = momentum * u + g`` per parameter and feeds ``u`` to error
+            feedback; the entries sent are cleared in ``u`` too (momentum factor masking, for
+            compressors that send exact entries).  The optimizer must then step *without*
+            momentum (``torch.optim.SGD(..., momentum=0)``): its momentum would apply on top.
+            ``0`` (default) is plain error feedback.
+        nesterov: Nesterov momentum: feed ``g + momentum * u`` instead of ``u``.
+        weight_decay: add ``weight_decay * p`` to the local gradient before the velocity, where
+            ``torch.optim.SGD`` adds it before its momentum (then set the optimizer's to 0).
+        clip_norm: clip each worker's bucket gradient to this L2 norm before it enters the
+            velocity and the memory (DGC's local clipping).  ``None`` (default): no clipping.
+        density_warmup_steps: ramp the compressor's density from 25% down to its own, dividing
+            by 4 per stage, over this many compressed steps (DGC's warm-up; top-k and rand-k).
 
     The process group is not part of the state dict (as in torch's ``PowerSGDState``).
     """
@@ -86,6 +101,11 @@ class ErrorFeedbackState:
         start_iter: int = 0,
         module: torch.nn.Module | None = None,
         dense_fallback: bool = True,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        clip_norm: float | None = None,
+        density_warmup_steps: int = 0,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -98,10 +118,16 @@ class ErrorFeedbackState:
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
+        correction = MomentumCorrection(momentum, nesterov, weight_decay, clip_norm)
+        # None: plain error feedback, no velocity is kept
+        self.momentum_correction = correction if (correction.momentum or correction.weight_decay or
+                                                  correction.clip_norm is not None) else None
+        self.density_warmup = DensityWarmup(self.compressor, density_warmup_steps)
         self.iteration = 0
         self.memory = ErrorFeedbackMemory()
         self.stats = CommStats()
         self._param_keys: dict[int, Hashable] = {}
+        self._params: dict[Hashable, torch.Tensor] = {}  # for weight decay in the hook
         self._module_names: set[str] | None = None
         self._shapes: dict[Hashable, int] = {}
         # Bucket layouts of the checkpoint last loaded (see the module docstring).
@@ -138,6 +164,7 @@ class ErrorFeedbackState:
                 )
             key = f"param{len(self._param_keys)}"
             self._param_keys[id(param)] = key
+        self._params[key] = param
         return key
 
     def _layout_seed(self, keys: tuple) -> int:
@@ -162,10 +189,22 @@ class ErrorFeedbackState:
         With AMP the hook sees gradients multiplied by the loss scale ``S``, so the memories hold
         residuals in units of ``S``.  After ``scaler.update()`` changed ``S_old`` to ``S_new``,
         ``state.rescale_memories(S_new / S_old)`` keeps them in step with the next gradients.
+        The velocities of momentum correction are in the same units and are rescaled too.
         """
         if not math.isfinite(factor) or factor <= 0:
             raise ValueError(f"factor must be a finite positive number, got {factor!r}")
         self.memory.scale_(factor)
+        if self.momentum_correction is not None:
+            self.momentum_correction.scale_(factor)
+
+    def _compressor_now(self) -> Compressor:
+        return self.density_warmup.at(self.iteration - self.start_iter)
+
+    def _velocity_step(self, keys: tuple, numels: Sequence[int], grad: torch.Tensor) -> VelocityUpdate | None:
+        if self.momentum_correction is None:
+            return None
+        params = [self._params[k] for k in keys] if self.momentum_correction.weight_decay else None
+        return self.momentum_correction.step(keys, numels, grad, params)
 
     def state_dict(self) -> dict:
         """Counters, memories (by parameter key), statistics and the bucket layouts in use."""
@@ -177,9 +216,16 @@ class ErrorFeedbackState:
             "world_size": self.world_size,
             "rank": self.rank,
             "memories": self.memory.state_dict(),
+            **self._momentum_state_dict(),
             "layouts": sorted([list(layout) for layout in layouts], key=repr),
             "stats": self.stats.state_dict(),
         }
+
+    def _momentum_state_dict(self) -> dict:
+        if self.momentum_correction is None:
+            return {}
+        return {"momentum_correction": self.momentum_correction.config(),
+                "velocities": self.momentum_correction.velocity.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore memories, counters and bucket layouts; refuses a state of another world size,
@@ -199,16 +245,18 @@ class ErrorFeedbackState:
                 "load each worker's own state (loading one rank's memory everywhere would send it n times)"
             )
         memories = state_dict["memories"]
+        velocities = self._check_velocities(state_dict)
         if self._module_names is not None:
-            unknown = sorted(set(memories) - self._module_names)
-            if unknown:
-                raise ValueError(f"state_dict has memories for parameters the model does not have: {unknown[:5]}")
-            for key, tensor in memories.items():
-                if torch.as_tensor(tensor).numel() != self._shapes[key]:
-                    raise ValueError(
-                        f"state_dict memory for {key!r} has {torch.as_tensor(tensor).numel()} entries, the "
-                        f"parameter has {self._shapes[key]}"
-                    )
+            for kind, tensors in (("memories", memories), ("velocities", velocities or {})):
+                unknown = sorted(set(tensors) - self._module_names)
+                if unknown:
+                    raise ValueError(f"state_dict has {kind} for parameters the model does not have: {unknown[:5]}")
+                for key, tensor in tensors.items():
+                    if torch.as_tensor(tensor).numel() != self._shapes[key]:
+                        raise ValueError(
+                            f"state_dict {kind} entry for {key!r} has {torch.as_tensor(tensor).numel()} entries, "
+                            f"the parameter has {self._shapes[key]}"
+                        )
         layouts = self._check_layouts(state_dict.get("layouts", []))
         if repr(self.compressor) != state_dict.get("compressor", repr(self.compressor)):
             logger.warning(
@@ -217,10 +265,29 @@ class ErrorFeedbackState:
                 self.compressor,
             )
         self.memory.load_state_dict(memories)
+        if velocities is not None:
+            self.momentum_correction.velocity.load_state_dict(velocities)
         self._saved_layouts.expect(layouts)
         self.iteration = int(state_dict.get("iteration", 0))
         if "stats" in state_dict:
             self.stats.load_state_dict(state_dict["stats"])
+
+    def _check_velocities(self, state_dict: dict) -> dict | None:
+        """The velocities to load (``None``: this state keeps none), or a ValueError."""
+        saved = state_dict.get("momentum_correction")
+        ours = None if self.momentum_correction is None else self.momentum_correction.config()
+        if saved != ours:
+            # Velocities are optimizer state: continuing with other momentum settings is not a resume.
+            raise ValueError(
+                f"state_dict was saved with momentum_correction={saved}, this state has {ours}: resume with "
+                "the same momentum, nesterov, weight_decay and clip_norm"
+            )
+        if ours is None:
+            return None
+        velocities = state_dict.get("velocities")
+        if not isinstance(velocities, dict):
+            raise ValueError("state_dict has momentum_correction settings but no 'velocities' dict")
+        return velocities
 
     def _check_layouts(self, layouts) -> list[tuple]:
         if not isinstance(layouts, (list, tuple)) or not all(isinstance(x, (list, tuple)) and x for x in layouts):
@@ -240,6 +307,7 @@ class ErrorFeedbackState:
         state = self.__dict__.copy()
         state["process_group"] = None
         state["_param_keys"] = {}
+        state["_params"] = {}
         return state
 
 
@@ -249,6 +317,11 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     With gradient ``g``, this worker's fp32 memory ``m`` and the compressor ``C``:
 
     1. During warm-up (``iteration < start_iter``): DDP's plain allreduce; memory untouched.
+       (With momentum correction, of the velocity ``s`` of 2a, which is then kept unmasked.)
+    2a. With momentum correction (``momentum``, ``weight_decay`` or ``clip_norm`` set, see
+       :class:`~ec_hooks.momentum.MomentumCorrection`): ``g <- clip(g + wd p)``,
+       ``u_new = mu u + g``, and ``s = u_new`` (Nesterov: ``g + mu u_new``) takes the place of
+       ``g`` in steps 2-5.  Without it, ``s = g``.
     2. ``acc = m + g`` in place in ``m``; inf/NaN gradient entries (an AMP overflow step) are
        not added, so they never enter memory.
     3. ``payload = C(acc)``, values in the gradient's dtype unless the compressor sets its own
@@ -263,9 +336,15 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
        Otherwise the step is void everywhere: the finite gradient entries added in step 2 are
        taken out of ``m`` again (its value before step 2, to float rounding), and the
        result is NaN, so that a GradScaler sees the overflow on every rank and skips the step.
+       With momentum correction, ``u = u_new`` when the step stands (else ``u`` is untouched),
+       and ``u`` is cleared where the compressor sent exact entries (top-k, rand-k: momentum
+       factor masking, :meth:`~ec_hooks.compressors.Compressor.sent_indices`).
     6. Return the mean ``(1/n) sum_i C_i`` in the bucket's dtype.
 
-    Invariant: ``sum_t g_t = sum_t C(acc_t) + m_T`` on every worker, to float rounding.
+    Invariant: ``sum_t s_t = sum_t C(acc_t) + m_T`` on every worker, to float rounding, where
+    ``s_t`` is the gradient, or with momentum correction the velocity ``u_new`` of step ``t``
+    (Nesterov: ``g_t + mu u_new``): no gradient mass is lost, momentum is applied before it is
+    delayed.  Density warm-up (``density_warmup_steps``) only changes ``C`` per step.
 
     Randomness is keyed by the bucket's parameters; the first bucket after
     :meth:`ErrorFeedbackState.load_state_dict` goes through these steps once per saved bucket
@@ -324,23 +403,29 @@ def _reduce(
     bytes_dense = grad.numel() * grad.element_size()
     # Registers the layout even in warm-up, so that a checkpoint taken then records it.
     memory = state.memory.buffer_for(keys, numels, grad.device)
+    # 2a. momentum correction: error feedback accumulates the velocity instead of the gradient
+    velocity = state._velocity_step(keys, numels, grad)
+    signal = grad if velocity is None else velocity.signal
     if state.iteration < state.start_iter:
         state.stats.record(bytes_sent=bytes_dense, bytes_dense=bytes_dense, entries_sent=grad.numel(),
                            entries=grad.numel())
-        return transport.allreduce_mean(grad, group)
+        if velocity is None:
+            return transport.allreduce_mean(grad, group)
+        return transport.allreduce_mean(signal.to(grad.dtype, copy=True), group).then(
+            lambda fut: _commit_dense_velocity(state, velocity, fut.value()))
 
     started = time.perf_counter()
-    compressor, n = state.compressor, state.world_size
+    compressor, n = state._compressor_now(), state.world_size
     key = state._layout_seed(keys)
 
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
     fused = getattr(compressor, "compress_error_feedback_", None)
     if fused is not None:
-        payload, finite = fused(memory, grad, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
+        payload, finite = fused(memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
     else:
-        finite_entries = torch.isfinite(grad)
+        finite_entries = torch.isfinite(signal)
         finite = finite_entries.all()
-        memory.add_(torch.where(finite_entries, grad, 0))
+        memory.add_(torch.where(finite_entries, signal, 0))
         payload = compressor.compress(memory, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
     status = (~finite).float().reshape(1)
     # 4. transport
@@ -392,12 +477,21 @@ def _reduce(
             subtract(memory, payload)
         else:
             mean = torch.full_like(mean, float("nan"))
-        kernels.undo_accumulate_(memory, grad, all_finite, backend=backend)
+        kernels.undo_accumulate_(memory, signal, all_finite, backend=backend)
+        if velocity is not None:
+            state.momentum_correction.commit(velocity, all_finite, compressor.sent_indices(payload))
         state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)
 
     return fut.then(finish)
+
+
+def _commit_dense_velocity(state: ErrorFeedbackState, velocity: VelocityUpdate, mean: torch.Tensor) -> torch.Tensor:
+    """Warm-up with momentum correction: every entry went out uncompressed, nothing is masked;
+    a non-finite mean (an overflow on some worker) keeps the old velocity."""
+    state.momentum_correction.commit(velocity, torch.isfinite(mean).all(), None)
+    return mean
 
 
 def local_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

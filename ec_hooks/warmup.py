@@ -1,0 +1,64 @@
+"""Density warm-up: DGC's exponential ramp of the kept fraction over the first steps.
+
+Deep Gradient Compression (Lin et al., 2018, section 3.4) starts sparse training at 25% density
+and divides it by 4 per stage (25%, 6.25%, 1.56%, 0.39%, ...) until it reaches the target, over
+the first epochs, so that the model's fastest-changing early phase is not starved.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ec_hooks.compressors import Compressor, _check_int
+
+__all__ = ["DensityWarmup", "warmup_density"]
+
+START_DENSITY = 0.25
+FACTOR = 4.0
+
+
+def warmup_density(step: int, target: float, steps: int) -> float:
+    """The density at ``step`` of a ramp of ``steps`` steps from 25% down to ``target``.
+
+    The ramp has one stage per division by 4 that stays above ``target`` (25%, 6.25%, ...),
+    each ``steps / stages`` steps long; from ``step >= steps`` on (and when ``target >= 25%``)
+    the density is ``target``.
+    """
+    stages = []
+    density = START_DENSITY
+    while density > target:
+        stages.append(density)
+        density /= FACTOR
+    if step >= steps or not stages:
+        return target
+    return stages[step * len(stages) // steps]
+
+
+class DensityWarmup:
+    """The compressor to use at each step: copies of ``compressor`` at the ramp's densities.
+
+    Needs a compressor with a ``density`` attribute (top-k, rand-k): the capability is that
+    attribute, which the copies set.
+    """
+
+    def __init__(self, compressor: Compressor, steps: int) -> None:
+        self.steps = _check_int("density_warmup_steps", steps, 0)
+        if self.steps and not isinstance(getattr(compressor, "density", None), float):
+            raise ValueError(
+                f"density_warmup_steps={steps} needs a compressor with a density (topk, randk), got {compressor!r}"
+            )
+        self.compressor = compressor
+        self._copies: dict[float, Compressor] = {}
+
+    def at(self, step: int) -> Compressor:
+        """The compressor for warm-up step ``step`` (counted from the first compressed step)."""
+        if not self.steps or step >= self.steps:
+            return self.compressor
+        density = warmup_density(step, self.compressor.density, self.steps)
+        if density == self.compressor.density:
+            return self.compressor
+        found = self._copies.get(density)
+        if found is None:
+            found = self._copies[density] = copy.copy(self.compressor)
+            found.density = density
+        return found
