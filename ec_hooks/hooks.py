@@ -79,8 +79,7 @@ class ErrorFeedbackState:
             (``world_size * payload > 2 * dense``).
         momentum: momentum correction (DGC, see :mod:`ec_hooks.momentum`): each worker keeps an
             fp32 velocity ``u = momentum * u + g`` per parameter and feeds ``u`` to error
-            feedback; the entries sent are cleared in ``u`` too (momentum factor masking, for
-            compressors that send exact entries).  The optimizer must then step *without*
+            feedback.  The optimizer must then step *without*
             momentum (``torch.optim.SGD(..., momentum=0)``): its momentum would apply on top.
             ``0`` (default) is plain error feedback.
         nesterov: Nesterov momentum: feed ``g + momentum * u`` instead of ``u``.
@@ -90,6 +89,10 @@ class ErrorFeedbackState:
             velocity and the memory (DGC's local clipping).  ``None`` (default): no clipping.
         density_warmup_steps: ramp the compressor's density from 25% down to its own, dividing
             by 4 per stage, over this many compressed steps (DGC's warm-up; top-k and rand-k).
+        momentum_masking: DGC's momentum factor masking: clear the velocity where the memory
+            was sent (for compressors that send exact entries).  Default ``False``: the velocity
+            is kept, so that every gradient gets its full momentum ``1 / (1 - mu)`` (measured
+            better on the recipes, ``docs/momentum-correction.md``).
 
     The process group is not part of the state dict (as in torch's ``PowerSGDState``).
     """
@@ -106,6 +109,7 @@ class ErrorFeedbackState:
         weight_decay: float = 0.0,
         clip_norm: float | None = None,
         density_warmup_steps: int = 0,
+        momentum_masking: bool = False,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -118,7 +122,7 @@ class ErrorFeedbackState:
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
-        correction = MomentumCorrection(momentum, nesterov, weight_decay, clip_norm)
+        correction = MomentumCorrection(momentum, nesterov, weight_decay, clip_norm, momentum_masking)
         # None: plain error feedback, no velocity is kept
         self.momentum_correction = correction if (correction.momentum or correction.weight_decay or
                                                   correction.clip_norm is not None) else None
@@ -225,7 +229,8 @@ class ErrorFeedbackState:
         if self.momentum_correction is None:
             return {}
         return {"momentum_correction": self.momentum_correction.config(),
-                "velocities": self.momentum_correction.velocity.state_dict()}
+                "velocities": self.momentum_correction.velocity.state_dict(),
+                "clip_scale": self.momentum_correction.clip_scale}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore memories, counters and bucket layouts; refuses a state of another world size,
@@ -267,6 +272,7 @@ class ErrorFeedbackState:
         self.memory.load_state_dict(memories)
         if velocities is not None:
             self.momentum_correction.velocity.load_state_dict(velocities)
+            self.momentum_correction.clip_scale = float(state_dict.get("clip_scale", 1.0))
         self._saved_layouts.expect(layouts)
         self.iteration = int(state_dict.get("iteration", 0))
         if "stats" in state_dict:
@@ -336,9 +342,9 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
        Otherwise the step is void everywhere: the finite gradient entries added in step 2 are
        taken out of ``m`` again (its value before step 2, to float rounding), and the
        result is NaN, so that a GradScaler sees the overflow on every rank and skips the step.
-       With momentum correction, ``u = u_new`` when the step stands (else ``u`` is untouched),
-       and ``u`` is cleared where the compressor sent exact entries (top-k, rand-k: momentum
-       factor masking, :meth:`~ec_hooks.compressors.Compressor.sent_indices`).
+       With momentum correction, ``u = u_new`` when the step stands (else ``u`` is untouched);
+       with ``momentum_masking``, ``u`` is then cleared where the compressor sent exact
+       entries (top-k, rand-k; :meth:`~ec_hooks.compressors.Compressor.sent_indices`).
     6. Return the mean ``(1/n) sum_i C_i`` in the bucket's dtype.
 
     Invariant: ``sum_t s_t = sum_t C(acc_t) + m_T`` on every worker, to float rounding, where

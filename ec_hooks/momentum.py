@@ -70,20 +70,25 @@ class MomentumCorrection:
         weight_decay: L2 coefficient ``wd`` added to the local gradient (``g + wd p``) before
             it enters the velocity, where ``torch.optim.SGD`` adds it before its momentum.
         clip_norm: each worker clips its bucket gradient to this L2 norm before it enters the
-            velocity (DGC's local clipping; the caller scales a global threshold).
+            velocity (DGC's local clipping; the caller scales a global threshold).  In the units
+            of the gradients the hook sees: under AMP, times :attr:`clip_scale` (the loss scale,
+            which :meth:`scale_` follows).
+        masking: momentum factor masking (step 3; default ``False``, measured in
+            ``docs/momentum-correction.md``): ``False`` keeps the velocity of sent entries, so
+            that every gradient gets its full momentum ``1 / (1 - mu)`` as with SGD.
 
     Step, for a bucket with gradient ``g``, parameters ``p`` and velocity ``u``:
 
     1. ``g = clip(g + wd p)`` (non-finite entries stay non-finite);
     2. ``u_new = mu u + g``; the signal is ``u_new`` (Nesterov: ``g + mu u_new``);
-    3. after the exchange, when every worker's step was finite: ``u = u_new``, then
-       ``u[sent] = 0`` for the entries the compressor sent (momentum factor masking; dense
-       compressors send an approximation of every entry and mask nothing).  A voided step
-       leaves ``u`` untouched.
+    3. after the exchange, when every worker's step was finite: ``u = u_new``, and with
+       ``masking``, ``u[sent] = 0`` for the entries the compressor sent (DGC's momentum factor
+       masking; dense compressors send an approximation of every entry and mask nothing).  A
+       voided step leaves ``u`` untouched.
     """
 
     def __init__(self, momentum: float, nesterov: bool = False, weight_decay: float = 0.0,
-                 clip_norm: float | None = None) -> None:
+                 clip_norm: float | None = None, masking: bool = False) -> None:
         self.momentum = check_momentum(momentum)
         if not isinstance(nesterov, bool):
             raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
@@ -94,11 +99,15 @@ class MomentumCorrection:
         self.clip_norm = _check_non_negative("clip_norm", clip_norm, allow_none=True)
         if self.clip_norm == 0:
             raise ValueError("clip_norm must be > 0 or None, got 0")
+        if not isinstance(masking, bool):
+            raise ValueError(f"momentum_masking must be True or False, got {masking!r}")
+        self.masking = masking
+        self.clip_scale = 1.0
         self.velocity = ErrorFeedbackMemory()
 
     def __repr__(self) -> str:
         return (f"MomentumCorrection(momentum={self.momentum}, nesterov={self.nesterov}, "
-                f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm})")
+                f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking})")
 
     def step(self, keys: Sequence[Hashable], numels: Sequence[int], grad: torch.Tensor,
              params: Sequence[torch.Tensor] | None = None) -> VelocityUpdate:
@@ -111,7 +120,7 @@ class MomentumCorrection:
             flat = torch.cat([p.detach().reshape(-1).float() for p in params])
             g = torch.add(g, flat, alpha=self.weight_decay)
         if self.clip_norm is not None:
-            g = _clip(g, self.clip_norm)
+            g = _clip(g, self.clip_norm * self.clip_scale)
         new_velocity = torch.add(g, velocity, alpha=self.momentum)
         signal = torch.add(g, new_velocity, alpha=self.momentum) if self.nesterov else new_velocity
         return VelocityUpdate(velocity, new_velocity, signal)
@@ -126,7 +135,7 @@ class MomentumCorrection:
             velocity.copy_(update.new_velocity)
         else:
             return
-        if sent is not None and sent.numel():
+        if self.masking and sent is not None and sent.numel():
             if velocity.is_cuda:
                 values = torch.where(keep, 0.0, velocity.index_select(0, sent))
                 velocity.index_copy_(0, sent, values)
@@ -134,11 +143,13 @@ class MomentumCorrection:
                 velocity.index_fill_(0, sent, 0.0)
 
     def scale_(self, factor: float) -> None:
+        """The loss scale changed by ``factor``: velocities and the clip threshold follow it."""
         self.velocity.scale_(factor)
+        self.clip_scale *= factor
 
     def config(self) -> dict:
         return {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay,
-                "clip_norm": self.clip_norm}
+                "clip_norm": self.clip_norm, "masking": self.masking}
 
 
 def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:

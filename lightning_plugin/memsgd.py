@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
 from ec_hooks.compressors import Compressor, _check_int
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook
+from ec_hooks.momentum import MomentumCorrection
 from ec_hooks.stats import CommStats
 from lightning_plugin.arguments import build_compressor, reject_comm_hook_kwargs
 from lightning_plugin.worker_state import WorkerStateDDPStrategy
@@ -27,6 +30,14 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
     included).  The learning rate is applied after aggregation, by the optimizer: the memory
     holds gradients, not updates.
 
+    Momentum correction (DGC; ``docs/momentum-correction.md``).  When the optimizer is
+    ``torch.optim.SGD`` with momentum, the strategy moves the momentum, Nesterov and the weight
+    decay into the hook at setup (the optimizer then steps with momentum 0 and weight decay 0 on
+    the aggregated velocities) and says so once in the log.  With ``gradient_clip_val`` (norm)
+    each worker then clips its own gradient before it enters the velocity, at
+    ``gradient_clip_val / sqrt(world_size)``, instead of Lightning clipping the aggregated step.
+    Other optimizers (Adam, AdamW...) keep plain error feedback.
+
     Args:
         compressor: a :class:`~ec_hooks.Compressor` or a name from ``ec_hooks.COMPRESSOR_NAMES``.
         density: fraction of the entries kept, for a compressor given by name (``topk``,
@@ -34,6 +45,12 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         start_iter: number of initial steps that use plain allreduce.
         dense_fallback: allreduce the densified compressed bucket when that is cheaper than
             gathering every worker's payload.
+        momentum_correction: move an SGD optimizer's momentum into the hook (default ``True``);
+            ``False`` keeps plain error feedback with the optimizer's own momentum.
+        density_warmup_steps: ramp the density from 25% to the compressor's over this many steps
+            (DGC's warm-up, top-k and rand-k; default 0, off).
+        momentum_masking: DGC's momentum factor masking (default ``False``; see
+            :class:`~ec_hooks.ErrorFeedbackState`).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``bucket_cap_mb``,
             ``static_graph``, ``process_group_backend``, ``start_method``...).
 
@@ -47,6 +64,9 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         density: float | None = None,
         start_iter: int = 0,
         dense_fallback: bool = True,
+        momentum_correction: bool = True,
+        density_warmup_steps: int = 0,
+        momentum_masking: bool = False,
         **kwargs: Any,
     ) -> None:
         reject_comm_hook_kwargs(type(self).__name__, kwargs)
@@ -59,8 +79,17 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
+        if not isinstance(momentum_correction, bool):
+            raise ValueError(f"momentum_correction must be True or False, got {momentum_correction!r}")
+        self.momentum_correction = momentum_correction
+        self.density_warmup_steps = _check_int("density_warmup_steps", density_warmup_steps, 0)
+        if not isinstance(momentum_masking, bool):
+            raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
+        self.momentum_masking = momentum_masking
         super().__init__(**kwargs)
         self.comm_state: ErrorFeedbackState | None = None
+        # what setup moved into the hook (MomentumCorrection's arguments); kept for a second fit
+        self._moved: dict | None = None
 
     @property
     def comm_stats(self) -> list[CommStats]:
@@ -76,12 +105,54 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             start_iter=self.start_iter,
             module=self.model,
             dense_fallback=self.dense_fallback,
+            density_warmup_steps=self.density_warmup_steps,
         )
+        if self._moved is not None:
+            # a second fit: the first one's settings, so that its velocities load
+            state.momentum_correction = MomentumCorrection(**self._moved)
         if self.comm_state is not None:
             # A second fit with the same strategy keeps the memories of the first.
             state.load_state_dict(self.comm_state.state_dict())
         self.comm_state = state
         self.model.register_comm_hook(state, error_feedback_hook)
+
+    def setup_optimizers(self, trainer) -> None:
+        super().setup_optimizers(trainer)
+        if self.comm_state is None or not self.momentum_correction:
+            return
+        moved = _movable_momentum(self.optimizers, self.model)
+        if moved is not None:
+            moved["masking"] = self.momentum_masking
+        if moved is None:
+            if self._moved is not None:
+                raise ValueError("the optimizer changed between fits: momentum correction can no longer apply")
+            rank_zero_info(f"{type(self).__name__}: the optimizer is not SGD with momentum (one optimizer, "
+                           "the same momentum, nesterov and weight decay in every group); plain error feedback")
+            return
+        clip = trainer.gradient_clip_val
+        if clip is not None and trainer.gradient_clip_algorithm in (None, "norm"):
+            # DGC: each worker clips before accumulating; n such gradients sum to a norm ~ sqrt(n) * local
+            moved["clip_norm"] = float(clip) / math.sqrt(self.world_size)
+            trainer.gradient_clip_val = None
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group.update(momentum=0.0, nesterov=False, weight_decay=0.0)
+        if self._moved is None:
+            self._moved = moved
+            rank_zero_info(
+                f"{type(self).__name__}: momentum correction: SGD's momentum={moved['momentum']}, "
+                f"nesterov={moved['nesterov']} and weight_decay={moved['weight_decay']} now apply in the "
+                "communication hook, before compression; the optimizer steps with momentum 0"
+                + (f"; gradients are clipped on each worker to norm {moved['clip_norm']:.4g} (gradient_clip_val"
+                   " / sqrt(world_size)) before they enter the velocity" if "clip_norm" in moved else "")
+                + " (MemSGDStrategy(momentum_correction=False) turns this off)"
+            )
+        if self.comm_state.momentum_correction is None:
+            self.comm_state.momentum_correction = MomentumCorrection(**moved)
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:
+            # the hook sees loss-scaled gradients; rescale_memories() keeps the threshold in step
+            self.comm_state.momentum_correction.clip_scale = float(scaler.get_scale())
 
     def has_worker_state(self) -> bool:
         return self.comm_state is not None
@@ -100,7 +171,13 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
                 f"the checkpoint's per-worker state has no error-feedback memories (it holds {sorted(state)}): it "
                 "was saved by another strategy; resume it with the strategy that saved it"
             )
-        self.comm_state.load_state_dict(state["error_feedback"])
+        try:
+            self.comm_state.load_state_dict(state["error_feedback"])
+        except ValueError as exc:
+            if "momentum_correction" not in str(exc):
+                raise
+            raise ValueError(f"{exc}. A checkpoint written without momentum correction resumes with "
+                             "MemSGDStrategy(momentum_correction=False)") from exc
 
     def optimizer_step(self, optimizer: Optimizer, closure, model=None, **kwargs: Any) -> Any:
         """The optimizer step; with a GradScaler, the memories follow changes of the loss scale.
@@ -130,3 +207,26 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
                 override=True,
                 start_method=start_method,
             )
+
+
+def _movable_momentum(optimizers: list[Optimizer], model: torch.nn.Module) -> dict | None:
+    """The SGD settings the hook can take over, or ``None``.
+
+    It can when there is one ``torch.optim.SGD`` optimizer whose groups share one momentum > 0,
+    nesterov and weight decay, without dampening or ``maximize``, and that holds every trained
+    parameter: the hook applies one velocity rule to every parameter it sees.
+    """
+    if len(optimizers) != 1 or type(optimizers[0]) is not torch.optim.SGD:
+        return None
+    groups = optimizers[0].param_groups
+    settings = {(g["momentum"], g["nesterov"], g["weight_decay"], g["dampening"], g.get("maximize", False))
+                for g in groups}
+    if len(settings) != 1:
+        return None
+    momentum, nesterov, weight_decay, dampening, maximize = settings.pop()
+    if not momentum > 0 or dampening or maximize:
+        return None
+    held = {id(p) for g in groups for p in g["params"]}
+    if any(p.requires_grad and id(p) not in held for p in model.parameters()):
+        return None
+    return {"momentum": float(momentum), "nesterov": bool(nesterov), "weight_decay": float(weight_decay)}

@@ -53,6 +53,7 @@ DEFAULT_METHODS = (
     "fp16",
     "powersgd",
     "memsgd_topk1",
+    "memsgd_topk1_nocorr",
     "memsgd_topk1_compact",
     "memsgd_topk01",
     "memsgd_randk",

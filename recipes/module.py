@@ -27,6 +27,8 @@ class ClassificationModule(pl.LightningModule):
         num_classes, in_channels, image_size: filled in from the data module by the entry point.
         lr: peak learning rate (after warm-up), for the global batch as configured.
         momentum, nesterov, weight_decay: of ``torch.optim.SGD``.
+        optimizer: ``"sgd"`` (default), ``"adam"`` or ``"adamw"`` (``lr`` and ``weight_decay``
+            apply; ``momentum`` and ``nesterov`` are SGD's only).
         schedule: ``"cosine"`` (to 0 over the run), ``"step"`` (times ``gamma`` at each fraction of
             the run in ``milestones``) or ``"constant"``; applied per optimizer step.
         warmup_steps: linear warm-up from ``lr / 10`` over this many optimizer steps.
@@ -55,6 +57,7 @@ class ClassificationModule(pl.LightningModule):
         milestones: tuple[float, ...] = (0.5, 0.75),
         gamma: float = 0.1,
         warmup_steps: int = 0,
+        optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
     ) -> None:
         super().__init__()
         if arch not in ARCH_NAMES:
@@ -69,6 +72,8 @@ class ClassificationModule(pl.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if any(not 0 < m < 1 for m in milestones):
             raise ValueError(f"milestones must be fractions of the run in (0, 1), got {milestones!r}")
+        if optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be one of ['sgd', 'adam', 'adamw'], got {optimizer!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
         self.save_hyperparameters()
@@ -105,8 +110,12 @@ class ClassificationModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                    weight_decay=hp.weight_decay)
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                                        weight_decay=hp.weight_decay)
+        else:
+            adam = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+            optimizer = adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(hp.schedule, total, hp.warmup_steps,
                                                                            tuple(hp.milestones), hp.gamma))

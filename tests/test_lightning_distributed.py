@@ -45,13 +45,13 @@ def make_data():
     return x, y
 
 
-def build_module(seed: int = 0, lr: float = 0.1):
+def build_module(seed: int = 0, lr: float = 0.1, optimizer: str = "sgd"):
     import lightning as L
 
     class TinyClassifier(L.LightningModule):
         """16 -> 64 -> BatchNorm -> 64 -> 4, about 5.5k parameters; SGD with momentum."""
 
-        def __init__(self, seed: int = 0, lr: float = 0.1) -> None:
+        def __init__(self, seed: int = 0, lr: float = 0.1, optimizer: str = "sgd") -> None:
             super().__init__()
             self.save_hyperparameters()
             generator_state = torch.random.get_rng_state()
@@ -98,9 +98,11 @@ def build_module(seed: int = 0, lr: float = 0.1):
             self._after_val = False
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+            if self.hparams.optimizer == "adam":
+                return torch.optim.Adam(self.parameters(), lr=self.lr / 10)
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
 
-    return TinyClassifier(seed=seed, lr=lr)
+    return TinyClassifier(seed=seed, lr=lr, optimizer=optimizer)
 
 
 def loaders(val: bool = True):
@@ -168,6 +170,8 @@ def strategy_state(trainer) -> dict:
     out = {"global_step": trainer.global_step}
     if getattr(strategy, "comm_state", None) is not None:
         out["hook_iteration"] = strategy.comm_state.iteration
+        correction = strategy.comm_state.momentum_correction
+        out["momentum_correction"] = None if correction is None else correction.config()
         out["stats"] = strategy.comm_state.stats.as_dict()
         out["memory_norm"] = strategy.comm_state.memory.norm()
     gossips = getattr(strategy, "gossips", None)
@@ -182,8 +186,9 @@ def save(out: Path, name: str, result) -> None:
         torch.save(result, out / f"{name}.pt")
 
 
-def fit_record(out, name, devices, strategy, max_epochs, ckpt_path=None, val=True, **kwargs):
-    module = build_module(seed=1000 + rank())  # different on every rank: the strategy must broadcast
+def fit_record(out, name, devices, strategy, max_epochs, ckpt_path=None, val=True, optimizer="sgd", **kwargs):
+    # different on every rank: the strategy must broadcast
+    module = build_module(seed=1000 + rank(), optimizer=optimizer)
     trainer = trainer_for(out, name, devices, strategy, max_epochs, **kwargs)
     train, valid = loaders(val)
     started = time.perf_counter()
@@ -203,6 +208,9 @@ def fit_record(out, name, devices, strategy, max_epochs, ckpt_path=None, val=Tru
             "records": module.records,
             "strategy": strategy_state(trainer),
             "warnings": [str(w.message) for w in caught],
+            "optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
+                                 for g in trainer.optimizers[0].param_groups],
+            "gradient_clip_val": trainer.gradient_clip_val,
         }
     )
     return {"ranks": per_rank, "loss": full_loss(module), "seconds": seconds, "trainer": trainer}
@@ -281,6 +289,9 @@ class MemoryRecorder:
             @staticmethod
             def _memory(trainer):
                 memories = trainer.strategy.comm_state.memory.state_dict()
+                velocities = trainer.strategy.comm_state.momentum_correction.velocity.state_dict()
+                # velocities are in loss-scaled units too (the optimizer's momentum moved into the hook)
+                memories.update({f"velocity.{k}": v for k, v in velocities.items()})
                 return torch.cat([memories[k].reshape(-1) for k in sorted(memories)]) if memories else None
 
             def on_train_start(self, trainer, pl_module):
@@ -309,6 +320,17 @@ def scenario_variants(out: Path, devices: int) -> None:
             result = fit_record(out, f"{strategy}_{name}", devices, strategy, 1, val=False, **kwargs)
             result.pop("trainer")
             save(out, f"{strategy}_{name}", result)
+    # Momentum correction: moved with clipping, turned off, and left alone for Adam.
+    from lightning_plugin import MemSGDStrategy
+
+    for name, make, kwargs in (
+        ("memsgd_clip", MemSGDStrategy, {"gradient_clip_val": 0.5}),
+        ("memsgd_nocorr", lambda: MemSGDStrategy(momentum_correction=False), {"gradient_clip_val": 0.5}),
+        ("memsgd_adam", MemSGDStrategy, {"optimizer": "adam"}),
+    ):
+        result = fit_record(out, name, devices, make(), 1, val=False, **kwargs)
+        result.pop("trainer")
+        save(out, name, result)
     # A huge initial scale: the first steps overflow in fp16 and the GradScaler skips them.
     recorder = StepRecorder()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
@@ -752,3 +774,22 @@ def test_compression_monitor_with_plain_ddp_warns_once_and_logs_nothing(two):
     assert len(messages) == 1 and "DDPStrategy" in messages[0]
     rows = _csv_rows(two / "ddp" / "csv" / "version_0" / "metrics.csv")
     assert rows and not any(key.startswith(("comm/", "gossip/")) for key in rows[0])
+
+
+def test_memsgd_moves_sgd_momentum_weight_decay_and_clipping_into_the_hook(two):
+    for r in load(two, "memsgd_clip")["ranks"]:
+        assert r["strategy"]["momentum_correction"] == {
+            "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "clip_norm": 0.5 / 2**0.5, "masking": False}
+        assert [(g["momentum"], g["weight_decay"]) for g in r["optimizer_groups"]] == [(0.0, 0.0)]
+        assert r["gradient_clip_val"] is None  # the aggregated step is no longer clipped by Lightning
+    for r in load(two, "memsgd_nocorr")["ranks"]:
+        assert r["strategy"]["momentum_correction"] is None
+        assert [(g["momentum"], g["weight_decay"]) for g in r["optimizer_groups"]] == [(0.9, 1e-4)]
+        assert r["gradient_clip_val"] == 0.5
+    for r in load(two, "memsgd_adam")["ranks"]:
+        assert r["strategy"]["momentum_correction"] is None  # plain error feedback
+    # the default scenario resumed bit for bit with its velocities (test_resume_... above)
+    ckpt = torch.load(two / "memsgd_full" / "ckpt" / "epoch=3.ckpt", weights_only=False)
+    velocities = [w["error_feedback"]["velocities"] for w in ckpt["ec_hooks"]["workers"]]
+    assert set(velocities[0]) == {name for name, _ in build_module().named_parameters()}
+    assert any(not torch.equal(velocities[0][k], velocities[1][k]) for k in velocities[0])
