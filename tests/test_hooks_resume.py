@@ -23,12 +23,18 @@ STEPS = 6
 RESUME_AT = 3
 BUCKET_CAP_MB = 0.0002  # about 210 bytes: one bucket per Linear layer after DDP's rebuild
 
-# name -> (compressor, start_iter)
+# name -> (compressor, start_iter, more ErrorFeedbackState arguments)
 CONFIGS = {
-    "randk": (lambda: ec_hooks.RandK(0.25, seed=3), 0),
-    "qsgd": (lambda: ec_hooks.QSGD(levels=3, seed=1), 0),
-    "topk": (lambda: ec_hooks.TopK(0.1), 0),
-    "randk_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1),  # resumes inside the warm-up
+    "randk": (lambda: ec_hooks.RandK(0.25, seed=3), 0, {}),
+    "qsgd": (lambda: ec_hooks.QSGD(levels=3, seed=1), 0, {}),
+    "topk": (lambda: ec_hooks.TopK(0.1), 0, {}),
+    "randk_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1, {}),  # resumes inside the warm-up
+    # momentum correction with everything on, resumed inside the density warm-up (25% for 5 steps)
+    "topk_momentum": (lambda: ec_hooks.TopK(0.1), 0, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3,
+                                                      "clip_norm": 1.0, "momentum_masking": True,
+                                                      "density_warmup_steps": 5}),
+    # velocities through a dense warm-up (start_iter) that the resume falls into
+    "randk_momentum_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1, {"momentum": 0.9}),
 }
 
 
@@ -45,12 +51,13 @@ def batch(rank, step):
 
 
 def fresh(config):
-    make_compressor, start_iter = CONFIGS[config]
+    make_compressor, start_iter, kwargs = CONFIGS[config]
     module = make_model()
     model = DDP(module, bucket_cap_mb=BUCKET_CAP_MB)
-    state = ErrorFeedbackState(compressor=make_compressor(), start_iter=start_iter, module=model)
+    state = ErrorFeedbackState(compressor=make_compressor(), start_iter=start_iter, module=model, **kwargs)
     model.register_comm_hook(state, error_feedback_hook)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # with momentum correction the hook holds the momentum
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0 if kwargs.get("momentum") else 0.9)
     return module, model, state, opt
 
 
@@ -65,7 +72,9 @@ def train(rank, module, model, state, opt, start, checkpoint_path=None):
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         trajectory.append(torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()]))
+    correction = state.momentum_correction
     return {"trajectory": trajectory, "memories": state.memory.state_dict(), "iteration": state.iteration,
+            "velocities": {} if correction is None else correction.velocity.state_dict(),
             "bytes_sent": state.stats.bytes_sent, "memory_norm": state.memory.norm(), "residual_norm": state.stats.residual_norm,
             "layouts": sorted(state.memory.layouts())}
 
@@ -121,6 +130,9 @@ def test_resume_is_bit_identical_to_the_uninterrupted_run(uninterrupted):
                 assert torch.equal(x, y), f"{config}: rank {rank} differs after step {step}"
             assert a["memories"].keys() == b["memories"].keys()
             assert all(torch.equal(a["memories"][k], b["memories"][k]) for k in a["memories"]), config
+            assert a["velocities"].keys() == b["velocities"].keys()
+            assert all(torch.equal(a["velocities"][k], b["velocities"][k]) for k in a["velocities"]), config
+            assert bool(a["velocities"]) == ("momentum" in config), config
             assert (a["iteration"], a["bytes_sent"]) == (b["iteration"], b["bytes_sent"]), config
             assert a["memory_norm"] == b["memory_norm"], config  # memories listed in the same order
             # the same memories, summed in another order

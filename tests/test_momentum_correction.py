@@ -47,7 +47,11 @@ def _flat(tensors: dict) -> torch.Tensor:
 # ---------------------------------------------------------------- dense: exactly momentum SGD
 
 
-def _dense_equals_sgd(rank, world_size, nesterov, weight_decay):
+def _dense_equals_sgd(rank, world_size):
+    return [_dense_case(rank, nesterov, weight_decay) for nesterov, weight_decay in ((False, 0.0), (True, 0.01))]
+
+
+def _dense_case(rank, nesterov, weight_decay):
     out = {}
     reference = DDP(make_model())
     opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
@@ -72,9 +76,9 @@ def _train_plain(model, rank, opt, steps=6):
 def test_dense_momentum_correction_is_momentum_sgd(world_size):
     # Identity sends every entry approximately-free and masks nothing: the mean of the
     # velocities is the velocity of the mean, so this is torch's SGD with momentum.
-    for nesterov, weight_decay in ((False, 0.0), (True, 0.01)):
-        for per_rank in run_distributed(_dense_equals_sgd, world_size, nesterov, weight_decay):
-            for a, b in zip(per_rank["sgd"], per_rank["hook"]):
+    for per_rank in run_distributed(_dense_equals_sgd, world_size):
+        for case in per_rank:  # plain, and Nesterov with weight decay
+            for a, b in zip(case["sgd"], case["hook"]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -114,7 +118,11 @@ def _one_parameter_model():
     return torch.nn.Linear(10, 3, bias=False)
 
 
-def _topk_record(rank, world_size, nesterov, masking):
+def _topk_records(rank, world_size):
+    return [_topk_record(rank, nesterov, masking) for nesterov, masking in ((False, True), (True, False))]
+
+
+def _topk_record(rank, nesterov, masking):
     model = DDP(_one_parameter_model())
     state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, nesterov=nesterov,
                                momentum_masking=masking)
@@ -132,8 +140,8 @@ def _all(t):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_topk_matches_a_transcription_of_dgc(world_size):
-    for nesterov, masking in ((False, True), (True, False)):
-        results = run_distributed(_topk_record, world_size, nesterov, masking)
+    for case, (nesterov, masking) in enumerate(((False, True), (True, False))):
+        results = [per_rank[case] for per_rank in run_distributed(_topk_records, world_size)]
         grads, outputs, _, _ = results[0]
         k = ec_hooks.TopK(0.1).k_for(grads[0][0].numel())
         expected = _dgc_reference([list(g) for g in grads], k, 0.9, nesterov, masking)
@@ -148,13 +156,20 @@ def test_topk_matches_a_transcription_of_dgc(world_size):
 # ---------------------------------------------------------------- conservation with the velocity
 
 
-def _invariant(rank, world_size, compressor, nesterov):
+def _invariants(rank, world_size):
+    compressors = {"topk": ec_hooks.TopK(0.1), "randk": ec_hooks.RandK(0.1), "sign": ec_hooks.ScaledSign(),
+                   "topk_delta16": ec_hooks.TopK(0.1, index_encoding="delta16", value_dtype="bf16")}
+    return {(name, nesterov): _invariant(compressor, nesterov) for name, compressor in compressors.items()
+            for nesterov in (False, True)}
+
+
+def _invariant(compressor, nesterov):
     model = DDP(_one_parameter_model())
     # with masking: the velocity is changed between steps, and the invariant still holds
     state = ErrorFeedbackState(compressor=compressor, module=model, momentum=0.9, nesterov=nesterov,
                                momentum_masking=True)
     record = {"grads": [], "u_before": [], "out": []}
-    _train(model, state, rank, 8, torch.optim.SGD(model.parameters(), lr=0.05), record)
+    _train(model, state, 0, 8, torch.optim.SGD(model.parameters(), lr=0.05), record)
     mu = 0.9
     fed = torch.zeros_like(record["grads"][0])
     for g, u_prev in zip(record["grads"], record["u_before"]):
@@ -164,12 +179,10 @@ def _invariant(rank, world_size, compressor, nesterov):
     return float((fed - sent - _flat(state.memory.state_dict())).abs().max()), float(fed.abs().max())
 
 
-@pytest.mark.parametrize("name", ["topk", "randk", "sign", "topk_delta16"])
-def test_conservation_invariant_with_the_velocity(name):
-    compressor = {"topk": ec_hooks.TopK(0.1), "randk": ec_hooks.RandK(0.1), "sign": ec_hooks.ScaledSign(),
-                  "topk_delta16": ec_hooks.TopK(0.1, index_encoding="delta16", value_dtype="bf16")}[name]
-    for nesterov in (False, True):
-        error, scale = run_distributed(_invariant, 1, compressor, nesterov)[0]
+def test_conservation_invariant_with_the_velocity():
+    results = run_distributed(_invariants, 1)[0]
+    assert len(results) == 8
+    for (name, nesterov), (error, scale) in results.items():
         # sum_t s_t = sum_t C(acc_t) + m_T, with s_t the velocity fed at step t
         assert error < 1e-5 * scale, (name, nesterov, error, scale)
 
