@@ -9,7 +9,11 @@ Two parts:
    epochs 3, 6 and 9 (33, 66, 99 steps), and the bytes one worker sends per step (the
    strategies' own count, warm-up included).  Row names: ``<compressor>_<variant>`` with the
    variants ``ef`` (plain error feedback, SGD keeps its momentum: ``momentum_correction=False``),
-   ``mc`` (momentum correction, the default) and ``mc_warmup`` (plus the density warm-up).
+   ``mc`` (momentum correction, the default), ``mc_masking`` (plus DGC's momentum factor
+   masking, top-1% only) and ``mc_warmup`` (plus the density warm-up over 33 steps).  The
+   decisions' rows: ``topk1_mc_wd_in_optimizer`` (weight decay left in the optimizer),
+   ``ddp_nesterov`` / ``topk1_mc_nesterov`` and ``ddp_adam`` / ``topk1_adam`` (Adam, lr 0.003:
+   plain error feedback).  Raw results per seed: ``<out_dir>/runs.json``.
 2. **Logistic regression** (``--logreg``): the dense problem of ``recipes.memsgd_paper``
    (epsilon-like, 2,000 features) trained through the DDP hook on 4 gloo ranks, batch 8 per
    rank, constant step size: SGD through DDP's allreduce, top-k 1% with plain error feedback
