@@ -47,3 +47,23 @@ def test_gossip_step_cost_measures_every_requested_case():
     # each step allocates something (the payloads) and takes some time
     assert all(float(r[3]) >= 0 and float(r[5]) > 0 for r in rows)
     assert "profiler" not in out.lower()
+
+
+def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr("sys.argv", ["recipes.train"])
+    import memsgd_accuracy
+
+    from recipes.train import main
+
+    names = ["ddp_adam", "topk1_ef", "topk1_mc_masking", "topk1_mc_warmup", "topk1_mc_wd_in_optimizer", "sign_mc"]
+    memsgd_accuracy.write_configs(names, tmp_path)
+    built = {name: main(["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"], run=False)
+             for name in names}
+    assert built["ddp_adam"].model.hparams.optimizer == "adam" and built["ddp_adam"].model.hparams.lr == 0.003
+    assert built["topk1_ef"].trainer.strategy.momentum_correction is False
+    assert built["topk1_mc_masking"].trainer.strategy.momentum_masking is True
+    assert built["topk1_mc_warmup"].trainer.strategy.density_warmup_steps == memsgd_accuracy.WARMUP_STEPS
+    assert type(built["topk1_mc_wd_in_optimizer"].trainer.strategy).__name__ == "WeightDecayInOptimizer"
+    assert built["sign_mc"].trainer.strategy.compressor.name == "sign"
+    assert "sign_mc_warmup" not in memsgd_accuracy.rows()  # sign has no density to ramp
