@@ -37,16 +37,17 @@ measures it every ``watch_every`` steps and warns when it keeps growing.
 
 Nothing non-finite is ever mixed.  Every message ends with its sender's status word (as in the
 DDP hook: one element of a numeric payload, 4 bytes after a byte payload): whether the sender's
-model after its optimizer step, or the message itself (from a non-finite ``delta`` or ``x_hat``),
-has an inf or NaN entry, and whether its parameters were replaced.  A worker that sees a non-zero status -- its own or a neighbour's --
-raises :class:`GossipRefusedError` naming the worker and the step, before it mixes anything or
-changes a buffer.  Stopping, rather than voiding the step as the DDP hook does for an overflowing
-gradient, because here the damage is in the worker's model itself (the optimizer step already
-wrote it) and gossip keeps no earlier copy of it: a voided step would be voided again at every
-later step while the run went on without mixing.  Restore every worker from the last checkpoint.
-(An AMP overflow never gets this far: the GradScaler skips the optimizer step, and the Lightning
-strategies then skip the gossip on every worker.)  The workers that did not receive the message
-stop at their next exchange with one that raised (its connection closes when its process ends).
+model after its optimizer step, or the message itself (from a non-finite ``delta`` or
+``x_hat``), has an inf or NaN entry, and whether its parameters were replaced.  A worker that
+sees a non-zero status -- its own or a neighbour's -- raises :class:`GossipRefusedError` naming
+the worker and the step, before it mixes anything or changes a buffer.  It stops rather than
+voiding the step (as the DDP hook does for an overflowing gradient) because here the damage is
+in the worker's model itself (the optimizer step wrote it) and gossip keeps no earlier copy: a
+voided step would be voided again at every later step while the run went on without mixing.
+Restore every worker from the last checkpoint.  (An AMP overflow never gets this far: the
+GradScaler skips the optimizer step, and the Lightning strategies then skip the gossip on every
+worker.)  Workers that did not receive the message stop at their next exchange with one that
+raised (its connection closes when its process ends).
 
 Parameters replaced behind the gossip's back (``model.load_state_dict(sd, assign=True)``, or a
 new ``nn.Parameter`` assigned to a module) are noticed through torch's module parameter
@@ -55,10 +56,10 @@ registration hook: the gossip would otherwise keep mixing the old tensors.  The 
 
 16-bit models (fp16, bf16) are mixed in fp32 and keep an fp32 master copy of the model: writing
 the mixed model back in 16 bits each step would round away consensus steps smaller than half a
-unit in the last place (CHOCO-SGD stalled at a consensus distance of 0.11 instead of 2e-6, the
-mean model moved by 0.03; the README has the figures).  The optimizer's change to the 16-bit
-parameters since the last write-back is added to the master copy, the master copy is mixed, and
-the parameters receive it rounded.  The master copy is part of the state dict.
+unit in the last place (CHOCO-SGD stalled at a consensus distance of 0.11 instead of 1.6e-6,
+and the mean model moved by 0.03; ``docs/gossip-faults.md``).  The optimizer's change to the
+16-bit parameters since the last write-back is added to the master copy, the master copy is
+mixed, and the parameters receive it rounded.  The master copy is part of the state dict.
 
 Everything here also runs as a single-process simulation of ``n`` workers
 (:meth:`GossipAlgorithm.simulated` + :func:`simulate_step`) with the very same update code, for
