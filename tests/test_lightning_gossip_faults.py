@@ -2,7 +2,7 @@
 worker's model stops every strategy with GossipRefusedError before anything is mixed, and a
 bf16 model resumes exactly (its fp32 master copy travels in the checkpoint).
 
-Like ``tests/test_lightning_distributed.py`` (whose model, data and helpers it uses), this file
+Like ``tests/test_lightning_distributed.py`` (whose model, data and launch functions it uses), this file
 is also the training script: ``python tests/test_lightning_gossip_faults.py OUT DEVICES SCENARIO...``.
 """
 
