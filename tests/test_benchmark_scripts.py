@@ -67,3 +67,15 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
     assert type(built["topk1_mc_wd_in_optimizer"].trainer.strategy).__name__ == "WeightDecayInOptimizer"
     assert built["sign_mc"].trainer.strategy.compressor.name == "sign"
     assert "sign_mc_warmup" not in memsgd_accuracy.rows()  # sign has no density to ramp
+
+
+def test_gossip_bf16_reports_every_case_and_the_master_copy_mixes_in_fp32():
+    rows = _table(_run("gossip_bf16.py", "--workers", "3", "--numel", "200", "--steps", "300"))
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (algorithm, dtype, steps) for algorithm in ("ChocoSGD", "DeepSqueeze", "DPSGD")
+        for steps in ("no", "yes") for dtype in ("float32", "bfloat16")
+    ]
+    choco = {(r[1], r[2]): [float(v) for v in r[3:]] for r in rows if r[0] == "ChocoSGD"}
+    fp32, bf16 = choco[("float32", "no")], choco[("bfloat16", "no")]
+    assert fp32[0] == fp32[1] and fp32[2] == fp32[3]  # an fp32 model has no master copy
+    assert bf16[1] < 10 * fp32[1] + 1e-6 < bf16[0]  # the master copy agrees like fp32; the bf16 parameters cannot

@@ -265,17 +265,18 @@ def test_average_model_invariant_every_algorithm_and_compressor_4_ranks(four_ran
 
 def test_bytes_on_the_wire_shrink_with_the_payload(four_ranks):
     sent = four_ranks[0]["invariant"]
-    # ring of 4: two neighbours; 17 entries; top-k 25%: 5 (int32, fp32) pairs
-    assert sent["DeepSqueeze/topk/ring"][1] == 2 * 5 * 8
-    assert sent["DeepSqueeze/randk/ring"][1] == 2 * 5 * 4  # values only: indices are shared
-    assert sent["DeepSqueeze/sign/ring"][1] == 2 * 8  # fp32 scale + 3 bytes of signs, padded
-    assert sent["DeepSqueeze/qsgd/ring"][1] == 2 * 16  # fp32 norm + 17 * 4 bits, padded
-    assert sent["DPSGD/ring"][1] == sent["DeepSqueeze/identity/ring"][1] == 2 * 17 * 4
+    # ring of 4: two neighbours; 17 entries; top-k 25%: 5 (int32, fp32) pairs; every message ends
+    # with its status word (4 bytes after a byte payload, one element after a numeric one)
+    assert sent["DeepSqueeze/topk/ring"][1] == 2 * (5 * 8 + 4)
+    assert sent["DeepSqueeze/randk/ring"][1] == 2 * (5 + 1) * 4  # values only: indices are shared
+    assert sent["DeepSqueeze/sign/ring"][1] == 2 * (8 + 4)  # fp32 scale + 3 bytes of signs, padded
+    assert sent["DeepSqueeze/qsgd/ring"][1] == 2 * (16 + 4)  # fp32 norm + 17 * 4 bits, padded
+    assert sent["DPSGD/ring"][1] == sent["DeepSqueeze/identity/ring"][1] == 2 * (17 + 1) * 4
     # one peer per step
-    assert sent["DeepSqueeze/topk/one_peer_exponential"][1] == 5 * 8
+    assert sent["DeepSqueeze/topk/one_peer_exponential"][1] == 5 * 8 + 4
     stats = four_ranks[0]["stats"]
-    assert stats["bytes_dense"] == 17 * 4 and stats["bytes_sent"] == 80
-    assert stats["compression_ratio"] == pytest.approx(68 / 80)
+    assert stats["bytes_dense"] == 17 * 4 and stats["bytes_sent"] == 88
+    assert stats["compression_ratio"] == pytest.approx(68 / 88)
     assert stats["density"] == pytest.approx(5 / 17)
     assert stats["residual_norm"] > 0
 
@@ -393,7 +394,7 @@ def test_ring_of_two_is_a_pair():
         for label in ("DeepSqueeze", "ChocoSGD"):
             assert per_rank[label][0] < 1e-6, label
             assert per_rank[label][1] > 1e-3, label  # compressed: not averaged in one step
-        assert per_rank["DeepSqueeze"][3] == 9 * 8  # one neighbour, top-9 of 17
+        assert per_rank["DeepSqueeze"][3] == 9 * 8 + 4  # one neighbour, top-9 of 17, the status word
 
 
 # ---------------------------------------------------------------------------------- one process
@@ -441,7 +442,7 @@ def test_simulation_uses_the_same_update_as_a_real_group():
     for topology in ("exponential", "torus", "ring"):
         _, end, drift, workers = simulate(ChocoSGD, 5, topology, ec_hooks.TopK(0.25), None, 300)
         assert drift < 1e-5 and end < 1e-5, topology
-        assert workers[0].stats.last_bytes_sent == len(workers[0].topology.out_peers(0)) * 40
+        assert workers[0].stats.last_bytes_sent == len(workers[0].topology.out_peers(0)) * (40 + 4)
     with pytest.raises(RuntimeError, match="simulate_step"):
         workers[0].step()
 
@@ -523,7 +524,7 @@ def test_bf16_model_sends_bf16_values_and_keeps_the_error_in_fp32():
     workers = DeepSqueeze.simulated(params, "ring", ec_hooks.TopK(0.25), 0.5)
     simulate_step(workers)
     assert workers[0].wire_dtype == torch.bfloat16
-    assert workers[0].stats.last_bytes_sent == 2 * 32  # 5 * (int32 + bf16), padded to 4 bytes
+    assert workers[0].stats.last_bytes_sent == 2 * (32 + 4)  # 5 * (int32 + bf16), padded; status word
     assert workers[0]._delta.dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in params[0])
     optimizer_groups = [{"params": make_params(0)}]

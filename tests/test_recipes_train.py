@@ -88,11 +88,11 @@ def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
     assert r["memsgd_topk01"]["last_sent"] == 8 * -(-numel // 1000) + 4
     assert r["memsgd_randk"]["last_sent"] == 4 * k + 4  # values only: the indices are shared
     assert r["ef_sign"]["logged_ratio"] > 25
-    # On two ranks the ring is a pair: one neighbour, one message per step.
-    assert r["deepsqueeze_topk"]["last_sent"] == 8 * k
-    assert r["choco"]["last_sent"] == 8 * k
+    # On two ranks the ring is a pair: one neighbour, one message per step, ending in a status word.
+    assert r["deepsqueeze_topk"]["last_sent"] == 8 * k + 4
+    assert r["choco"]["last_sent"] == 8 * k + 4
     assert r["deepsqueeze_sign"]["logged_ratio"] > 25
-    assert r["dpsgd"]["last_sent"] == dense
+    assert r["dpsgd"]["last_sent"] == dense + 4
 
 
 def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
@@ -110,7 +110,7 @@ def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
     assert by_name["memsgd_topk1"].bytes_per_step == 8 * 383 + 4
     assert by_name["memsgd_topk1"].compression_ratio == pytest.approx(4 * numel / (8 * 383 + 4))
     # a ring of three: two neighbours, each sent the same payload
-    assert by_name["dpsgd"].bytes_per_step == 2 * 4 * numel
+    assert by_name["dpsgd"].bytes_per_step == 2 * 4 * (numel + 1)  # two neighbours; + the status word
     assert 10 < by_name["deepsqueeze_sign"].compression_ratio < 20
     for r in results:
         assert r.steps == 3 and 0.0 <= r.accuracy <= 1.0 and len(r.curve) >= 1

@@ -354,7 +354,8 @@ def test_deepsqueeze_simulation_is_the_same_with_the_compact_format():
     assert all(torch.equal(a, b) for pa, pb in zip(p32, p16) for a, b in zip(pa, pb))
     assert all(torch.equal(a, b) for a, b in zip(d32, d16))
     k = TopK(0.01).k_for(140_000)
-    assert b32 == 2 * 8 * k and b16 == 2 * pad4(capacity(140_000, k) * 6)  # two ring neighbours
+    # two ring neighbours; +4: the status word per message
+    assert b32 == 2 * (8 * k + 4) and b16 == 2 * (pad4(capacity(140_000, k) * 6) + 4)
 
 
 # ------------------------------------------------------------------------ real gloo runs
@@ -489,4 +490,4 @@ def test_hook_and_gossip_on_gloo_give_the_int32_results_with_fewer_bytes(world_s
         assert out["gossip_identical"]
         k = TopK(0.01).k_for(140_000)
         peers = 1 if world_size == 2 else 2  # a ring of two has one distinct neighbour
-        assert out["gossip_bytes"] == (peers * 8 * k, peers * pad4(6 * capacity(140_000, k)))
+        assert out["gossip_bytes"] == (peers * (8 * k + 4), peers * (pad4(6 * capacity(140_000, k)) + 4))
