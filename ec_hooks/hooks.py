@@ -93,6 +93,11 @@ class ErrorFeedbackState:
             was sent (for compressors that send exact entries).  Default ``False``: the velocity
             is kept, so that every gradient gets its full momentum ``1 / (1 - mu)`` (measured
             better on the recipes, ``docs/momentum-correction.md``).
+        hierarchical: reduce dense inside each node and compress only between nodes
+            (:mod:`ec_hooks.hierarchical`); needs the default process group.
+        nodes: with ``hierarchical``, the global ranks of every node; default: ``LOCAL_WORLD_SIZE``
+            consecutive ranks per node, as torchrun assigns them.  Not combined with momentum
+            correction, weight decay, clipping or a density warm-up yet (ValueError).
 
     The process group is not part of the state dict (as in torch's ``PowerSGDState``).
     """
@@ -110,6 +115,8 @@ class ErrorFeedbackState:
         clip_norm: float | None = None,
         density_warmup_steps: int = 0,
         momentum_masking: bool = False,
+        hierarchical: bool = False,
+        nodes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -137,6 +144,22 @@ class ErrorFeedbackState:
         # Bucket layouts of the checkpoint last loaded (see the module docstring).
         self._saved_layouts = SavedLayouts()
         self._layout_seeds: dict[tuple, int] = {}
+        self.hierarchy = None
+        if not isinstance(hierarchical, bool):
+            raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
+        if nodes is not None and not hierarchical:
+            raise ValueError("nodes is only used with hierarchical=True")
+        if hierarchical:
+            if process_group is not None:
+                raise ValueError("hierarchical=True works on the default process group: leave process_group=None")
+            if self.momentum_correction is not None or density_warmup_steps:
+                raise ValueError(
+                    "hierarchical=True is not combined with momentum correction (momentum, weight_decay, "
+                    "clip_norm) or density_warmup_steps yet: leave them at their defaults"
+                )
+            from ec_hooks import hierarchical as _hierarchical
+
+            self.hierarchy = _hierarchical.NodeHierarchy(self, _hierarchical.node_layout(nodes))
         if module is not None:
             self.bind_module(module)
 
@@ -223,6 +246,7 @@ class ErrorFeedbackState:
             **self._momentum_state_dict(),
             "layouts": sorted([list(layout) for layout in layouts], key=repr),
             "stats": self.stats.state_dict(),
+            "hierarchy": None if self.hierarchy is None else self.hierarchy.describe(),
         }
 
     def _momentum_state_dict(self) -> dict:
@@ -248,6 +272,13 @@ class ErrorFeedbackState:
             raise ValueError(
                 f"state_dict holds the memories of rank {state_dict['rank']}, this is rank {self.rank}: "
                 "load each worker's own state (loading one rank's memory everywhere would send it n times)"
+            )
+        saved_hierarchy = state_dict.get("hierarchy")
+        hierarchy = None if self.hierarchy is None else self.hierarchy.describe()
+        if saved_hierarchy != hierarchy:
+            raise ValueError(
+                f"state_dict was saved with hierarchy={saved_hierarchy}, this state has hierarchy={hierarchy}: "
+                "hierarchical memories hold a node's shard, flat ones a worker's whole gradient"
             )
         memories = state_dict["memories"]
         velocities = self._check_velocities(state_dict)
@@ -363,18 +394,22 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     if sum(numels) != grad.numel():
         raise RuntimeError(f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}")
     units = state._saved_layouts.split(keys)
+    reduce = _reduce if state.hierarchy is None else state.hierarchy.reduce
     if units is None:
-        fut = _reduce(state, keys, numels, grad)
+        fut = reduce(state, keys, numels, grad)
     else:
-        fut = _reduce_by_layout(state, keys, numels, grad, units)
+        fut = _reduce_by_layout(state, keys, numels, grad, units, reduce)
     state._advance(bucket)
     return fut
 
 
 def _reduce_by_layout(
-    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, units: list[tuple]
+    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, units: list[tuple],
+    reduce=None,
 ) -> torch.futures.Future[torch.Tensor]:
-    """:func:`_reduce` of each saved layout in ``units`` on its slices of ``grad``, reassembled."""
+    """``reduce`` (:func:`_reduce` by default) of each saved layout in ``units`` on its slices of
+    ``grad``, reassembled."""
+    reduce = _reduce if reduce is None else reduce
     # The uninterrupted run met this very bucket at its first step: laying the memories out for
     # it once lists them in the same order (memory norms then sum in the same order too).
     state.memory.buffer_for(keys, numels, grad.device)
@@ -385,7 +420,7 @@ def _reduce_by_layout(
     futures = []
     for unit in units:
         unit_grad = torch.cat([grad[where[k][0] : where[k][0] + where[k][1]] for k in unit])
-        futures.append(_reduce(state, unit, [where[k][1] for k in unit], unit_grad))
+        futures.append(reduce(state, unit, [where[k][1] for k in unit], unit_grad))
 
     def assemble(fut: torch.futures.Future) -> torch.Tensor:
         out = torch.empty_like(grad)

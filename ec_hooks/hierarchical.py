@@ -1,0 +1,213 @@
+"""Hierarchical Mem-SGD: dense inside a node, error-compensated compression between nodes.
+
+Inside a node, ranks talk over NVLink, PCIe or shared memory; between nodes, over a network that
+is 10-100x slower.  Compressing the traffic inside a node costs accuracy and compute for nothing.
+With ``ErrorFeedbackState(..., hierarchical=True)`` a bucket of ``P`` entries is reduced in three
+stages over ``N`` nodes of ``L`` ranks each (:meth:`NodeHierarchy.reduce`):
+
+1. a dense reduce-scatter inside the node: local rank ``j`` owns shard ``j`` (``ceil(P / L)``
+   entries) of the node's mean gradient;
+2. on that shard, the flat Mem-SGD path (:func:`ec_hooks.hooks._reduce`, the same compressors,
+   transports, dense fallback and overflow handling) with the local rank ``j`` of every other
+   node: all ``L`` local ranks use the inter-node link at once, as rail-aligned NCCL rings do;
+3. a dense allgather of the averaged shards inside the node.
+
+Memories belong to the shard owner: a rank's memory (fp32, laid out like the bucket) is zero
+outside the shard it owns and holds, on it, what the node has not sent yet, in units of the
+node's mean gradient.  Each rank adds its whole memory to its gradient before the
+reduce-scatter, so memory left outside the owned shard by a change of bucket layout (DDP's
+rebuild after the first step, a resume) moves to the new owner instead of being stranded.
+Invariant, on every node ``a`` and per owner: ``sum_t mean_node_a(g_t) = sum_t C_t + m_T``
+over its shard, and over the world
+``sum_t mean(g_t) = sum_t out_t + (1 / N) sum_ranks m_T``.
+
+An overflow anywhere (an inf/NaN gradient on any rank) voids the step everywhere, as in the flat
+hook: no memory changes and every rank's result is NaN.  With one node nothing crosses a
+network: the bucket is allreduced dense and no memory is used.
+
+On gloo the reduce-scatter and the inter-node exchange are waited for inside the hook (gloo's
+asynchronous ``Work`` has no future for reduce-scatter); only the last collective, the node's
+allgather, is left running while the backward pass goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from ec_hooks import transport
+
+__all__ = ["NodeHierarchy", "node_layout"]
+
+logger = logging.getLogger(__name__)
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def node_layout(
+    nodes: Sequence[Sequence[int]] | None = None, world_size: int | None = None, env=os.environ
+) -> list[list[int]]:
+    """The global ranks of every node, validated.
+
+    ``nodes`` given: a partition of ``range(world_size)`` into nodes of equal size.  Otherwise from
+    the launcher's environment: ``LOCAL_WORLD_SIZE`` ranks per node, node ``r`` holding global
+    ranks ``r * L ... r * L + L - 1`` (what torchrun and Lightning assign).
+    """
+    world_size = transport.world_size() if world_size is None else world_size
+    if nodes is None:
+        if "LOCAL_WORLD_SIZE" not in env:
+            raise ValueError(
+                "hierarchical=True needs the node layout: set LOCAL_WORLD_SIZE (torchrun does) or pass "
+                "nodes=[[ranks of node 0], [ranks of node 1], ...]"
+            )
+        try:
+            local = int(env["LOCAL_WORLD_SIZE"])
+        except ValueError:
+            raise ValueError(f"LOCAL_WORLD_SIZE must be an integer, got {env['LOCAL_WORLD_SIZE']!r}") from None
+        if local < 1 or world_size % local:
+            raise ValueError(
+                f"LOCAL_WORLD_SIZE={local} does not divide the world size {world_size} into equal nodes"
+            )
+        return [list(range(start, start + local)) for start in range(0, world_size, local)]
+    if isinstance(nodes, (str, bytes)) or not all(
+        isinstance(node, Sequence) and not isinstance(node, (str, bytes)) for node in nodes
+    ):
+        raise ValueError(f"nodes must be a list of lists of global ranks, got {nodes!r}")
+    layout = [[int(r) for r in node] for node in nodes]
+    if not layout or any(not node for node in layout):
+        raise ValueError(f"nodes must list at least one node of at least one rank, got {nodes!r}")
+    if sorted(r for node in layout for r in node) != list(range(world_size)):
+        raise ValueError(f"nodes must list every rank 0..{world_size - 1} exactly once, got {nodes!r}")
+    if len({len(node) for node in layout}) != 1:
+        raise ValueError(f"nodes must all have the same number of ranks, got sizes {[len(n) for n in layout]}")
+    return layout
+
+
+class _ShardMemory:
+    """The owner's shard memory as the flat path sees it: one scratch buffer, set before each call."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def buffer_for(self, keys, numels, device) -> torch.Tensor:
+        return self.buffer
+
+    def layouts(self) -> set:
+        return set()
+
+
+class NodeHierarchy:
+    """Process groups and the three-stage reduction of hierarchical Mem-SGD.
+
+    Created by :class:`~ec_hooks.ErrorFeedbackState` with ``hierarchical=True`` (a collective
+    call: every rank creates every node group and every inter-node group, in the same order).
+
+    Args:
+        state: the owning :class:`~ec_hooks.ErrorFeedbackState` (its compressor and options).
+        nodes: the global ranks of every node (:func:`node_layout`).
+    """
+
+    def __init__(self, state, nodes: Sequence[Sequence[int]]) -> None:
+        from ec_hooks.hooks import ErrorFeedbackState  # hooks imports this module lazily
+
+        self.nodes = [list(node) for node in nodes]
+        self.num_nodes = len(self.nodes)
+        self.local_world_size = len(self.nodes[0])
+        me = dist.get_rank()
+        self.node_rank = next(a for a, node in enumerate(self.nodes) if me in node)
+        self.local_rank = self.nodes[self.node_rank].index(me)
+        self.intra_group = None
+        self.inter_group = None
+        for node in self.nodes:
+            group = dist.new_group(node)
+            if me in node:
+                self.intra_group = group
+        for j in range(self.local_world_size):
+            peers = [node[j] for node in self.nodes]
+            group = dist.new_group(peers)
+            if j == self.local_rank:
+                self.inter_group = group
+        # The flat path over the inter-node group of this rank's shard; its memory is the shard
+        # scratch, its statistics are the owning state's (they count what crosses between nodes).
+        self._shard_state = ErrorFeedbackState(
+            process_group=self.inter_group, compressor=state.compressor, dense_fallback=state.dense_fallback
+        )
+        self._shard_state.memory = _ShardMemory()
+        self._shard_state.stats = state.stats
+
+    def describe(self) -> dict:
+        return {"num_nodes": self.num_nodes, "local_world_size": self.local_world_size}
+
+    def reduce(
+        self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
+    ) -> torch.futures.Future[torch.Tensor]:
+        """The mean of ``grad`` over the world, dense in the node and compressed between nodes."""
+        from ec_hooks.hooks import _reduce
+
+        bytes_dense = grad.numel() * grad.element_size()
+        memory = state.memory.buffer_for(keys, numels, grad.device)
+        if self.num_nodes == 1 or state.iteration < state.start_iter:
+            state.stats.record(bytes_sent=bytes_dense if self.num_nodes > 1 else 0, bytes_dense=bytes_dense,
+                               entries_sent=grad.numel(), entries=grad.numel())
+            return transport.allreduce_mean(grad, state.process_group)
+
+        L, numel = self.local_world_size, grad.numel()
+        shard = -(-numel // L)
+        start = self.local_rank * shard
+        # 1. reduce-scatter of (gradient / L + memory), one status column per shard: each owner
+        #    learns the node's mean gradient on its shard plus every memory entry left there,
+        #    and how many ranks of the node had a non-finite gradient.
+        padded = torch.zeros(L * shard, dtype=torch.float32, device=grad.device)
+        torch.add(memory, grad.float(), alpha=1 / L, out=padded[:numel])
+        local = torch.empty((L, shard + 1), dtype=torch.float32, device=grad.device)
+        local[:, :shard] = padded.view(L, shard)
+        local[:, shard] = (~torch.isfinite(grad).all()).float()
+        owned = torch.empty(shard + 1, dtype=torch.float32, device=grad.device)
+        _reduce_scatter(owned, local.view(-1), group=self.intra_group)
+        acc, node_overflow = owned[:shard], owned[shard] > 0
+        # An overflow on any rank of the node voids the shard's exchange too (the flat path
+        # agrees on it with the other nodes through its status word).
+        acc[:1] = torch.where(node_overflow, float("nan"), acc[:1])
+
+        # 2. the flat Mem-SGD step on the shard.  The wire keeps the gradient's dtype; the
+        #    rounding remainder starts the scratch memory, so that memory + gradient == acc.
+        shard_grad = acc.to(grad.dtype)
+        scratch = acc - shard_grad.float()
+        sub = self._shard_state
+        sub.memory.buffer = scratch
+        sub.iteration = state.iteration
+        shard_keys = (("node_shard", self.local_rank, L), *keys)
+        mean = _reduce(sub, shard_keys, [shard], shard_grad).wait()
+
+        # 3. allgather inside the node, each shard with its owner's "void" word.
+        void = (~torch.isfinite(mean).all()).to(grad.dtype).reshape(1)
+        fut = transport.allgather(torch.cat([mean.to(grad.dtype), void]), self.intra_group)
+        length = max(0, min(shard, numel - start))
+
+        def finish(fut: torch.futures.Future) -> torch.Tensor:
+            rows = fut.value()
+            any_void = rows[:, shard].sum() > 0
+            out = rows[:, :shard].reshape(-1)[:numel]
+            owned_memory = torch.zeros_like(memory)
+            owned_memory[start : start + length] = scratch[:length]
+            memory.copy_(torch.where(any_void, memory, owned_memory))
+            state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
+            return torch.where(any_void, float("nan"), out).to(grad.dtype).view_as(grad)
+
+        return fut.then(finish)
+
+    def owned_slice(self, numel: int) -> slice:
+        """The entries of a ``numel``-entry bucket this rank owns."""
+        shard = -(-numel // self.local_world_size)
+        start = min(numel, self.local_rank * shard)
+        return slice(start, min(numel, start + shard))
+
+    def __getstate__(self):
+        raise TypeError(
+            "a hierarchical ErrorFeedbackState holds process groups and cannot be copied or pickled: save "
+            "state.state_dict() and load it into a state created in the new process"
+        )

@@ -1,0 +1,224 @@
+"""Hierarchical Mem-SGD (dense inside a node, compressed between nodes) on real gloo processes."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ec_hooks
+from ec_hooks import ErrorFeedbackState, error_feedback_hook
+from ec_hooks.hierarchical import node_layout
+
+from .distributed import run_distributed
+from .test_hooks import Recorder, _gather, _roundtrip, batch, make_model, train
+
+TWO_BY_TWO = [[0, 1], [2, 3]]
+
+COMPRESSORS = {
+    "topk": lambda: ec_hooks.TopK(0.1),
+    "randk": lambda: ec_hooks.RandK(0.1, seed=1),
+    "sign": lambda: ec_hooks.ScaledSign(),
+    "identity": lambda: ec_hooks.Identity(),
+}
+
+
+def _two_by_two(rank, world_size):
+    reference = train(DDP(make_model()), 6, rank)
+    report = {}
+    for name, build in COMPRESSORS.items():
+        model = DDP(make_model(), bucket_cap_mb=0.0005)  # several buckets, rebuilt after step 1
+        state = ErrorFeedbackState(compressor=build(), module=model, hierarchical=True, nodes=TWO_BY_TWO)
+        recorder = Recorder(state)
+        model.register_comm_hook(state, recorder)
+        params = train(model, 6, rank)
+        gathered = _gather(params)
+        same = all(torch.equal(gathered[0], g) for g in gathered)
+        # (1/L) sum_t sum_i g_i = N sum_t out + sum_i m_i  (memories in units of a node's mean)
+        memories = state.memory.state_dict()
+        keys = sorted(recorder.grad_sum)
+        grad_total = torch.cat([recorder.grad_sum[k] for k in keys])
+        out_total = torch.cat([recorder.out_sum[k] for k in keys])
+        memory = torch.cat([memories[k].double() for k in keys])
+        dist.all_reduce(grad_total)
+        dist.all_reduce(memory)
+        residual = float((grad_total / 2 - 2 * out_total - memory).abs().max())
+        # memories belong to the shard owner: zero outside the owned slice of every live bucket
+        outside = 0.0
+        for layout in state.memory.layouts():
+            buffer = state.memory._buffers[layout]
+            owned = state.hierarchy.owned_slice(buffer.numel())
+            mask = torch.ones(buffer.numel(), dtype=torch.bool)
+            mask[owned] = False
+            outside = max(outside, float(buffer[mask].abs().max()) if mask.any() else 0.0)
+        to_reference = max(float((a - b).abs().max()) for a, b in zip(params, reference))
+        report[name] = (same, residual, float(grad_total.abs().max()), outside, to_reference, state.stats.as_dict())
+    # bytes between nodes per rank: each rank sends its shard's payload once, not n payloads
+    flat_model = DDP(make_model(), bucket_cap_mb=25)
+    flat = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=flat_model)
+    flat_model.register_comm_hook(flat, error_feedback_hook)
+    train(flat_model, 2, rank)
+    hier_model = DDP(make_model(), bucket_cap_mb=25)
+    hier = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=hier_model, hierarchical=True, nodes=TWO_BY_TWO)
+    hier_model.register_comm_hook(hier, error_feedback_hook)
+    train(hier_model, 2, rank)
+    report["bytes"] = (flat.stats.last_bytes_sent, hier.stats.last_bytes_sent)
+    return report
+
+
+def test_two_nodes_of_two_ranks_agree_conserve_mass_and_keep_memories_with_owners():
+    for per_rank in run_distributed(_two_by_two, 4):
+        flat_bytes, hier_bytes = per_rank.pop("bytes")
+        assert hier_bytes <= 0.6 * flat_bytes, (flat_bytes, hier_bytes)
+        for name, (same, residual, scale, outside, to_reference, stats) in per_rank.items():
+            assert same, f"{name}: ranks diverged"
+            assert residual <= 1e-5 * max(scale, 1.0), f"{name}: gradient mass lost ({residual})"
+            assert outside == 0.0, f"{name}: memory outside the owned shard"
+            assert stats["steps"] == 6
+            if name == "identity":
+                assert to_reference <= 1e-6, "identity between nodes must be plain allreduce"
+            else:
+                assert stats["compression_ratio"] > 1.0, name
+                assert to_reference > 1e-4, f"{name}: compression had no effect"
+
+
+def _degenerate(rank, world_size):
+    reference_model = DDP(make_model(), bucket_cap_mb=0.0005)
+    reference_model.register_comm_hook(None, default_hooks.allreduce_hook)
+    reference = train(reference_model, 4, rank)
+
+    def run(**options):
+        model = DDP(make_model(), bucket_cap_mb=0.0005)
+        state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, **options)
+        model.register_comm_hook(state, error_feedback_hook)
+        return train(model, 4, rank), state
+
+    flat, _ = run()
+    one_rank_nodes, _ = run(hierarchical=True, nodes=[[r] for r in range(world_size)])
+    os.environ["LOCAL_WORLD_SIZE"] = str(world_size)
+    one_node, state = run(hierarchical=True)
+    del os.environ["LOCAL_WORLD_SIZE"]
+    return (
+        max(float((a - b).abs().max()) for a, b in zip(flat, one_rank_nodes)),
+        max(float((a - b).abs().max()) for a, b in zip(reference, one_node)),
+        state.memory.norm(),
+        state.stats.as_dict()["bytes_sent"],
+    )
+
+
+def test_nodes_of_one_rank_are_flat_mem_sgd_and_one_node_is_plain_allreduce():
+    for flat_gap, allreduce_gap, memory_norm, bytes_between_nodes in run_distributed(_degenerate, 3):
+        assert flat_gap == 0.0
+        assert allreduce_gap == 0.0
+        assert memory_norm == 0.0 and bytes_between_nodes == 0
+
+
+def _void_and_resume(rank, world_size):
+    def fresh():
+        model = DDP(make_model(), bucket_cap_mb=0.0005)
+        state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, hierarchical=True, nodes=TWO_BY_TWO)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, state, opt
+
+    outputs = []
+
+    def poison(state, bucket):
+        if state.iteration == 2 and rank == 3:
+            bucket.buffer()[3] = float("inf")
+        return error_feedback_hook(state, bucket).then(lambda f: outputs.append((state.iteration, f.value().clone()))
+                                                       or f.value())
+
+    def steps(model, state, opt, start, stop, memories=None):
+        for step in range(start, stop):
+            x, y = batch(rank, step)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if memories is not None:
+                memories.append(state.memory.state_dict())
+            if all(torch.isfinite(p.grad).all() for p in model.parameters()):
+                opt.step()
+
+    model, state, opt = fresh()
+    model.register_comm_hook(state, poison)
+    memories = []
+    steps(model, state, opt, 0, 4, memories)
+    voided = all(bool(torch.isnan(out).all()) for it, out in outputs if it == 3)
+    others_finite = all(bool(torch.isfinite(out).all()) for it, out in outputs if it != 3)
+    unchanged = max(float((memories[1][k] - memories[2][k]).abs().max()) for k in memories[1])
+
+    model, state, opt = fresh()
+    model.register_comm_hook(state, error_feedback_hook)
+    steps(model, state, opt, 0, 8)
+    straight = [p.detach().clone() for p in model.parameters()]
+    model, state, opt = fresh()
+    model.register_comm_hook(state, error_feedback_hook)
+    steps(model, state, opt, 0, 4)
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()}
+    checkpoint = torch.load(_roundtrip(checkpoint), weights_only=False)
+    model, state, opt = fresh()
+    model.register_comm_hook(state, error_feedback_hook)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    state.load_state_dict(checkpoint["hook"])
+    steps(model, state, opt, 4, 8)
+    resumed = [p.detach().clone() for p in model.parameters()]
+    gap = max(float((a - b).abs().max()) for a, b in zip(straight, resumed))
+
+    flat = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model)
+    errors = []
+    for target, source in ((flat, checkpoint["hook"]), (state, flat.state_dict())):
+        try:
+            target.load_state_dict(source)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return voided, others_finite, unchanged, gap, errors
+
+
+def test_overflow_voids_the_step_on_every_node_and_resume_is_exact():
+    for voided, others_finite, unchanged, gap, errors in run_distributed(_void_and_resume, 4):
+        assert voided and others_finite
+        assert unchanged == 0.0
+        assert gap == 0.0
+        assert len(errors) == 2 and all("hierarchy" in e for e in errors)
+
+
+def _bad_arguments(rank, world_size):
+    errors = []
+    for options in ({"hierarchical": "yes"}, {"nodes": [[0], [1]]},
+                    {"hierarchical": True, "process_group": dist.group.WORLD}):
+        try:
+            ErrorFeedbackState(**options)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def test_bad_arguments_raise_at_construction():
+    errors = run_distributed(_bad_arguments, 2)[0]
+    assert len(errors) == 3
+    assert "hierarchical must be True or False" in errors[0]
+    assert "nodes is only used with hierarchical=True" in errors[1]
+    assert "process_group" in errors[2]
+
+
+@pytest.mark.parametrize(
+    "nodes, env, message",
+    [
+        (None, {}, "LOCAL_WORLD_SIZE"),
+        (None, {"LOCAL_WORLD_SIZE": "3"}, "does not divide"),
+        (None, {"LOCAL_WORLD_SIZE": "two"}, "must be an integer"),
+        ([[0, 1, 2], [3]], {}, "same number of ranks"),
+        ([[0, 1], [1, 2]], {}, "exactly once"),
+        ("0123", {}, "lists of global ranks"),
+    ],
+)
+def test_node_layout_refuses_bad_layouts(nodes, env, message):
+    with pytest.raises(ValueError, match=message):
+        node_layout(nodes, world_size=4, env=env)
+
+
+def test_node_layout_from_the_launcher_environment():
+    assert node_layout(None, world_size=4, env={"LOCAL_WORLD_SIZE": "2"}) == TWO_BY_TWO
+    assert node_layout([[2, 3], [0, 1]], world_size=4) == [[2, 3], [0, 1]]
