@@ -51,6 +51,10 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             (DGC's warm-up, top-k and rand-k; default 0, off).
         momentum_masking: DGC's momentum factor masking (default ``False``; see
             :class:`~ec_hooks.ErrorFeedbackState`).
+        hierarchical: dense inside each node, compressed only between nodes
+            (:mod:`ec_hooks.hierarchical`); the nodes are the Trainer's ``num_nodes`` x
+            ``devices`` unless ``nodes`` lists them.
+        nodes: with ``hierarchical``, the global ranks of every node.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``bucket_cap_mb``,
             ``static_graph``, ``process_group_backend``, ``start_method``...).
 
@@ -67,6 +71,8 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         momentum_correction: bool = True,
         density_warmup_steps: int = 0,
         momentum_masking: bool = False,
+        hierarchical: bool = False,
+        nodes: list[list[int]] | None = None,
         **kwargs: Any,
     ) -> None:
         reject_comm_hook_kwargs(type(self).__name__, kwargs)
@@ -86,6 +92,12 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
         self.momentum_masking = momentum_masking
+        if not isinstance(hierarchical, bool):
+            raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
+        if nodes is not None and not hierarchical:
+            raise ValueError("nodes is only used with hierarchical=True")
+        self.hierarchical = hierarchical
+        self.nodes = nodes
         super().__init__(**kwargs)
         self.comm_state: ErrorFeedbackState | None = None
         # what setup moved into the hook (MomentumCorrection's arguments); kept for a second fit
@@ -106,6 +118,8 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             module=self.model,
             dense_fallback=self.dense_fallback,
             density_warmup_steps=self.density_warmup_steps,
+            hierarchical=self.hierarchical,
+            nodes=self._node_layout() if self.hierarchical else None,
         )
         if self._moved is not None:
             # a second fit: the first one's settings, so that its velocities load
@@ -153,6 +167,13 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if scaler is not None:
             # the hook sees loss-scaled gradients; rescale_memories() keeps the threshold in step
             self.comm_state.momentum_correction.clip_scale = float(scaler.get_scale())
+
+    def _node_layout(self) -> list[list[int]]:
+        if self.nodes is not None:
+            return self.nodes
+        # Lightning numbers ranks node by node: global rank = node_rank * devices + local_rank.
+        per_node = self.num_processes
+        return [list(range(a * per_node, (a + 1) * per_node)) for a in range(self.num_nodes)]
 
     def has_worker_state(self) -> bool:
         return self.comm_state is not None
