@@ -285,6 +285,10 @@ class GossipAlgorithm:
             signature of a consensus step too large for the compressor; the slower, polynomial
             growth of a run that starts from identical models (or warms its learning rate up)
             does not pass this test, nor does growth far below the scale of the model.
+        hierarchical: average exactly inside each node and gossip between nodes, with
+            ``topology`` over the nodes (:class:`ec_hooks.hierarchical.HierarchicalGossip`).
+        nodes: with ``hierarchical``, the global ranks of every node; default
+            ``LOCAL_WORLD_SIZE`` consecutive ranks per node.
 
     Attributes:
         params, topology, compressor, consensus_step, iteration (steps taken), stats
@@ -301,6 +305,19 @@ class GossipAlgorithm:
     #: buffers kept in another dtype than fp32
     _buffer_dtypes: dict[str, torch.dtype] = {}
 
+    def __new__(cls, *args, hierarchical: bool = False, nodes=None, **kwargs):
+        # hierarchical=True: exact averaging inside each node, this algorithm between the nodes
+        # (ec_hooks.hierarchical.HierarchicalGossip; ``topology`` is then over the nodes).
+        if not isinstance(hierarchical, bool):
+            raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
+        if hierarchical:
+            from ec_hooks.hierarchical import HierarchicalGossip
+
+            return HierarchicalGossip(cls, *args, nodes=nodes, **kwargs)
+        if nodes is not None:
+            raise ValueError("nodes is only used with hierarchical=True")
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: Iterable[torch.Tensor],
@@ -312,6 +329,8 @@ class GossipAlgorithm:
         watch_every: int = 100,
         watch_patience: int = 3,
         watch_growth: float = 1.5,
+        hierarchical: bool = False,
+        nodes=None,
     ) -> None:
         self._setup(params, topology, compressor, consensus_step, process_group,
                     transport.rank_in(process_group), transport.world_size(process_group),

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from ec_hooks import transport
 
-__all__ = ["NodeHierarchy", "node_layout"]
+__all__ = ["HierarchicalGossip", "NodeHierarchy", "node_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +100,12 @@ class _ShardMemory:
         return set()
 
 
-class NodeHierarchy:
-    """Process groups and the three-stage reduction of hierarchical Mem-SGD.
+class _NodeGroups:
+    """The node layout and this rank's two process groups: its node, and the ranks of the same
+    local rank on every node.  Creating them is collective: every rank creates every group, in
+    the same order."""
 
-    Created by :class:`~ec_hooks.ErrorFeedbackState` with ``hierarchical=True`` (a collective
-    call: every rank creates every node group and every inter-node group, in the same order).
-
-    Args:
-        state: the owning :class:`~ec_hooks.ErrorFeedbackState` (its compressor and options).
-        nodes: the global ranks of every node (:func:`node_layout`).
-    """
-
-    def __init__(self, state, nodes: Sequence[Sequence[int]]) -> None:
-        from ec_hooks.hooks import ErrorFeedbackState  # hooks imports this module lazily
-
+    def __init__(self, nodes: Sequence[Sequence[int]]) -> None:
         self.nodes = [list(node) for node in nodes]
         self.num_nodes = len(self.nodes)
         self.local_world_size = len(self.nodes[0])
@@ -127,10 +119,45 @@ class NodeHierarchy:
             if me in node:
                 self.intra_group = group
         for j in range(self.local_world_size):
-            peers = [node[j] for node in self.nodes]
-            group = dist.new_group(peers)
+            group = dist.new_group([node[j] for node in self.nodes])
             if j == self.local_rank:
                 self.inter_group = group
+
+    def describe(self) -> dict:
+        return {"num_nodes": self.num_nodes, "local_world_size": self.local_world_size}
+
+    def shard_size(self, numel: int) -> int:
+        return -(-numel // self.local_world_size)
+
+    def owned_slice(self, numel: int) -> slice:
+        """The entries of a ``numel``-entry buffer this rank owns."""
+        shard = self.shard_size(numel)
+        start = min(numel, self.local_rank * shard)
+        return slice(start, min(numel, start + shard))
+
+    def node_mean_shard(self, flat: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = this rank's shard of the node's mean of the fp32 ``flat`` (one reduce-scatter)."""
+        L, numel, shard = self.local_world_size, flat.numel(), out.numel()
+        padded = torch.zeros(L * shard, dtype=torch.float32, device=flat.device)
+        torch.mul(flat, 1 / L, out=padded[:numel])
+        _reduce_scatter(out, padded, group=self.intra_group)
+
+
+class NodeHierarchy(_NodeGroups):
+    """Process groups and the three-stage reduction of hierarchical Mem-SGD.
+
+    Created by :class:`~ec_hooks.ErrorFeedbackState` with ``hierarchical=True`` (a collective
+    call: every rank creates every node group and every inter-node group, in the same order).
+
+    Args:
+        state: the owning :class:`~ec_hooks.ErrorFeedbackState` (its compressor and options).
+        nodes: the global ranks of every node (:func:`node_layout`).
+    """
+
+    def __init__(self, state, nodes: Sequence[Sequence[int]]) -> None:
+        from ec_hooks.hooks import ErrorFeedbackState  # hooks imports this module lazily
+
+        _NodeGroups.__init__(self, nodes)
         # The flat path over the inter-node group of this rank's shard; its memory is the shard
         # scratch, its statistics are the owning state's (they count what crosses between nodes).
         self._shard_state = ErrorFeedbackState(
@@ -138,9 +165,6 @@ class NodeHierarchy:
         )
         self._shard_state.memory = _ShardMemory()
         self._shard_state.stats = state.stats
-
-    def describe(self) -> dict:
-        return {"num_nodes": self.num_nodes, "local_world_size": self.local_world_size}
 
     def reduce(
         self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
@@ -200,14 +224,137 @@ class NodeHierarchy:
 
         return fut.then(finish)
 
-    def owned_slice(self, numel: int) -> slice:
-        """The entries of a ``numel``-entry bucket this rank owns."""
-        shard = -(-numel // self.local_world_size)
-        start = min(numel, self.local_rank * shard)
-        return slice(start, min(numel, start + shard))
-
     def __getstate__(self):
         raise TypeError(
             "a hierarchical ErrorFeedbackState holds process groups and cannot be copied or pickled: save "
             "state.state_dict() and load it into a state created in the new process"
         )
+
+
+class HierarchicalGossip:
+    """Gossip over a topology of nodes: exact averaging inside each node, compressed gossip between.
+
+    Built by ``DeepSqueeze(..., hierarchical=True)`` (and ``ChocoSGD``, ``DPSGD``); takes the
+    algorithm's arguments, with the ``topology`` over the ``N`` nodes.  :meth:`step`, called after
+    ``optimizer.step()`` on every rank:
+
+    1. a reduce-scatter of the model inside the node: local rank ``j`` holds shard ``j``
+       (``ceil(d / L)`` entries) of the node's mean model;
+    2. the algorithm's own step on that shard (``inner``, the same class with a process group of
+       the local rank ``j`` of every node): compression with the owner's error buffers, exchange
+       with the neighbouring nodes, mixing;
+    3. an allgather of the shards inside the node, written back to the parameters.
+
+    Every rank of a node then holds the same model; the mean over all ranks moves as the mean of
+    the local optimizer steps (the node mean is exact, and the gossip between nodes keeps the mean
+    of the nodes).  Error buffers (DeepSqueeze's ``delta``, CHOCO's public copies) belong to the
+    shard owner.  ``stats`` count the bytes sent between nodes.  :meth:`average_parameters` and
+    :meth:`consensus_distance` are over all ranks, as for the flat algorithms.
+    """
+
+    def __init__(self, algorithm_class, params, topology="ring", compressor=None, consensus_step=None,
+                 process_group=None, *, nodes: Sequence[Sequence[int]] | None = None, watch_every: int = 100,
+                 watch_patience: int = 3, watch_growth: float = 1.5) -> None:
+        from ec_hooks.gossip import _collect_params  # gossip imports this module lazily
+
+        if process_group is not None:
+            raise ValueError("hierarchical=True gossips over the default process group: leave process_group=None")
+        self.groups = _NodeGroups(node_layout(nodes))
+        self.params = _collect_params(params)
+        self.numel = sum(p.numel() for p in self.params)
+        self.world_size = transport.world_size()
+        self.rank = transport.rank_in()
+        self._shard = torch.zeros(self.groups.shard_size(self.numel), dtype=torch.float32,
+                                  device=self.params[0].device)
+        self.inner = algorithm_class([self._shard], topology=topology, compressor=compressor,
+                                     consensus_step=consensus_step, process_group=self.groups.inter_group,
+                                     watch_every=0, watch_patience=watch_patience, watch_growth=watch_growth)
+        self.watch_every = watch_every
+        self.last_consensus_distance: float | None = None
+
+    # what the strategies and callbacks read
+    @property
+    def stats(self):
+        return self.inner.stats
+
+    @property
+    def iteration(self) -> int:
+        return self.inner.iteration
+
+    @property
+    def compressor(self):
+        return self.inner.compressor
+
+    @property
+    def topology(self):
+        return self.inner.topology
+
+    @property
+    def consensus_step(self) -> float:
+        return self.inner.consensus_step
+
+    def _flatten(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+
+    def step(self) -> None:
+        """Average inside the node, gossip the owned shard between nodes, gather the node's model."""
+        with torch.no_grad():
+            self.groups.node_mean_shard(self._flatten(), self._shard)
+            self.inner.step()
+            gathered = transport.allgather(self._shard, self.groups.intra_group).wait()
+            flat, offset = gathered.reshape(-1), 0
+            for p in self.params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        if self.watch_every and self.iteration % self.watch_every == 0:
+            self.inner._watch(self.consensus_distance())
+
+    def average_parameters(self) -> list[torch.Tensor]:
+        """The mean model over all ranks (one allreduce), as new tensors.  Collective."""
+        with torch.no_grad():
+            x = self._flatten()
+            transport.allreduce_mean(x).wait()
+            out, offset = [], 0
+            for p in self.params:
+                out.append(x[offset : offset + p.numel()].view_as(p).to(p.dtype).clone())
+                offset += p.numel()
+        return out
+
+    def consensus_distance(self) -> float:
+        """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all ranks, fp64.  Collective."""
+        with torch.no_grad():
+            x = torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.params])
+            mean = x.clone()
+            dist.all_reduce(mean)
+            mean.div_(self.world_size)
+            spread = (x - mean).pow(2).sum().reshape(1)
+            dist.all_reduce(spread)
+            self.inner._mean_norm = float(mean.norm())
+        self.last_consensus_distance = float(spread.item() / self.world_size) ** 0.5
+        return self.last_consensus_distance
+
+    def state_dict(self) -> dict:
+        """The shard owner's algorithm state (its buffers hold this rank's shard) and the node layout."""
+        return {"hierarchy": self.groups.describe(), "rank": self.rank, "numel": self.numel,
+                "inner": self.inner.state_dict()}
+
+    def check_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "hierarchy" not in state_dict:
+            raise ValueError("state_dict is not a hierarchical gossip state dict (no 'hierarchy' entry): it was "
+                             "saved by a flat gossip algorithm")
+        if state_dict["hierarchy"] != self.groups.describe():
+            raise ValueError(f"state_dict was saved with hierarchy={state_dict['hierarchy']}, this one has "
+                             f"{self.groups.describe()}")
+        if state_dict.get("rank") != self.rank or state_dict.get("numel") != self.numel:
+            raise ValueError(f"state_dict belongs to rank {state_dict.get('rank')} of a model of "
+                             f"{state_dict.get('numel')} entries; this is rank {self.rank} of {self.numel}")
+        self.inner.check_state_dict(state_dict["inner"])
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.check_state_dict(state_dict)
+        self.inner.load_state_dict(state_dict["inner"])
+
+    def __repr__(self) -> str:
+        return (f"Hierarchical{type(self.inner).__name__}(numel={self.numel}, nodes={self.groups.num_nodes}x"
+                f"{self.groups.local_world_size}, topology={self.topology.name!r}, compressor={self.compressor!r}, "
+                f"consensus_step={self.consensus_step:g})")

@@ -25,6 +25,23 @@ def reject_comm_hook_kwargs(strategy: str, kwargs: dict) -> None:
             )
 
 
+def check_hierarchy(hierarchical, nodes) -> None:
+    """ValueError unless ``hierarchical`` is a bool and ``nodes`` comes only with it."""
+    if not isinstance(hierarchical, bool):
+        raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
+    if nodes is not None and not hierarchical:
+        raise ValueError("nodes is only used with hierarchical=True")
+
+
+def node_layout(strategy, nodes: list[list[int]] | None) -> list[list[int]]:
+    """``nodes``, or the Trainer's ``num_nodes`` x ``devices`` (Lightning numbers ranks node by
+    node: global rank = node_rank * devices + local_rank)."""
+    if nodes is not None:
+        return nodes
+    per_node = strategy.num_processes
+    return [list(range(a * per_node, (a + 1) * per_node)) for a in range(strategy.num_nodes)]
+
+
 def build_compressor(compressor: str | Compressor | None, density: float | None) -> Compressor | None:
     """A compressor from a name and a density, or the object itself (``None`` stays ``None``).
 

@@ -38,7 +38,13 @@ from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze, GossipAlgorithm
 from ec_hooks.hooks import local_hook
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
-from lightning_plugin.arguments import build_compressor, check_unit_interval, reject_comm_hook_kwargs
+from lightning_plugin.arguments import (
+    build_compressor,
+    check_hierarchy,
+    check_unit_interval,
+    node_layout,
+    reject_comm_hook_kwargs,
+)
 from lightning_plugin.averaging import ModelSwap, average_state_dict, broadcast_buffers
 from lightning_plugin.worker_state import WorkerStateDDPStrategy
 
@@ -62,6 +68,10 @@ class GossipStrategy(WorkerStateDDPStrategy):
             compressor (:func:`ec_hooks.gossip.default_consensus_step`).
         watch_every: measure the consensus distance every this many steps and warn when it keeps
             growing (0: off).
+        hierarchical: average exactly inside each node and gossip between nodes; ``topology``
+            is then over the nodes (:class:`ec_hooks.hierarchical.HierarchicalGossip`).  The
+            nodes are the Trainer's ``num_nodes`` x ``devices`` unless ``nodes`` lists them.
+        nodes: with ``hierarchical``, the global ranks of every node.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`.
 
     One optimizer gossips all trainable parameters; with several optimizers, each optimizer's
@@ -77,9 +87,14 @@ class GossipStrategy(WorkerStateDDPStrategy):
         density: float | None = None,
         consensus_step: float | None = None,
         watch_every: int = 100,
+        hierarchical: bool = False,
+        nodes: list[list[int]] | None = None,
         **kwargs: Any,
     ) -> None:
         reject_comm_hook_kwargs(type(self).__name__, kwargs)
+        check_hierarchy(hierarchical, nodes)
+        self.hierarchical = hierarchical
+        self.nodes = nodes
         self.compressor = build_compressor(compressor, density)
         self.consensus_step = check_unit_interval("consensus_step", consensus_step)
         self.watch_every = _check_int("watch_every", watch_every, 0)
@@ -161,6 +176,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
                 compressor=self.compressor,
                 consensus_step=self.consensus_step,
                 watch_every=self.watch_every,
+                **({"hierarchical": True, "nodes": node_layout(self, self.nodes)} if self.hierarchical else {}),
             )
             gossips.append(gossip)
             self._gossip_optimizers.append(id(optimizer))

@@ -14,7 +14,7 @@ from ec_hooks.compressors import Compressor, _check_int
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook
 from ec_hooks.momentum import MomentumCorrection
 from ec_hooks.stats import CommStats
-from lightning_plugin.arguments import build_compressor, reject_comm_hook_kwargs
+from lightning_plugin.arguments import build_compressor, check_hierarchy, node_layout, reject_comm_hook_kwargs
 from lightning_plugin.worker_state import WorkerStateDDPStrategy
 
 __all__ = ["MemSGDStrategy"]
@@ -53,7 +53,8 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             :class:`~ec_hooks.ErrorFeedbackState`).
         hierarchical: dense inside each node, compressed only between nodes
             (:mod:`ec_hooks.hierarchical`); the nodes are the Trainer's ``num_nodes`` x
-            ``devices`` unless ``nodes`` lists them.
+            ``devices`` unless ``nodes`` lists them.  The optimizer then keeps its own momentum
+            (momentum correction and the density warm-up are not combined with it yet).
         nodes: with ``hierarchical``, the global ranks of every node.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``bucket_cap_mb``,
             ``static_graph``, ``process_group_backend``, ``start_method``...).
@@ -87,15 +88,15 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         self.dense_fallback = dense_fallback
         if not isinstance(momentum_correction, bool):
             raise ValueError(f"momentum_correction must be True or False, got {momentum_correction!r}")
-        self.momentum_correction = momentum_correction
         self.density_warmup_steps = _check_int("density_warmup_steps", density_warmup_steps, 0)
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
         self.momentum_masking = momentum_masking
-        if not isinstance(hierarchical, bool):
-            raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
-        if nodes is not None and not hierarchical:
-            raise ValueError("nodes is only used with hierarchical=True")
+        check_hierarchy(hierarchical, nodes)
+        if hierarchical and density_warmup_steps:
+            raise ValueError("hierarchical=True is not combined with density_warmup_steps yet: leave it at 0")
+        # The hierarchical hook does not apply momentum correction yet: the optimizer keeps its own.
+        self.momentum_correction = momentum_correction and not hierarchical
         self.hierarchical = hierarchical
         self.nodes = nodes
         super().__init__(**kwargs)
@@ -119,7 +120,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             dense_fallback=self.dense_fallback,
             density_warmup_steps=self.density_warmup_steps,
             hierarchical=self.hierarchical,
-            nodes=self._node_layout() if self.hierarchical else None,
+            nodes=node_layout(self, self.nodes) if self.hierarchical else None,
         )
         if self._moved is not None:
             # a second fit: the first one's settings, so that its velocities load
@@ -167,13 +168,6 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if scaler is not None:
             # the hook sees loss-scaled gradients; rescale_memories() keeps the threshold in step
             self.comm_state.momentum_correction.clip_scale = float(scaler.get_scale())
-
-    def _node_layout(self) -> list[list[int]]:
-        if self.nodes is not None:
-            return self.nodes
-        # Lightning numbers ranks node by node: global rank = node_rank * devices + local_rank.
-        per_node = self.num_processes
-        return [list(range(a * per_node, (a + 1) * per_node)) for a in range(self.num_nodes)]
 
     def has_worker_state(self) -> bool:
         return self.comm_state is not None

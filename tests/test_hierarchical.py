@@ -222,3 +222,113 @@ def test_node_layout_refuses_bad_layouts(nodes, env, message):
 def test_node_layout_from_the_launcher_environment():
     assert node_layout(None, world_size=4, env={"LOCAL_WORLD_SIZE": "2"}) == TWO_BY_TWO
     assert node_layout([[2, 3], [0, 1]], world_size=4) == [[2, 3], [0, 1]]
+
+
+# ---------------------------------------------------------------- hierarchical gossip
+
+
+def _local_steps(model, rank, step):
+    x, y = batch(rank, step)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.1 * p.grad)
+
+
+def _flat_params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _world_mean(t):
+    t = t.clone().double()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def _gossip_two_by_two(rank, world_size):
+    report = {}
+    for name, build in (("deepsqueeze", lambda p, **kw: ec_hooks.DeepSqueeze(p, compressor=ec_hooks.TopK(0.1), **kw)),
+                        ("choco", lambda p, **kw: ec_hooks.ChocoSGD(p, compressor=ec_hooks.TopK(0.1), **kw)),
+                        ("dpsgd", lambda p, **kw: ec_hooks.DPSGD(p, **kw))):
+        model = make_model(seed=rank)  # different on every rank
+        gossip = build(model.parameters(), hierarchical=True, nodes=TWO_BY_TWO, watch_every=0)
+        drift, node_gap = 0.0, 0.0
+        for step in range(5):
+            _local_steps(model, rank, step)
+            before = _world_mean(_flat_params(model))
+            gossip.step()
+            after = _flat_params(model)
+            drift = max(drift, float((_world_mean(after) - before).abs().max()))
+            peers = _gather([after])
+            node_gap = max(node_gap, float((peers[0] - peers[1]).abs().max()), float((peers[2] - peers[3]).abs().max()))
+        spread = float((peers[0] - peers[2]).abs().max())
+        average = torch.cat([p.reshape(-1) for p in gossip.average_parameters()])
+        report[name] = (drift, node_gap, spread, float((average.double() - _world_mean(after)).abs().max()),
+                        gossip.stats.bytes_sent, gossip.consensus_distance(), gossip.iteration)
+    # D-PSGD between two nodes (pair weights 1/2) is the exact mean of everything
+    report["dpsgd_exact"] = float((after.double() - _world_mean(after)).abs().max())
+    model = make_model()
+    flat_model = make_model()
+    flat = ec_hooks.DeepSqueeze(flat_model.parameters(), compressor=ec_hooks.TopK(0.1), watch_every=0)
+    hier = ec_hooks.DeepSqueeze(model.parameters(), compressor=ec_hooks.TopK(0.1), hierarchical=True,
+                                nodes=TWO_BY_TWO, watch_every=0)
+    flat.step()
+    hier.step()
+    report["bytes"] = (flat.stats.bytes_sent, hier.stats.bytes_sent)
+
+    # exact resume: 6 steps straight against 3, state dict round trip into a fresh object, 3 more
+    def fresh():
+        m = make_model(seed=rank)
+        return m, ec_hooks.DeepSqueeze(m.parameters(), compressor=ec_hooks.TopK(0.1), hierarchical=True,
+                                       nodes=TWO_BY_TWO, watch_every=0)
+
+    model, gossip = fresh()
+    for step in range(6):
+        _local_steps(model, rank, step)
+        gossip.step()
+    straight = _flat_params(model)
+    model, gossip = fresh()
+    for step in range(3):
+        _local_steps(model, rank, step)
+        gossip.step()
+    saved = torch.load(_roundtrip({"model": model.state_dict(), "gossip": gossip.state_dict()}), weights_only=False)
+    model, gossip = fresh()
+    model.load_state_dict(saved["model"])
+    gossip.load_state_dict(saved["gossip"])
+    for step in range(3, 6):
+        _local_steps(model, rank, step)
+        gossip.step()
+    report["resume_gap"] = float((_flat_params(model) - straight).abs().max())
+    errors = []
+    for target, source in ((gossip, flat.state_dict()), (flat, saved["gossip"])):
+        try:
+            target.load_state_dict(source)
+        except ValueError as exc:
+            errors.append(str(exc))
+    for options in ({"hierarchical": "yes"}, {"nodes": TWO_BY_TWO}):
+        try:
+            ec_hooks.DeepSqueeze(make_model().parameters(), **options)
+        except ValueError as exc:
+            errors.append(str(exc))
+    report["errors"] = errors
+    return report
+
+
+def test_hierarchical_gossip_averages_nodes_exactly_keeps_the_mean_and_resumes_exactly():
+    for per_rank in run_distributed(_gossip_two_by_two, 4):
+        flat_bytes, hier_bytes = per_rank.pop("bytes")
+        assert 0 < hier_bytes <= flat_bytes / 2  # one neighbour node, half the model: a quarter here
+        assert per_rank.pop("dpsgd_exact") < 1e-6
+        assert per_rank.pop("resume_gap") == 0.0
+        errors = per_rank.pop("errors")
+        assert len(errors) == 4
+        assert "flat gossip" in errors[0] and "not a gossip state dict" in errors[1]
+        assert "hierarchical must be True or False" in errors[2] and "only used with hierarchical" in errors[3]
+        for name, (drift, node_gap, spread, average_gap, sent, distance, iteration) in per_rank.items():
+            assert drift < 1e-5, f"{name}: the mean model moved ({drift})"
+            assert node_gap == 0.0, f"{name}: ranks of one node differ"
+            assert iteration == 5 and sent > 0
+            assert average_gap < 1e-6
+            if name != "dpsgd":
+                assert spread > 0 and distance > 0, f"{name}: compressed gossip cannot reach consensus in 5 steps"

@@ -3,7 +3,7 @@
     torchrun ... tests/two_nodes_worker.py hooks --out OUT --steps 12 --methods flat hier deepsqueeze
     torchrun ... tests/two_nodes_worker.py lightning --out OUT --num-nodes 2 --devices 2
 
-``hooks``: raw DDP with the Mem-SGD hook (flat and hierarchical) and DeepSqueeze, one method after
+``hooks``: raw DDP with the Mem-SGD hook and DeepSqueeze (flat and hierarchical), one method after
 the other in the launched process group, on data that depends only on the global rank and the
 step (so 2 nodes x 2 ranks and 1 node x 4 ranks see the same batches).  With ``--ckpt`` every
 rank saves its model, optimizer and communication state every ``--ckpt-every`` steps, and
@@ -11,8 +11,8 @@ rank saves its model, optimizer and communication state every ``--ckpt-every`` s
 --max-restarts``) resumes from it.  ``--kill-rank R --kill-at T`` makes rank R kill itself with
 SIGKILL at step T of the first attempt (``TORCHELASTIC_RESTART_COUNT`` 0) of ``--kill-method``.
 
-``lightning``: ``Trainer(num_nodes=N, devices=L)`` with the Mem-SGD (flat and hierarchical) and
-DeepSqueeze strategies; ``--ckpt-path`` resumes each from its checkpoint of another launch.
+``lightning``: ``Trainer(num_nodes=N, devices=L)`` with the Mem-SGD and DeepSqueeze strategies
+(flat and hierarchical); ``--ckpt-path`` resumes each from its checkpoint of another launch.
 
 Rank 0 writes ``OUT/<method>.pt``: every rank's final parameters and figures.
 """
@@ -72,11 +72,12 @@ def _build(method: str, nodes):
         comm = ErrorFeedbackState(compressor=ec_hooks.TopK(DENSITY), module=model, hierarchical=method == "hier",
                                   nodes=nodes if method == "hier" else None)
         model.register_comm_hook(comm, error_feedback_hook)
-    elif method == "deepsqueeze":
+    elif method in ("deepsqueeze", "deepsqueeze_hier"):
         model.register_comm_hook(None, local_hook)
-        comm = DeepSqueeze(model.parameters(), topology="ring", compressor=ec_hooks.TopK(DENSITY))
+        options = {"hierarchical": True, "nodes": nodes} if method == "deepsqueeze_hier" else {}
+        comm = DeepSqueeze(model.parameters(), topology="ring", compressor=ec_hooks.TopK(DENSITY), **options)
     else:
-        raise ValueError(f"method must be one of flat, hier, deepsqueeze, got {method!r}")
+        raise ValueError(f"method must be one of flat, hier, deepsqueeze, deepsqueeze_hier, got {method!r}")
     return model, optimizer, comm
 
 
@@ -103,7 +104,7 @@ def run_method(method: str, args) -> None:
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
-        if method == "deepsqueeze":
+        if method.startswith("deepsqueeze"):
             comm.step()
         if ckpt is not None and (step + 1) % args.ckpt_every == 0:
             _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "comm": comm.state_dict()},
@@ -116,7 +117,7 @@ def run_method(method: str, args) -> None:
     params = [p.detach() for p in model.parameters()]
     figures = {"final": torch.cat([p.reshape(-1) for p in params]).clone(), "start": start,
                "restart_count": attempt}
-    if method == "deepsqueeze":
+    if method.startswith("deepsqueeze"):
         figures["average"] = torch.cat([p.reshape(-1) for p in comm.average_parameters()])
         figures["bytes_sent"] = comm.stats.bytes_sent
     else:
@@ -148,6 +149,7 @@ def main_lightning(args) -> None:
         "memsgd": lambda: lightning_plugin.MemSGDStrategy(density=DENSITY),
         "memsgd_hier": lambda: lightning_plugin.MemSGDStrategy(density=DENSITY, hierarchical=True, nodes=args.nodes),
         "deepsqueeze": lambda: lightning_plugin.DeepSqueezeStrategy(),
+        "deepsqueeze_hier": lambda: lightning_plugin.DeepSqueezeStrategy(hierarchical=True, nodes=args.nodes),
     }
     for name in args.methods:
         module = build_module(seed=1000)
@@ -185,8 +187,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume-epoch", type=int, default=0)
     args = parser.parse_args(argv)
     if args.methods is None:
-        args.methods = ["flat", "hier", "deepsqueeze"] if args.mode == "hooks" else ["memsgd", "memsgd_hier",
-                                                                                     "deepsqueeze"]
+        args.methods = (["flat", "hier", "deepsqueeze", "deepsqueeze_hier"] if args.mode == "hooks"
+                        else ["memsgd", "memsgd_hier", "deepsqueeze", "deepsqueeze_hier"])
     return args
 
 

@@ -1,0 +1,376 @@
+"""Two nodes of two ranks over a slow link: step time and bytes between the nodes, and accuracy.
+
+Two Linux network namespaces, node A and node B, are joined by a veth pair shaped with
+``tc tbf`` (``--rates``, each direction; ``benchmarks/_netns.py`` :class:`TwoNodes`); inside
+each node the ranks talk over the namespace's loopback, unshaped.  Each node runs its own
+``torchrun --nnodes 2 --nproc-per-node 2`` (c10d rendezvous on A's address), as on a cluster.
+Needs root and iproute2.
+
+* ``--mode step-time`` (default): the wide MLP of ``slow_network.py`` (11.0M parameters,
+  synthetic 3x32x32 inputs, batch 8 per rank).  Methods run one after the other in one process
+  group.  Per method: the median step time (the slowest rank's, after ``--warmup`` steps), and
+  the bytes that crossed the link per step, from the veth ``tx`` counters of both nodes
+  (``/proc/net/dev`` inside each namespace: exact, TCP/IP headers and the per-step barrier
+  included).
+* ``--mode accuracy``: the offline digits recipe (``DigitsCNN``), ``--steps`` steps per method
+  and seed, final validation accuracy (the mean model for gossip).
+
+Writes ``<out>/two_nodes_<mode>.{csv,md}`` and, for step time, ``two_nodes_step_time.png``::
+
+    sudo python benchmarks/two_nodes.py --rates 100mbit 1gbit
+    sudo python benchmarks/two_nodes.py --mode accuracy --rates 1gbit --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
+
+import _netns  # noqa: E402
+import slow_network  # noqa: E402
+
+import ec_hooks  # noqa: E402
+
+MODES = ("step-time", "accuracy")
+
+
+def _compact_topk(density: float = 0.01) -> ec_hooks.TopK:
+    return ec_hooks.TopK(density, index_encoding="delta16", value_dtype="bf16")
+
+
+# name -> (label, builder(ddp) -> object with .after_step() and .stats or None)
+METHODS = {
+    "allreduce": "DDP allreduce",
+    "powersgd_r4": "torch PowerSGD rank 4",
+    "memsgd_compact": "Mem-SGD top-k 1% compact, flat",
+    "memsgd_compact_hier": "Mem-SGD top-k 1% compact, hierarchical",
+    "deepsqueeze_ring": "DeepSqueeze top-k 1%, ring over ranks",
+    "deepsqueeze_hier": "DeepSqueeze top-k 1%, hierarchical (ring over nodes)",
+}
+DEFAULT_STEP_METHODS = tuple(METHODS)
+DEFAULT_ACCURACY_METHODS = ("allreduce", "memsgd_compact", "memsgd_compact_hier", "deepsqueeze_ring",
+                            "deepsqueeze_hier")
+
+
+class Run:
+    """One method on one rank: the DDP model and what runs after ``optimizer.step()``."""
+
+    def __init__(self, name: str, model: torch.nn.Module, powersgd_warmup: int = 2, skip_warmup: bool = True):
+        self.name = name
+        self.gossip = None
+        self.ddp = DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
+        if name == "powersgd_r4":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4,
+                                                start_powerSGD_iter=powersgd_warmup, min_compression_rate=2,
+                                                use_error_feedback=True, warm_start=True)
+            if skip_warmup:
+                state.iter = powersgd_warmup  # step time is measured compressed
+            self.ddp.register_comm_hook(state, slow_network._one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
+        elif name.startswith("memsgd"):
+            state = ec_hooks.ErrorFeedbackState(compressor=_compact_topk(), module=self.ddp,
+                                                hierarchical=name.endswith("_hier"))
+            self.ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
+        elif name.startswith("deepsqueeze"):
+            self.ddp.register_comm_hook(None, ec_hooks.local_hook)
+            options = {"hierarchical": True} if name.endswith("_hier") else {}
+            self.gossip = ec_hooks.DeepSqueeze(self.ddp.parameters(), topology="ring", compressor=ec_hooks.TopK(0.01),
+                                               watch_every=0, **options)
+        elif name != "allreduce":
+            raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
+
+    def after_step(self) -> None:
+        if self.gossip is not None:
+            self.gossip.step()
+
+    def eval_parameters(self) -> list[torch.Tensor]:
+        if self.gossip is not None:
+            return self.gossip.average_parameters()
+        return [p.detach() for p in self.ddp.module.parameters()]
+
+
+def _link_bytes() -> int:
+    """Bytes this node has sent to the other one (its veth ``tx`` counter); 0 on other local ranks,
+    so that a sum over the world counts each node once."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return 0
+    return _netns.interface_counters(os.environ["GLOO_SOCKET_IFNAME"])["tx_bytes"]
+
+
+def _sum_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _step_time_rank(cfg: dict) -> list[dict]:
+    rank, n = dist.get_rank(), dist.get_world_size()
+    batches = slow_network._synthetic_batches(cfg, rank)
+    rows = []
+    for name in cfg["methods"]:
+        torch.manual_seed(0)
+        model = slow_network.wide_mlp(cfg["mlp_width"])
+        run = Run(name, model)
+        optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["lr"])
+        times = []
+        for step in range(cfg["warmup"] + cfg["steps"]):
+            if step == cfg["warmup"]:
+                dist.barrier()
+                crossed0 = _sum_over_ranks(_link_bytes())
+            dist.barrier()
+            x, y = batches[step % len(batches)]
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=False)
+            F.cross_entropy(run.ddp(x), y).backward()
+            optimizer.step()
+            run.after_step()
+            elapsed = slow_network._max_over_ranks(time.perf_counter() - t0)
+            if step >= cfg["warmup"]:
+                times.append(elapsed)
+        dist.barrier()
+        crossed = (_sum_over_ranks(_link_bytes()) - crossed0) / cfg["steps"]
+        row = {"method": name, "label": METHODS[name], "median_step_s": statistics.median(times),
+               "min_step_s": min(times), "max_step_s": max(times), "steps": len(times),
+               "link_bytes_per_step": crossed, "params": sum(p.numel() for p in model.parameters()),
+               "world_size": n, "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
+               "batch_size": cfg["batch_size"], "loadavg_1m": os.getloadavg()[0]}
+        rows.append(row)
+        if rank == 0:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: median step {row['median_step_s']:.3f} s, "
+                  f"{crossed / 1e6:.3f} MB/step across the link", flush=True)
+        del run, model, optimizer
+    return rows
+
+
+def _accuracy_rank(cfg: dict) -> list[dict]:
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x_train, y_train, x_val, y_val = slow_network._digits(cfg)
+    per_rank = cfg["batch_size"]
+    rows = []
+    for seed in cfg["seeds"]:
+        for name in cfg["methods"]:
+            torch.manual_seed(seed)
+            model = slow_network.build_digits_model(cfg["hidden"])
+            run = Run(name, model, powersgd_warmup=10, skip_warmup=False)
+            optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["lr"], momentum=0.9)
+            step, epoch, wall = 0, 0, 0.0
+            while step < cfg["steps"]:
+                order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(1000 * seed + epoch))
+                shard = order[rank::n]
+                for start in range(0, len(shard) - per_rank + 1, per_rank):
+                    idx = shard[start:start + per_rank]
+                    t0 = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=False)
+                    F.cross_entropy(run.ddp(x_train[idx]), y_train[idx]).backward()
+                    optimizer.step()
+                    run.after_step()
+                    wall += time.perf_counter() - t0
+                    step += 1
+                    if step >= cfg["steps"]:
+                        break
+                epoch += 1
+            params = run.eval_parameters()  # collective for gossip
+            evaluator = slow_network.build_digits_model(cfg["hidden"])
+            with torch.no_grad():
+                for target, value in zip(evaluator.parameters(), params):
+                    target.copy_(value)
+            accuracy = slow_network._accuracy(evaluator, x_val, y_val)
+            rows.append({"method": name, "label": METHODS[name], "seed": seed, "steps": step,
+                         "val_accuracy": accuracy, "wall_s": wall, "world_size": n,
+                         "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"])})
+            if rank == 0:
+                print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: accuracy {accuracy:.4f}", flush=True)
+            del run, model, optimizer
+    return rows
+
+
+def _inner(config_path: str) -> None:
+    with open(config_path) as f:
+        job = json.load(f)
+    cfg = job["cfg"]
+    torch.set_num_threads(cfg["threads"])
+    dist.init_process_group("gloo")
+    try:
+        rows = _step_time_rank(cfg) if cfg["mode"] == "step-time" else _accuracy_rank(cfg)
+        if dist.get_rank() == 0:
+            with open(job["result_path"], "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", default="step-time", help=f"one of {list(MODES)}")
+    parser.add_argument("--rates", nargs="+", default=["100mbit"], help="tc rates of the link (e.g. 100mbit 1gbit)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--ranks-per-node", type=int, default=2)
+    parser.add_argument("--mlp-width", type=int, default=2048, help="step time: hidden width (2048: 11.0M params)")
+    parser.add_argument("--batch-size", type=int, default=None, help="per rank (default 8; accuracy 32)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default 6; accuracy 300)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method (>= 2)")
+    parser.add_argument("--lr", type=float, default=None, help="default 0.01; accuracy 0.05")
+    parser.add_argument("--hidden", type=int, default=512, help="accuracy: hidden units of DigitsCNN")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy: seeds (model and data order)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/two_nodes")
+    parser.add_argument("--timeout-s", type=float, default=1800.0)
+    parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.inner:
+        return args
+    if args.mode not in MODES:
+        raise ValueError(f"--mode must be one of {list(MODES)}, got {args.mode!r}")
+    step_time = args.mode == "step-time"
+    if args.methods is None:
+        args.methods = list(DEFAULT_STEP_METHODS if step_time else DEFAULT_ACCURACY_METHODS)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods must be among {list(METHODS)}, got {unknown}")
+    args.batch_size = args.batch_size or (8 if step_time else 32)
+    args.steps = args.steps or (6 if step_time else 300)
+    args.lr = args.lr or (0.01 if step_time else 0.05)
+    for name, low in (("ranks_per_node", 1), ("mlp_width", 8), ("batch_size", 1), ("steps", 1), ("warmup", 2),
+                      ("hidden", 1), ("threads", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
+    for rate in args.rates:
+        _netns.parse_rate(rate)
+    return args
+
+
+def run_rate(args: argparse.Namespace, nodes: _netns.TwoNodes, rate: str) -> list[dict]:
+    nodes.set_rate(rate)
+    cfg = {key: getattr(args, key) for key in ("mode", "methods", "mlp_width", "batch_size", "steps", "warmup", "lr",
+                                               "hidden", "seeds", "threads")}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        job = os.path.join(tmp, "job.json")
+        result_path = os.path.join(tmp, "result.json")
+        with open(job, "w") as f:
+            json.dump({"cfg": cfg, "result_path": result_path}, f)
+        env = {"PYTHONPATH": os.path.dirname(_HERE), "PYTHONWARNINGS": "ignore",
+               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+        codes = nodes.run_torchrun(args.ranks_per_node, [os.path.abspath(__file__), "--inner", job], env=env,
+                                   logs=tmp, timeout_s=args.timeout_s)
+        if codes != [0, 0]:
+            logs = "".join(open(os.path.join(tmp, f"node{r}.log")).read()[-4000:] for r in (0, 1))
+            raise RuntimeError(f"the ranks failed with exit codes {codes}:\n{logs}")
+        with open(result_path) as f:
+            rows = json.load(f)
+    for row in rows:
+        row["rate"] = rate
+        row["network"] = nodes.describe()
+    return rows
+
+
+def step_time_table(rows: Sequence[dict]) -> str:
+    lines = []
+    for rate in dict.fromkeys(r["rate"] for r in rows):
+        subset = [r for r in rows if r["rate"] == rate]
+        flat = next((r for r in subset if r["method"] == "memsgd_compact"), None)
+        lines += [f"**{rate} between the nodes**", "",
+                  "| method | median step (s) | vs flat Mem-SGD | MB/step across the link | vs flat Mem-SGD |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in subset:
+            vs_time = f"{r['median_step_s'] / flat['median_step_s']:.2f}" if flat else "-"
+            vs_bytes = f"{r['link_bytes_per_step'] / flat['link_bytes_per_step']:.2f}" if flat else "-"
+            lines.append(f"| {r['label']} | {r['median_step_s']:.3f} | {vs_time} | "
+                         f"{r['link_bytes_per_step'] / 1e6:.3f} | {vs_bytes} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def accuracy_table(rows: Sequence[dict]) -> str:
+    lines = ["| method | seeds | val accuracy per seed | mean |", "|---|---:|---|---:|"]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        subset = [r for r in rows if r["method"] == name]
+        values = [r["val_accuracy"] for r in subset]
+        lines.append(f"| {subset[0]['label']} | {len(values)} | {' '.join(f'{v:.4f}' for v in values)} | "
+                     f"{statistics.mean(values):.4f} |")
+    return "\n".join(lines)
+
+
+def plot_step_time(rows: Sequence[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(rates)
+    for i, rate in enumerate(rates):
+        by_method = {r["method"]: r for r in rows if r["rate"] == rate}
+        xs = [j + i * width for j in range(len(methods))]
+        axes[0].bar(xs, [by_method[m]["median_step_s"] for m in methods], width, label=rate)
+        axes[1].bar(xs, [max(by_method[m]["link_bytes_per_step"], 1) / 1e6 for m in methods], width, label=rate)
+    for ax, title in zip(axes, ("median step time (s)", "MB per step across the link")):
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))])
+        ax.set_xticklabels([METHODS[m].replace(", ", "\n") for m in methods], rotation=60, ha="right", fontsize=7)
+        ax.legend(title="link")
+    fig.suptitle("2 nodes x 2 ranks (network namespaces joined by a tc-shaped veth pair)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(rows: Sequence[dict], path: str) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.inner:
+        _inner(args.inner)
+        return 0
+    _netns.check_can_create()
+    os.makedirs(args.out, exist_ok=True)
+    rows: list[dict] = []
+    started = time.time()
+    with _netns.TwoNodes(rate=args.rates[0]) as nodes:
+        print(nodes.describe(), flush=True)
+        for rate in args.rates:
+            rows += run_rate(args, nodes, rate)
+    stem = os.path.join(args.out, f"two_nodes_{args.mode.replace('-', '_')}")
+    write_csv(rows, stem + ".csv")
+    table = step_time_table(rows) if args.mode == "step-time" else accuracy_table(rows)
+    with open(stem + ".md", "w") as f:
+        f.write(table + "\n")
+    if args.mode == "step-time":
+        plot_step_time(rows, stem + ".png")
+    print(table)
+    print(f"({time.time() - started:.0f} s; results in {stem}.*)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
