@@ -18,6 +18,14 @@ Why the tbf parameters are what they are:
 * ``latency`` (default 50 ms): the longest a packet may wait in the queue (the queue holds
   ``rate * latency + burst`` bytes); longer queues add delay, shorter ones drop more.
 
+:class:`TwoNodes` plays two nodes instead: two namespaces joined by a veth pair shaped with tbf
+in each direction, each with its own unshaped loopback, so that only the traffic between the
+nodes is slow; it starts ``torchrun`` on each node and reads the link's byte counters::
+
+    with TwoNodes(rate="100mbit") as nodes:
+        nodes.run_torchrun(2, ["train.py"], env={"PYTHONPATH": "."})   # 2 nodes x 2 ranks
+        print(nodes.link_counters())
+
 The namespace is deleted on exit, on exceptions, on Ctrl-C and on SIGTERM/SIGHUP (turned into
 ``SystemExit`` while the namespace exists, so ``finally`` blocks run).  Creating one needs root
 and iproute2 (``ip``, ``tc``); :func:`check_can_create` says clearly what is missing.
