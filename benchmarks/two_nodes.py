@@ -46,6 +46,7 @@ import _netns  # noqa: E402
 import slow_network  # noqa: E402
 
 import ec_hooks  # noqa: E402
+import ec_hooks.hierarchical  # noqa: E402,F401 - loaded with the rest, not midway through a run
 
 MODES = ("step-time", "accuracy")
 
@@ -74,6 +75,7 @@ class Run:
     def __init__(self, name: str, model: torch.nn.Module, powersgd_warmup: int = 2, skip_warmup: bool = True):
         self.name = name
         self.gossip = None
+        self.powersgd_state = None
         self.ddp = DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
         if name == "powersgd_r4":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
@@ -83,6 +85,7 @@ class Run:
                                                 use_error_feedback=True, warm_start=True)
             if skip_warmup:
                 state.iter = powersgd_warmup  # step time is measured compressed
+            self.powersgd_state = state
             self.ddp.register_comm_hook(state, slow_network._one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
         elif name.startswith("memsgd"):
             state = ec_hooks.ErrorFeedbackState(compressor=_compact_topk(), module=self.ddp,
@@ -96,9 +99,15 @@ class Run:
         elif name != "allreduce":
             raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
 
-    def after_step(self) -> None:
+    def after_step(self, step: int) -> None:
         if self.gossip is not None:
             self.gossip.step()
+        state = self.powersgd_state
+        if step == 0 and state is not None and state.iter > state.start_powerSGD_iter:
+            # PowerSGD keys its memories by bucket index: they restart on DDP's rebuilt buckets.
+            state.error_dict.clear()
+            state.p_memory_dict.clear()
+            state.q_memory_dict.clear()
 
     def eval_parameters(self) -> list[torch.Tensor]:
         if self.gossip is not None:
@@ -140,7 +149,7 @@ def _step_time_rank(cfg: dict) -> list[dict]:
             optimizer.zero_grad(set_to_none=False)
             F.cross_entropy(run.ddp(x), y).backward()
             optimizer.step()
-            run.after_step()
+            run.after_step(step)
             elapsed = slow_network._max_over_ranks(time.perf_counter() - t0)
             if step >= cfg["warmup"]:
                 times.append(elapsed)
@@ -180,7 +189,7 @@ def _accuracy_rank(cfg: dict) -> list[dict]:
                     optimizer.zero_grad(set_to_none=False)
                     F.cross_entropy(run.ddp(x_train[idx]), y_train[idx]).backward()
                     optimizer.step()
-                    run.after_step()
+                    run.after_step(step)
                     wall += time.perf_counter() - t0
                     step += 1
                     if step >= cfg["steps"]:
