@@ -332,3 +332,15 @@ def test_hierarchical_gossip_averages_nodes_exactly_keeps_the_mean_and_resumes_e
             assert average_gap < 1e-6
             if name != "dpsgd":
                 assert spread > 0 and distance > 0, f"{name}: compressed gossip cannot reach consensus in 5 steps"
+
+
+def test_strategies_check_the_hierarchy_arguments_at_construction():
+    import lightning_plugin
+
+    for cls in (lightning_plugin.MemSGDStrategy, lightning_plugin.DeepSqueezeStrategy, lightning_plugin.ChocoStrategy):
+        with pytest.raises(ValueError, match="hierarchical must be True or False"):
+            cls(hierarchical="yes")
+        with pytest.raises(ValueError, match="nodes is only used with hierarchical=True"):
+            cls(nodes=TWO_BY_TWO)
+        strategy = cls(hierarchical=True, nodes=TWO_BY_TWO)
+        assert strategy.hierarchical and strategy.nodes == TWO_BY_TWO
