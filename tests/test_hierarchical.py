@@ -68,6 +68,7 @@ def _two_by_two(rank, world_size):
     return report
 
 
+@pytest.mark.slow
 def test_two_nodes_of_two_ranks_agree_conserve_mass_and_keep_memories_with_owners():
     for per_rank in run_distributed(_two_by_two, 4):
         flat_bytes, hier_bytes = per_rank.pop("bytes")
@@ -176,6 +177,7 @@ def _void_and_resume(rank, world_size):
     return voided, others_finite, unchanged, gap, errors
 
 
+@pytest.mark.slow
 def test_overflow_voids_the_step_on_every_node_and_resume_is_exact():
     for voided, others_finite, unchanged, gap, errors in run_distributed(_void_and_resume, 4):
         assert voided and others_finite
