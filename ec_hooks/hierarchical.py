@@ -197,6 +197,9 @@ class NodeHierarchy(_NodeGroups):
         """The mean of ``grad`` over the world, dense in the node and compressed between nodes."""
         from ec_hooks.hooks import _reduce
 
+        if getattr(state, "momentum_correction", None) is not None:
+            raise ValueError("hierarchical Mem-SGD is not combined with momentum correction yet: the velocity "
+                             "would be ignored; leave momentum, weight_decay and clip_norm at their defaults")
         bytes_dense = grad.numel() * grad.element_size()
         memory = state.memory.buffer_for(keys, numels, grad.device)
         if self.num_nodes == 1 or state.iteration < state.start_iter:

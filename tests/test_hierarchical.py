@@ -189,7 +189,8 @@ def test_overflow_voids_the_step_on_every_node_and_resume_is_exact():
 def _bad_arguments(rank, world_size):
     errors = []
     for options in ({"hierarchical": "yes"}, {"nodes": [[0], [1]]},
-                    {"hierarchical": True, "process_group": dist.group.WORLD}):
+                    {"hierarchical": True, "process_group": dist.group.WORLD},
+                    {"hierarchical": True, "nodes": [[0], [1]], "momentum": 0.9}):
         try:
             ErrorFeedbackState(**options)
         except ValueError as exc:
@@ -199,7 +200,8 @@ def _bad_arguments(rank, world_size):
 
 def test_bad_arguments_raise_at_construction():
     errors = run_distributed(_bad_arguments, 2)[0]
-    assert len(errors) == 3
+    assert len(errors) == 4
+    assert "momentum correction" in errors[3]
     assert "hierarchical must be True or False" in errors[0]
     assert "nodes is only used with hierarchical=True" in errors[1]
     assert "process_group" in errors[2]
