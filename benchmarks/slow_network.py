@@ -101,6 +101,9 @@ METHODS = {m.name: m for m in (
            topk_options=(("index_encoding", "delta16"),)),
     Method("memsgd_topk_1pct_delta16_bf16", "Mem-SGD top-k 1%, delta16 indices + bf16 values", "hook", density=0.01,
            topk_options=(("index_encoding", "delta16"), ("value_dtype", "bf16"))),
+    Method("memsgd_cyclic_topk_1pct", "Mem-SGD shared-index (cyclic) top-k 1%", "hook", ("CyclicTopK",), 0.01),
+    Method("memsgd_cyclic_topk_1pct_bf16", "Mem-SGD shared-index (cyclic) top-k 1%, bf16 values", "hook",
+           ("CyclicTopK",), 0.01, topk_options=(("value_dtype", "bf16"),)),
     Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
     Method("ef_sign", "error-feedback scaled sign", "hook"),
     Method("deepsqueeze_ring", "DeepSqueeze top-k 1%, ring", "gossip", ("DeepSqueeze",), 0.01),
@@ -123,6 +126,8 @@ def _compressor(method: Method):
         return ec_hooks.ScaledSign()
     if "randk" in method.name:
         return ec_hooks.RandK(method.density)
+    if "cyclic" in method.name:
+        return ec_hooks.CyclicTopK(method.density, **dict(method.topk_options))
     return ec_hooks.TopK(method.density, **dict(method.topk_options))
 
 
@@ -171,6 +176,7 @@ class MethodRun:
         self.stats = None
         self.gossip = None
         self.powersgd_state = None
+        self.hook_state = None
         self.bucket_numels: list[int] = []
         numel = sum(p.numel() for p in model.parameters())
         self.dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -205,6 +211,7 @@ class MethodRun:
         elif kind == "hook":
             compressor = _compressor(method)
             state = ec_hooks.ErrorFeedbackState(compressor=compressor, module=self.ddp)
+            self.hook_state = state
             self.stats = state.stats
             self.ddp.register_comm_hook(state, self._recording(ec_hooks.error_feedback_hook))
             self._bytes, self.bytes_source = None, "CommStats"
@@ -259,6 +266,21 @@ class MethodRun:
             return hook(state, bucket)
 
         return recording_hook
+
+    def expected_wire_bytes(self, bytes_per_step: float) -> float:
+        """Bytes one worker should put on the wire per step: for the hook, the formula of the
+        transport each bucket chose (``ec_hooks.transport``); otherwise what the collective
+        algorithm makes of ``bytes_per_step``."""
+        state = self.hook_state
+        if state is None or not self.bucket_numels:
+            return bytes_per_step * self.wire_factor
+        from ec_hooks import transport
+
+        total = 0.0
+        for numel in self.bucket_numels:
+            chosen = transport.choose(state.transports, state.compressor, numel, torch.float32, self.world_size)
+            total += chosen.wire_bytes(state.compressor, numel, torch.float32, self.world_size)
+        return total
 
     def after_optimizer_step(self) -> None:
         if self.gossip is not None:
@@ -432,7 +454,7 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
             row = rows.setdefault(name, {
                 "method": name, "label": method.label, "kind": method.kind, "times": [],
                 "bytes_per_step_per_worker": bytes_per_step, "bytes_source": run.bytes_source,
-                "expected_wire_bytes_per_worker": bytes_per_step * run.wire_factor,
+                "expected_wire_bytes_per_worker": run.expected_wire_bytes(bytes_per_step),
                 "dense_bytes_per_worker": run.dense_bytes,
                 "lo_bytes": 0, "lo_packets": 0, "lo_steps": 0, "compress_s_per_step": [],
                 "loadavg_1m": [], "window_s": 0.0,
@@ -606,6 +628,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="step-time", help=f"one of {list(MODES)}")
     parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=None,
+                        help="run every method at each of these numbers of ranks (e.g. 2 4 8) and add the table of "
+                             "bytes per worker against n; overrides --world-size")
     parser.add_argument("--rates", nargs="+", default=["100mbit"],
                         help="tc rates to run, one namespace setting each (e.g. 100mbit 1gbit)")
     parser.add_argument("--no-netns", action="store_true", help="plain loopback, no rate limit, no root needed")
@@ -658,6 +683,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--methods lists a method twice: {args.methods}")
     if args.batch_size is None:
         args.batch_size = 8 if args.mode == "step-time" else 32
+    if args.world_sizes is None:
+        args.world_sizes = [args.world_size]
+    if len(set(args.world_sizes)) != len(args.world_sizes) or any(n < 2 for n in args.world_sizes):
+        raise ValueError(f"--world-sizes must be distinct integers >= 2, got {args.world_sizes}")
+    args.world_size = args.world_sizes[0]
     for name, low in (("world_size", 2), ("steps", 1), ("min_steps", 1), ("warmup", 1), ("rounds", 1),
                       ("batch_size", 1), ("threads", 1), ("mlp_width", 8), ("tta_steps", 1),
                       ("tta_eval_every", 1), ("tta_hidden", 1), ("powersgd_start_iter", 2)):
@@ -740,10 +770,11 @@ def run_rate(args: argparse.Namespace, rate: str | None, methods: Sequence[str],
 
 
 def finish_step_time_rows(rows: list[dict]) -> list[dict]:
-    """Add the ratios to allreduce of the same rate and the counter cross-check."""
-    base = {r["rate"]: r["median_step_s"] for r in rows if r["method"] == "allreduce"}
+    """Add the ratios to allreduce of the same rate and world size, and the counter cross-check."""
+    base = {(r["rate"], r.get("world_size")): r["median_step_s"] for r in rows if r["method"] == "allreduce"}
     for row in rows:
-        row["step_vs_allreduce"] = row["median_step_s"] / base[row["rate"]] if row["rate"] in base else float("nan")
+        key = (row["rate"], row.get("world_size"))
+        row["step_vs_allreduce"] = row["median_step_s"] / base[key] if key in base else float("nan")
         expected = row["expected_wire_bytes_per_worker"]
         row["lo_over_expected"] = row["lo_bytes_per_step_per_worker"] / expected if expected else float("nan")
     return rows
@@ -792,6 +823,31 @@ def step_time_table(rows: Sequence[dict]) -> str:
             f"| {_mb(r['bytes_per_step_per_worker'])}{source} | {_mb(r['expected_wire_bytes_per_worker'])} "
             f"| {_mb(r['lo_bytes_per_step_per_worker'])} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} "
             f"| {r['compress_s_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
+def bytes_vs_n_table(rows: Sequence[dict]) -> str:
+    """Bytes per worker per step against the number of ranks: the transports' formula (or the
+    collective's, for torch's methods) and the loopback counter, per method; and the growth from
+    the smallest to the largest ``n``."""
+    sizes = sorted({r["world_size"] for r in rows})
+    rate = rows[0]["rate"]
+    by = {(r["method"], r["world_size"]): r for r in rows if r["rate"] == rate}
+    head = " | ".join(f"n={n}: formula / lo (MB)" for n in sizes)
+    lines = [f"| method | {head} | lo growth n={sizes[0]} to {sizes[-1]} |",
+             "|---|" + "---:|" * (len(sizes) + 1)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells, lo = [], []
+        for n in sizes:
+            r = by.get((method, n))
+            if r is None:
+                cells.append("-")
+                continue
+            lo.append(r["lo_bytes_per_step_per_worker"])
+            cells.append(f"{_mb(r['expected_wire_bytes_per_worker'])} / {_mb(r['lo_bytes_per_step_per_worker'])}")
+        growth = f"{lo[-1] / lo[0]:.2f}x" if len(lo) == len(sizes) and lo[0] > 0 else "-"
+        label = next(r["label"] for r in rows if r["method"] == method)
+        lines.append(f"| {label} | {' | '.join(cells)} | {growth} |")
     return "\n".join(lines)
 
 
@@ -893,8 +949,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns = _netns.RateLimitedNamespace(args.rates[0], mtu=args.mtu, burst=args.burst, latency=args.latency)
             ns.__enter__()
             print(f"network: {ns.describe()}", flush=True)
-        results = [run_rate(args, None if ns is None else rate, methods, ns)
-                   for rate in (args.rates if ns is not None else [None])]
+        results = []
+        for world_size in args.world_sizes:
+            args.world_size = world_size
+            results += [run_rate(args, None if ns is None else rate, methods, ns)
+                        for rate in (args.rates if ns is not None else [None])]
     except _netns.NamespaceUnavailable as exc:
         print(f"slow_network.py: error: {exc}", file=sys.stderr)
         return 2
@@ -908,8 +967,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = finish_step_time_rows(rows)
         csv_path, png_path = os.path.join(args.out, "step_time.csv"), os.path.join(args.out, "step_time.png")
         write_csv(rows, csv_path, CSV_FIELDS["step-time"])
-        plot_step_time(rows, png_path)
-        table = step_time_table(rows)
+        sizes = sorted({r["world_size"] for r in rows})
+        if len(sizes) == 1:
+            plot_step_time(rows, png_path)
+            table = step_time_table(rows)
+        else:
+            plot_step_time([{**r, "rate": f"{r['rate']}, {r['world_size']} ranks"} for r in rows], png_path)
+            table = "\n\n".join(f"{n} ranks:\n\n" + step_time_table([r for r in rows if r["world_size"] == n])
+                                for n in sizes)
+            table += "\n\nBytes per worker per step against the number of ranks:\n\n" + bytes_vs_n_table(rows)
     else:
         base = {r["rate"]: r["time_to_target_s"] for r in rows if r["method"] == "allreduce"}
         for row in rows:
