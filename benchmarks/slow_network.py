@@ -69,6 +69,8 @@ logger = logging.getLogger("slow_network")
 
 MODES = ("step-time", "time-to-accuracy")
 MODELS = ("mlp", "resnet18", "resnet20")
+#: bytes of framing the loopback counts per packet: Ethernet 14, IPv4 20, TCP 20 + 12 of timestamps
+FRAME_HEADER_BYTES = 66
 DEFAULT_TTA_METHODS = ("allreduce", "fp16", "powersgd_r4", "memsgd_topk_1pct", "deepsqueeze_ring")
 
 
@@ -492,8 +494,11 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
         row.update(
             model=cfg["model"], params=numel, world_size=n, batch_size=cfg["batch_size"], steps=len(times),
             median_step_s=statistics.median(times), min_step_s=min(times), max_step_s=max(times),
-            lo_bytes_per_step_per_worker=row.pop("lo_bytes") / (row["lo_steps"] * n),
-            lo_packets_per_step=row.pop("lo_packets") / row["lo_steps"],
+            lo_bytes_per_step_per_worker=row["lo_bytes"] / (row["lo_steps"] * n),
+            lo_packets_per_step=row["lo_packets"] / row["lo_steps"],
+            # The counter counts frames; the collectives' formulas count what TCP carries.
+            lo_payload_bytes_per_step_per_worker=(row.pop("lo_bytes") - FRAME_HEADER_BYTES * row.pop("lo_packets"))
+            / (row["lo_steps"] * n),
             compress_s_per_step=statistics.mean(row["compress_s_per_step"]),
             loadavg_1m=statistics.mean(row["loadavg_1m"]),
         )
@@ -777,6 +782,8 @@ def finish_step_time_rows(rows: list[dict]) -> list[dict]:
         row["step_vs_allreduce"] = row["median_step_s"] / base[key] if key in base else float("nan")
         expected = row["expected_wire_bytes_per_worker"]
         row["lo_over_expected"] = row["lo_bytes_per_step_per_worker"] / expected if expected else float("nan")
+        payload = row.get("lo_payload_bytes_per_step_per_worker")
+        row["lo_payload_over_expected"] = payload / expected if expected and payload is not None else float("nan")
     return rows
 
 
@@ -784,7 +791,8 @@ CSV_FIELDS = {
     "step-time": ["rate", "method", "label", "kind", "model", "params", "world_size", "batch_size", "steps",
                   "median_step_s", "min_step_s", "max_step_s", "step_vs_allreduce", "bytes_per_step_per_worker",
                   "bytes_source", "dense_bytes_per_worker", "expected_wire_bytes_per_worker",
-                  "lo_bytes_per_step_per_worker", "lo_over_expected", "lo_packets_per_step", "compress_s_per_step",
+                  "lo_bytes_per_step_per_worker", "lo_over_expected", "lo_packets_per_step",
+                  "lo_payload_bytes_per_step_per_worker", "lo_payload_over_expected", "compress_s_per_step",
                   "profile_accumulate_s", "profile_compress_s", "profile_decompress_s", "profile_memory_update_s",
                   "profile_residual_norm_s", "gossip_flatten_s", "gossip_compress_s", "gossip_exchange_s",
                   "gossip_mix_s", "bucket_numels",
@@ -828,12 +836,12 @@ def step_time_table(rows: Sequence[dict]) -> str:
 
 def bytes_vs_n_table(rows: Sequence[dict]) -> str:
     """Bytes per worker per step against the number of ranks: the transports' formula (or the
-    collective's, for torch's methods) and the loopback counter, per method; and the growth from
-    the smallest to the largest ``n``."""
+    collective's, for torch's methods) and what the loopback carried as TCP payload (frames less
+    their headers), per method; and the growth from the smallest to the largest ``n``."""
     sizes = sorted({r["world_size"] for r in rows})
     rate = rows[0]["rate"]
     by = {(r["method"], r["world_size"]): r for r in rows if r["rate"] == rate}
-    head = " | ".join(f"n={n}: formula / lo (MB)" for n in sizes)
+    head = " | ".join(f"n={n}: formula / lo payload (MB)" for n in sizes)
     lines = [f"| method | {head} | lo growth n={sizes[0]} to {sizes[-1]} |",
              "|---|" + "---:|" * (len(sizes) + 1)]
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -843,8 +851,8 @@ def bytes_vs_n_table(rows: Sequence[dict]) -> str:
             if r is None:
                 cells.append("-")
                 continue
-            lo.append(r["lo_bytes_per_step_per_worker"])
-            cells.append(f"{_mb(r['expected_wire_bytes_per_worker'])} / {_mb(r['lo_bytes_per_step_per_worker'])}")
+            lo.append(r["lo_payload_bytes_per_step_per_worker"])
+            cells.append(f"{_mb(r['expected_wire_bytes_per_worker'])} / {_mb(lo[-1])}")
         growth = f"{lo[-1] / lo[0]:.2f}x" if len(lo) == len(sizes) and lo[0] > 0 else "-"
         label = next(r["label"] for r in rows if r["method"] == method)
         lines.append(f"| {label} | {' | '.join(cells)} | {growth} |")
