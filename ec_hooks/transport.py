@@ -16,6 +16,8 @@ compressor, per bucket:
 * :class:`SharedIndexAllreduce` -- compressors whose indices one worker chooses
   (:class:`~ec_hooks.cyclic.CyclicTopK`): the leader's index message is broadcast, every worker
   takes its values there, one allreduce sums them.
+* :class:`SparseAllreduce` -- private top-k payloads summed by region (Ok-Topk): all-to-all to
+  the region owners, re-selection, allgather of the kept entries.  Opt-in.
 
 Bytes are those of gloo's (and NCCL's) algorithms, per worker: a ring allreduce sends
 ``2 (n - 1) / n`` buffers, a ring allgather ``n - 1`` buffers, a broadcast ``(n - 1) / n`` of
@@ -48,6 +50,7 @@ __all__ = [
     "NeighbourExchange",
     "Outgoing",
     "SharedIndexAllreduce",
+    "SparseAllreduce",
     "Transport",
     "allgather",
     "allreduce_mean",
@@ -366,6 +369,111 @@ class SharedIndexAllreduce(Transport):
 
         fut, nbytes = _summed(compressor, payload, _status(out.finite), group, update_memory)
         return fut, nbytes + (message.numel() if out.rank == leader and n > 1 else 0)
+
+
+class SparseAllreduce(Transport):
+    """A sparse allreduce of private top-k payloads, after Ok-Topk (Li and Hoefler, PPoPP 2022).
+
+    Every worker sends about ``2 k (n - 1) / n`` entries instead of the allgather's ``k (n - 1)``.
+    With ``d`` entries, ``k`` per worker, ``m = ceil(k / n)``:
+
+    1. The index space is cut into ``n`` regions; region ``j`` is ``[floor(j d / n),
+       floor((j + 1) d / n))`` and worker ``j`` owns it.
+    2. Each worker sends its (index, value) pairs to the owners of their regions: an all-to-all
+       of the counts, then an all-to-all with those split sizes (int32 index, fp32 value).
+    3. Re-selection: the owner sums what arrived (in rank order) and keeps the ``m`` entries of
+       largest ``|sum|`` of its region, so that the step sends about ``k`` entries in all, as
+       one worker's top-k.
+    4. An allgather of the kept (index, sum) pairs, ``m`` per worker (padded), and the status
+       words; the mean is the kept sums divided by ``n``.
+    5. Each worker takes out of its memory only its own values at the kept indices: what the
+       re-selection dropped stays in the memory of the worker that sent it.
+
+    The collectives of step 2 are waited for in the hook's thread (collectives must be issued in
+    the same order on every rank, see :class:`SharedIndexAllreduce`); step 4 is the future.  The
+    bytes of step 2 depend on where the entries fall; :meth:`wire_bytes` assumes an even spread.
+    Values travel in fp32 whatever the payload's value dtype.
+
+    Not in the default transports of :class:`~ec_hooks.ErrorFeedbackState` (it aggregates ``k``
+    entries per step where the allgather aggregates up to ``n k``): add it with
+    ``state.transports += (SparseAllreduce(),)``; it is then chosen by bytes like the others.
+    """
+
+    name = "sparse_allreduce"
+    status_bytes = 4
+
+    def accepts(self, compressor):
+        return not compressor.summable and callable(getattr(compressor, "decode", None))
+
+    @staticmethod
+    def kept_per_worker(k: int, n: int) -> int:
+        return -(-k // n)
+
+    def wire_bytes(self, compressor, numel, dtype, n):
+        k = compressor.entries_sent(numel)
+        counts = (n - 1) * 8
+        spread = (n - 1) / n * k * 8
+        return counts + spread + (n - 1) * (self.kept_per_worker(k, n) * 8 + self.status_bytes)
+
+    def start(self, out, group=None):
+        compressor, payload, n, me = out.compressor, out.payload, world_size(group), out.rank
+        numel = payload.numel
+        indices, values = compressor.decode(payload)
+        # Fillers and tail slots of the compact format carry 0: nothing to send.
+        nonzero = values != 0
+        indices, values = indices[nonzero], values[nonzero]
+        device = indices.device
+        bounds = torch.tensor([j * numel // n for j in range(n + 1)], device=device)
+        owner = torch.bucketize(indices, bounds[1:-1], right=True)
+        send_counts = torch.bincount(owner, minlength=n)
+        pairs = torch.stack([indices.to(torch.int32), values.float().view(torch.int32)], dim=1).reshape(-1)
+        if n > 1:
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True).wait()
+            received = torch.empty(2 * int(recv_counts.sum()), dtype=torch.int32, device=device)
+            dist.all_to_all_single(received, pairs, output_split_sizes=(2 * recv_counts).tolist(),
+                                   input_split_sizes=(2 * send_counts).tolist(), group=group, async_op=True).wait()
+        else:
+            received = pairs
+        received = received.view(-1, 2)
+        start, stop = int(bounds[me]), int(bounds[me + 1])
+        region = torch.zeros(stop - start, dtype=torch.float32, device=device)
+        local = received[:, 0].long() - start
+        region.index_add_(0, local, received[:, 1].view(torch.float32))
+        candidates = torch.unique(local)
+        m = self.kept_per_worker(compressor.entries_sent(numel), n)
+        take = min(m, candidates.numel())
+        best = torch.topk(region[candidates].abs(), take, sorted=False).indices
+        kept = candidates[best].sort().values
+        # Padding: index -1, value 0 (never matches an index, adds nothing).
+        kept_index = torch.full((m,), -1, dtype=torch.int32, device=device)
+        kept_value = torch.zeros(m, dtype=torch.float32, device=device)
+        kept_index[:take] = (kept + start).to(torch.int32)
+        kept_value[:take] = region[kept]
+        wire = torch.cat([kept_index, kept_value.view(torch.int32), _status(out.finite).view(torch.int32)])
+        fut = allgather(wire, group)
+        off_self = int(send_counts.sum() - send_counts[me])
+
+        def deliver(fut: torch.futures.Future) -> Delivery:
+            rows = fut.value()
+            all_index = rows[:, :m].reshape(-1).long()
+            all_value = rows[:, m : 2 * m].contiguous().view(torch.float32).reshape(-1)
+            status_all = rows[:, 2 * m :].contiguous().view(torch.float32)
+            valid = all_index >= 0
+            all_index, all_value = all_index[valid], all_value[valid]
+            mean = torch.zeros(numel, dtype=torch.float32, device=device)
+            mean.index_add_(0, all_index, all_value / n)
+            mine = torch.isin(indices, all_index)
+            sent_index, sent_value = indices[mine], values[mine].float()
+
+            def update_memory(memory, scale=None):
+                memory.view(-1).index_add_(0, sent_index, sent_value if scale is None else sent_value * scale,
+                                           alpha=-1)
+
+            return Delivery(mean, status_all.sum() == 0, update_memory)
+
+        bytes_sent = 0 if n == 1 else (n - 1) * 8 + 8 * off_self + wire.numel() * 4
+        return fut.then(deliver), bytes_sent
 
 
 # ---------------------------------------------------------------------- neighbour messages (gossip)

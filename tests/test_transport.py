@@ -216,3 +216,59 @@ def test_memory_filter_keeps_ranks_identical_and_its_memory_is_the_filtered_sum(
         gathered, per_key = rank_result
         assert torch.equal(gathered[0], gathered[1])
         assert all(torch.isfinite(m).all() and m.abs().sum() > 0 for _, m in per_key.values())
+
+
+# ---------------------------------------------------------------- the sparse allreduce (opt-in)
+
+
+def _sparse(rank, world_size):
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(200, 10, bias=False))  # 2,000 entries, one bucket
+    encoding = "delta16" if world_size == 3 else "int32"
+    state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.2, index_encoding=encoding), module=model)
+    state.transports = (transport.SparseAllreduce(),)
+    outputs = []
+
+    def hook(state, bucket):
+        grad = bucket.buffer().detach().double().clone()
+        return error_feedback_hook(state, bucket).then(lambda f: outputs.append((grad, f.value().double())) or f.value())
+
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        g = torch.Generator().manual_seed(100 * rank + step)
+        opt.zero_grad()
+        model(torch.randn(8, 200, generator=g)).pow(2).sum().backward()
+        opt.step()
+    grad_total = sum(g for g, _ in outputs)
+    out_total = sum(o for _, o in outputs)
+    memory = state.memory.state_dict()["weight"].double()
+    dist.all_reduce(grad_total)
+    dist.all_reduce(memory)
+    residual = float((grad_total - world_size * out_total - memory).abs().max())
+    return {"params": _gather(model.parameters()), "residual": residual, "scale": float(grad_total.abs().max()),
+            "nonzero": [int((o != 0).sum()) for _, o in outputs], "own_sent": state.stats.bytes_sent}
+
+
+@pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_sparse_allreduce_keeps_ranks_identical_and_returns_drops_to_the_senders(world_size):
+    result = run_distributed(_sparse, world_size)[0]
+    assert all(torch.equal(result["params"][0], p) for p in result["params"])
+    k = 400
+    m = transport.SparseAllreduce.kept_per_worker(k, world_size)
+    # re-selection: at most m entries per region, so about k in all, where the workers' own top-k
+    # (different data) cover more than k positions: the drops went back to the senders' memories
+    assert all(0 < nz <= world_size * m for nz in result["nonzero"]), result["nonzero"]
+    assert result["residual"] <= 1e-5 * max(result["scale"], 1.0), result["residual"]
+
+
+def test_sparse_allreduce_is_chosen_by_bytes_when_added():
+    transports = (*ALL, transport.SparseAllreduce())
+    f32, topk = torch.float32, ec_hooks.TopK(0.01)
+    assert transport.choose(transports, topk, 100_000, f32, 2).name == "allgather"  # a tie: 8k either way
+    for n in (4, 8, 64):
+        assert transport.choose(transports, topk, 100_000, f32, n).name == "sparse_allreduce"
+    # 6k (n - 1) / n entries at most in Ok-Topk; here about 2k (n - 1) / n pairs of 8 bytes
+    assert transport.SparseAllreduce().wire_bytes(topk, 100_000, f32, 8) < 2 * 1_000 * 8 + 8 * 7 * 2
+    assert not transport.SparseAllreduce().accepts(CyclicTopK(0.01))
+    assert not transport.SparseAllreduce().accepts(ec_hooks.RandK(0.01))
