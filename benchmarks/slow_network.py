@@ -89,6 +89,8 @@ class Method:
     density: float | None = None
     #: further ``TopK`` arguments, as ``(name, value)`` pairs (e.g. the compact wire format)
     topk_options: tuple[tuple[str, str], ...] = ()
+    #: ``ec_hooks.transport`` classes added to the hook's transports (opt-in ones)
+    extra_transports: tuple[str, ...] = ()
 
 
 METHODS = {m.name: m for m in (
@@ -106,6 +108,8 @@ METHODS = {m.name: m for m in (
     Method("memsgd_cyclic_topk_1pct", "Mem-SGD shared-index (cyclic) top-k 1%", "hook", ("CyclicTopK",), 0.01),
     Method("memsgd_cyclic_topk_1pct_bf16", "Mem-SGD shared-index (cyclic) top-k 1%, bf16 values", "hook",
            ("CyclicTopK",), 0.01, topk_options=(("value_dtype", "bf16"),)),
+    Method("memsgd_topk_1pct_sparse", "Mem-SGD top-k 1%, sparse allreduce (Ok-Topk)", "hook", density=0.01,
+           extra_transports=("SparseAllreduce",)),
     Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
     Method("ef_sign", "error-feedback scaled sign", "hook"),
     Method("deepsqueeze_ring", "DeepSqueeze top-k 1%, ring", "gossip", ("DeepSqueeze",), 0.01),
@@ -214,6 +218,9 @@ class MethodRun:
             compressor = _compressor(method)
             state = ec_hooks.ErrorFeedbackState(compressor=compressor, module=self.ddp)
             self.hook_state = state
+            from ec_hooks import transport
+
+            state.transports += tuple(getattr(transport, name)() for name in method.extra_transports)
             self.stats = state.stats
             self.ddp.register_comm_hook(state, self._recording(ec_hooks.error_feedback_hook))
             self._bytes, self.bytes_source = None, "CommStats"
