@@ -31,3 +31,16 @@ def test_formula_bytes_match_the_loopback_counter_within_3_percent(tmp_path):
             if r["method"] == "memsgd_topk_1pct"}
     assert cyclic[3] < 0.6 * topk[3]  # about 6.7 bytes per entry (values ring, index broadcast) against 16
     assert (tmp_path / "step_time.md").read_text().count("lo growth") == 1
+
+
+def test_bytes_against_n_table():
+    def row(method, n, expected, payload):
+        return {"rate": "100mbit", "method": method, "label": method, "world_size": n,
+                "expected_wire_bytes_per_worker": expected, "lo_payload_bytes_per_step_per_worker": payload}
+
+    rows = [row("topk", 2, 0.88e6, 0.882e6), row("topk", 8, 6.17e6, 6.172e6), row("cyclic", 2, 0.552e6, 0.553e6),
+            row("cyclic", 8, 0.965e6, 0.971e6)]
+    table = slow.bytes_vs_n_table(rows)
+    assert "| n=2: formula / lo payload (MB) | n=8: formula / lo payload (MB) | lo growth n=2 to 8 |" in table
+    assert "| topk | 0.880 / 0.882 | 6.170 / 6.172 | 7.00x |" in table
+    assert "| cyclic | 0.552 / 0.553 | 0.965 / 0.971 | 1.76x |" in table
