@@ -29,7 +29,7 @@ from ec_hooks.compressors import (
     _pad,
     _value_dtype,
 )
-from ec_hooks.kernels import to_wire, topk_magnitude
+from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
 
 __all__ = ["CyclicTopK"]
 
@@ -155,6 +155,15 @@ class CyclicTopK(Compressor):
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         """One worker's view: it is its own leader (what the hook does with ``world_size == 1``)."""
         return self.compress_at(x, self.select(x), wire_dtype)
+
+    def compress_error_feedback_(self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0,
+                                 wire_dtype=None) -> tuple[None, torch.Tensor]:
+        """``memory += grad`` (finite entries only) with the kernels' fast accumulation; no
+        payload yet (``None``): it depends on the leader's indices, which the transport gets.
+        Returns ``(None, grad_finite)``."""
+        accumulated = error_feedback_topk_(memory, grad, 0, wire_dtype=torch.float32, subtract_sent=False,
+                                           backend=self.backend)
+        return None, accumulated.grad_finite
 
     def decompress(self, payload):
         out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)

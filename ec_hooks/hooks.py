@@ -430,6 +430,7 @@ def _reduce(
     key = state._layout_seed(keys)
 
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
+    # (CyclicTopK only accumulates: its payload waits for the leader's indices, in the transport)
     fused = getattr(compressor, "compress_error_feedback_", None)
     if fused is not None:
         payload, finite = fused(memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
