@@ -170,6 +170,10 @@ class CyclicTopK(Compressor):
         out.index_put_((payload.indices,), payload.data.float(), accumulate=True)
         return out.view(payload.shape)
 
+    def sent_indices(self, payload):
+        # tail slots repeat the last entry's index, which was sent anyway
+        return payload.indices
+
     def subtract_sent_(self, acc, payload, scale=None):
         # The rounded values are subtracted, so the rounding of bf16 values stays in memory.
         values = payload.data.float()

@@ -471,7 +471,7 @@ def _reduce(
             mean = torch.full_like(mean, float("nan"))
         kernels.undo_accumulate_(memory, signal, all_finite, backend=backend)
         if velocity is not None:
-            state.momentum_correction.commit(velocity, all_finite, compressor.sent_indices(payload))
+            state.momentum_correction.commit(velocity, all_finite, delivery.sent_indices())
         state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)

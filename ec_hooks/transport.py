@@ -193,12 +193,15 @@ class Outgoing:
 @dataclass
 class Delivery:
     """What a transport hands back: the mean ``(1/n) sum_i C_i`` (flat fp32), whether every
-    worker's gradient was finite (0-dim bool), and ``update_memory(memory, scale=None)``, which
-    takes what this worker sent out of ``memory`` (``scale``: a 0-dim 0/1 tensor that voids it)."""
+    worker's gradient was finite (0-dim bool), ``update_memory(memory, scale=None)``, which
+    takes what this worker sent out of ``memory`` (``scale``: a 0-dim 0/1 tensor that voids it),
+    and ``sent_indices()``, the entries this worker sent whole (the compressor's
+    ``sent_indices`` of what actually went out; for momentum factor masking)."""
 
     mean: torch.Tensor
     all_finite: torch.Tensor
     update_memory: Callable[..., None]
+    sent_indices: Callable[[], torch.Tensor | None]
 
 
 class Transport:
@@ -246,7 +249,7 @@ def _summed(compressor, payload, status: torch.Tensor, group, update_memory) -> 
     def deliver(fut: torch.futures.Future) -> Delivery:
         wire = fut.value()
         mean = compressor.decompress(payload.with_data(wire[:-1])).reshape(-1)
-        return Delivery(mean, wire[-1] == 0, update_memory)
+        return Delivery(mean, wire[-1] == 0, update_memory, lambda: compressor.sent_indices(payload))
 
     return fut.then(deliver), wire.numel() * wire.element_size()
 
@@ -294,7 +297,7 @@ class AllgatherSum(Transport):
             payloads = [payload.with_data(row[: -self.status_bytes]) for row in rows]
             status_all = rows[:, -self.status_bytes :].contiguous().view(torch.float32)
             mean = compressor.sum_payloads(payloads).reshape(-1) / n
-            return Delivery(mean, status_all.sum() == 0, update_memory)
+            return Delivery(mean, status_all.sum() == 0, update_memory, lambda: compressor.sent_indices(payload))
 
         def update_memory(memory, scale=None):
             compressor.subtract_sent_(memory, payload, scale)
@@ -321,7 +324,8 @@ class DenseAllreduce(Transport):
 
         def deliver(fut: torch.futures.Future) -> Delivery:
             wire = fut.value()
-            return Delivery(wire[:-1].float(), wire[-1] == 0, update_memory)
+            return Delivery(wire[:-1].float(), wire[-1] == 0, update_memory,
+                            lambda: out.compressor.sent_indices(out.payload))
 
         def update_memory(memory, scale=None):
             memory.view(-1).sub_(sent.float() if scale is None else sent.float() * scale)
@@ -470,7 +474,8 @@ class SparseAllreduce(Transport):
                 memory.view(-1).index_add_(0, sent_index, sent_value if scale is None else sent_value * scale,
                                            alpha=-1)
 
-            return Delivery(mean, status_all.sum() == 0, update_memory)
+            # only the kept entries left this worker's memory
+            return Delivery(mean, status_all.sum() == 0, update_memory, lambda: sent_index)
 
         bytes_sent = 0 if n == 1 else (n - 1) * 8 + 8 * off_self + wire.numel() * 4
         return fut.then(deliver), bytes_sent
