@@ -29,6 +29,11 @@ Writes ``<out>/step_time.{csv,png,md}`` or ``<out>/time_to_accuracy.{csv,png,md}
 
     python benchmarks/slow_network.py --rates 100mbit            # as root: 4 ranks, 100 Mbit/s
     python benchmarks/slow_network.py --no-netns --world-size 2  # anyone: plain loopback
+
+``--world-sizes 2 4 8`` runs the methods at each number of ranks in turn and adds a table of the
+bytes per worker per step against ``n``: the transports' formula (``ec_hooks.transport``; for
+torch's methods the collective's) beside what the loopback carried as TCP payload (its byte
+counter less 66 bytes of Ethernet/IP/TCP framing per packet), which is exact in the namespace.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ logger = logging.getLogger("slow_network")
 
 MODES = ("step-time", "time-to-accuracy")
 MODELS = ("mlp", "resnet18", "resnet20")
+#: bytes of framing the loopback counts per packet: Ethernet 14, IPv4 20, TCP 20 + 12 of timestamps
+FRAME_HEADER_BYTES = 66
 DEFAULT_TTA_METHODS = ("allreduce", "fp16", "powersgd_r4", "memsgd_topk_1pct", "deepsqueeze_ring")
 
 
@@ -87,6 +94,8 @@ class Method:
     density: float | None = None
     #: further ``TopK`` arguments, as ``(name, value)`` pairs (e.g. the compact wire format)
     topk_options: tuple[tuple[str, str], ...] = ()
+    #: ``ec_hooks.transport`` classes added to the hook's transports (opt-in ones)
+    extra_transports: tuple[str, ...] = ()
 
 
 METHODS = {m.name: m for m in (
@@ -101,6 +110,11 @@ METHODS = {m.name: m for m in (
            topk_options=(("index_encoding", "delta16"),)),
     Method("memsgd_topk_1pct_delta16_bf16", "Mem-SGD top-k 1%, delta16 indices + bf16 values", "hook", density=0.01,
            topk_options=(("index_encoding", "delta16"), ("value_dtype", "bf16"))),
+    Method("memsgd_cyclic_topk_1pct", "Mem-SGD shared-index (cyclic) top-k 1%", "hook", ("CyclicTopK",), 0.01),
+    Method("memsgd_cyclic_topk_1pct_bf16", "Mem-SGD shared-index (cyclic) top-k 1%, bf16 values", "hook",
+           ("CyclicTopK",), 0.01, topk_options=(("value_dtype", "bf16"),)),
+    Method("memsgd_topk_1pct_sparse", "Mem-SGD top-k 1%, sparse allreduce (Ok-Topk)", "hook", density=0.01,
+           extra_transports=("SparseAllreduce",)),
     Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
     Method("ef_sign", "error-feedback scaled sign", "hook"),
     Method("deepsqueeze_ring", "DeepSqueeze top-k 1%, ring", "gossip", ("DeepSqueeze",), 0.01),
@@ -123,6 +137,8 @@ def _compressor(method: Method):
         return ec_hooks.ScaledSign()
     if "randk" in method.name:
         return ec_hooks.RandK(method.density)
+    if "cyclic" in method.name:
+        return ec_hooks.CyclicTopK(method.density, **dict(method.topk_options))
     return ec_hooks.TopK(method.density, **dict(method.topk_options))
 
 
@@ -171,6 +187,7 @@ class MethodRun:
         self.stats = None
         self.gossip = None
         self.powersgd_state = None
+        self.hook_state = None
         self.bucket_numels: list[int] = []
         numel = sum(p.numel() for p in model.parameters())
         self.dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -205,6 +222,10 @@ class MethodRun:
         elif kind == "hook":
             compressor = _compressor(method)
             state = ec_hooks.ErrorFeedbackState(compressor=compressor, module=self.ddp)
+            self.hook_state = state
+            from ec_hooks import transport
+
+            state.transports += tuple(getattr(transport, name)() for name in method.extra_transports)
             self.stats = state.stats
             self.ddp.register_comm_hook(state, self._recording(ec_hooks.error_feedback_hook))
             self._bytes, self.bytes_source = None, "CommStats"
@@ -259,6 +280,21 @@ class MethodRun:
             return hook(state, bucket)
 
         return recording_hook
+
+    def expected_wire_bytes(self, bytes_per_step: float) -> float:
+        """Bytes one worker should put on the wire per step: for the hook, the formula of the
+        transport each bucket chose (``ec_hooks.transport``); otherwise what the collective
+        algorithm makes of ``bytes_per_step``."""
+        state = self.hook_state
+        if state is None or not self.bucket_numels:
+            return bytes_per_step * self.wire_factor
+        from ec_hooks import transport
+
+        total = 0.0
+        for numel in self.bucket_numels:
+            chosen = transport.choose(state.transports, state.compressor, numel, torch.float32, self.world_size)
+            total += chosen.wire_bytes(state.compressor, numel, torch.float32, self.world_size)
+        return total
 
     def after_optimizer_step(self) -> None:
         if self.gossip is not None:
@@ -432,7 +468,7 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
             row = rows.setdefault(name, {
                 "method": name, "label": method.label, "kind": method.kind, "times": [],
                 "bytes_per_step_per_worker": bytes_per_step, "bytes_source": run.bytes_source,
-                "expected_wire_bytes_per_worker": bytes_per_step * run.wire_factor,
+                "expected_wire_bytes_per_worker": run.expected_wire_bytes(bytes_per_step),
                 "dense_bytes_per_worker": run.dense_bytes,
                 "lo_bytes": 0, "lo_packets": 0, "lo_steps": 0, "compress_s_per_step": [],
                 "loadavg_1m": [], "window_s": 0.0,
@@ -470,8 +506,11 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
         row.update(
             model=cfg["model"], params=numel, world_size=n, batch_size=cfg["batch_size"], steps=len(times),
             median_step_s=statistics.median(times), min_step_s=min(times), max_step_s=max(times),
-            lo_bytes_per_step_per_worker=row.pop("lo_bytes") / (row["lo_steps"] * n),
-            lo_packets_per_step=row.pop("lo_packets") / row["lo_steps"],
+            lo_bytes_per_step_per_worker=row["lo_bytes"] / (row["lo_steps"] * n),
+            lo_packets_per_step=row["lo_packets"] / row["lo_steps"],
+            # The counter counts frames; the collectives' formulas count what TCP carries.
+            lo_payload_bytes_per_step_per_worker=(row.pop("lo_bytes") - FRAME_HEADER_BYTES * row.pop("lo_packets"))
+            / (row["lo_steps"] * n),
             compress_s_per_step=statistics.mean(row["compress_s_per_step"]),
             loadavg_1m=statistics.mean(row["loadavg_1m"]),
         )
@@ -606,6 +645,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="step-time", help=f"one of {list(MODES)}")
     parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=None,
+                        help="run every method at each of these numbers of ranks (e.g. 2 4 8) and add the table of "
+                             "bytes per worker against n; overrides --world-size")
     parser.add_argument("--rates", nargs="+", default=["100mbit"],
                         help="tc rates to run, one namespace setting each (e.g. 100mbit 1gbit)")
     parser.add_argument("--no-netns", action="store_true", help="plain loopback, no rate limit, no root needed")
@@ -658,11 +700,17 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--methods lists a method twice: {args.methods}")
     if args.batch_size is None:
         args.batch_size = 8 if args.mode == "step-time" else 32
+    if args.world_sizes is not None:
+        if len(set(args.world_sizes)) != len(args.world_sizes) or any(n < 2 for n in args.world_sizes):
+            raise ValueError(f"--world-sizes must be distinct integers >= 2, got {args.world_sizes}")
+        args.world_size = args.world_sizes[0]
     for name, low in (("world_size", 2), ("steps", 1), ("min_steps", 1), ("warmup", 1), ("rounds", 1),
                       ("batch_size", 1), ("threads", 1), ("mlp_width", 8), ("tta_steps", 1),
                       ("tta_eval_every", 1), ("tta_hidden", 1), ("powersgd_start_iter", 2)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
+    if args.world_sizes is None:
+        args.world_sizes = [args.world_size]
     if args.min_steps > args.steps:
         raise ValueError(f"--min-steps must be <= --steps ({args.steps}), got {args.min_steps}")
     for name in ("lr", "tta_lr", "method_budget_s", "tta_budget_s", "timeout_s"):
@@ -740,12 +788,15 @@ def run_rate(args: argparse.Namespace, rate: str | None, methods: Sequence[str],
 
 
 def finish_step_time_rows(rows: list[dict]) -> list[dict]:
-    """Add the ratios to allreduce of the same rate and the counter cross-check."""
-    base = {r["rate"]: r["median_step_s"] for r in rows if r["method"] == "allreduce"}
+    """Add the ratios to allreduce of the same rate and world size, and the counter cross-check."""
+    base = {(r["rate"], r.get("world_size")): r["median_step_s"] for r in rows if r["method"] == "allreduce"}
     for row in rows:
-        row["step_vs_allreduce"] = row["median_step_s"] / base[row["rate"]] if row["rate"] in base else float("nan")
+        key = (row["rate"], row.get("world_size"))
+        row["step_vs_allreduce"] = row["median_step_s"] / base[key] if key in base else float("nan")
         expected = row["expected_wire_bytes_per_worker"]
         row["lo_over_expected"] = row["lo_bytes_per_step_per_worker"] / expected if expected else float("nan")
+        payload = row.get("lo_payload_bytes_per_step_per_worker")
+        row["lo_payload_over_expected"] = payload / expected if expected and payload is not None else float("nan")
     return rows
 
 
@@ -753,7 +804,8 @@ CSV_FIELDS = {
     "step-time": ["rate", "method", "label", "kind", "model", "params", "world_size", "batch_size", "steps",
                   "median_step_s", "min_step_s", "max_step_s", "step_vs_allreduce", "bytes_per_step_per_worker",
                   "bytes_source", "dense_bytes_per_worker", "expected_wire_bytes_per_worker",
-                  "lo_bytes_per_step_per_worker", "lo_over_expected", "lo_packets_per_step", "compress_s_per_step",
+                  "lo_bytes_per_step_per_worker", "lo_over_expected", "lo_packets_per_step",
+                  "lo_payload_bytes_per_step_per_worker", "lo_payload_over_expected", "compress_s_per_step",
                   "profile_accumulate_s", "profile_compress_s", "profile_decompress_s", "profile_memory_update_s",
                   "profile_residual_norm_s", "gossip_flatten_s", "gossip_compress_s", "gossip_exchange_s",
                   "gossip_mix_s", "bucket_numels",
@@ -792,6 +844,31 @@ def step_time_table(rows: Sequence[dict]) -> str:
             f"| {_mb(r['bytes_per_step_per_worker'])}{source} | {_mb(r['expected_wire_bytes_per_worker'])} "
             f"| {_mb(r['lo_bytes_per_step_per_worker'])} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} "
             f"| {r['compress_s_per_step']:.3f} |")
+    return "\n".join(lines)
+
+
+def bytes_vs_n_table(rows: Sequence[dict]) -> str:
+    """Bytes per worker per step against the number of ranks: the transports' formula (or the
+    collective's, for torch's methods) and what the loopback carried as TCP payload (frames less
+    their headers), per method; and the growth from the smallest to the largest ``n``."""
+    sizes = sorted({r["world_size"] for r in rows})
+    rate = rows[0]["rate"]
+    by = {(r["method"], r["world_size"]): r for r in rows if r["rate"] == rate}
+    head = " | ".join(f"n={n}: formula / lo payload (MB)" for n in sizes)
+    lines = [f"| method | {head} | lo growth n={sizes[0]} to {sizes[-1]} |",
+             "|---|" + "---:|" * (len(sizes) + 1)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells, lo = [], []
+        for n in sizes:
+            r = by.get((method, n))
+            if r is None:
+                cells.append("-")
+                continue
+            lo.append(r["lo_payload_bytes_per_step_per_worker"])
+            cells.append(f"{_mb(r['expected_wire_bytes_per_worker'])} / {_mb(lo[-1])}")
+        growth = f"{lo[-1] / lo[0]:.2f}x" if len(lo) == len(sizes) and lo[0] > 0 else "-"
+        label = next(r["label"] for r in rows if r["method"] == method)
+        lines.append(f"| {label} | {' | '.join(cells)} | {growth} |")
     return "\n".join(lines)
 
 
@@ -893,8 +970,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ns = _netns.RateLimitedNamespace(args.rates[0], mtu=args.mtu, burst=args.burst, latency=args.latency)
             ns.__enter__()
             print(f"network: {ns.describe()}", flush=True)
-        results = [run_rate(args, None if ns is None else rate, methods, ns)
-                   for rate in (args.rates if ns is not None else [None])]
+        results = []
+        for world_size in args.world_sizes:
+            args.world_size = world_size
+            results += [run_rate(args, None if ns is None else rate, methods, ns)
+                        for rate in (args.rates if ns is not None else [None])]
     except _netns.NamespaceUnavailable as exc:
         print(f"slow_network.py: error: {exc}", file=sys.stderr)
         return 2
@@ -908,8 +988,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = finish_step_time_rows(rows)
         csv_path, png_path = os.path.join(args.out, "step_time.csv"), os.path.join(args.out, "step_time.png")
         write_csv(rows, csv_path, CSV_FIELDS["step-time"])
-        plot_step_time(rows, png_path)
-        table = step_time_table(rows)
+        sizes = sorted({r["world_size"] for r in rows})
+        if len(sizes) == 1:
+            plot_step_time(rows, png_path)
+            table = step_time_table(rows)
+        else:
+            plot_step_time([{**r, "rate": f"{r['rate']}, {r['world_size']} ranks"} for r in rows], png_path)
+            table = "\n\n".join(f"{n} ranks:\n\n" + step_time_table([r for r in rows if r["world_size"] == n])
+                                for n in sizes)
+            table += "\n\nBytes per worker per step against the number of ranks:\n\n" + bytes_vs_n_table(rows)
     else:
         base = {r["rate"]: r["time_to_target_s"] for r in rows if r["method"] == "allreduce"}
         for row in rows:

@@ -27,6 +27,7 @@ from ec_hooks.compressors import (
     TopK,
     make_compressor,
 )
+from ec_hooks.cyclic import CyclicTopK
 from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze, GossipAlgorithm
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook, local_hook
 from ec_hooks.memory import ErrorFeedbackMemory
@@ -45,6 +46,7 @@ __all__ = [
     "ChocoSGD",
     "CommStats",
     "Compressor",
+    "CyclicTopK",
     "DeepSqueeze",
     "ErrorFeedbackMemory",
     "ErrorFeedbackState",

@@ -705,7 +705,7 @@ def BF16() -> Cast:  # noqa: N802
     return Cast(torch.bfloat16)
 
 
-COMPRESSOR_NAMES = ("topk", "randk", "sign", "qsgd", "identity", "fp16", "bf16")
+COMPRESSOR_NAMES = ("topk", "randk", "sign", "qsgd", "identity", "fp16", "bf16", "cyclic_topk")
 
 
 def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compressor:
@@ -719,12 +719,17 @@ def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compress
     if not isinstance(compressor, str) or compressor.lower() not in COMPRESSOR_NAMES:
         raise ValueError(f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}")
     name = compressor.lower()
-    allowed = ("density", "backend", "index_encoding", "value_dtype", "seed", "levels")
+    allowed = ("density", "backend", "index_encoding", "value_dtype", "seed", "levels", "memory_filter")
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: {', '.join(allowed)}")
     if name == "topk":
         return TopK(**{k: v for k, v in kwargs.items() if k in ("density", "backend", "index_encoding", "value_dtype")})
+    if name == "cyclic_topk":
+        from ec_hooks.cyclic import CyclicTopK  # it builds on this module
+
+        return CyclicTopK(**{k: v for k, v in kwargs.items() if k in ("density", "value_dtype", "memory_filter",
+                                                                      "backend")})
     if name == "randk":
         return RandK(**{k: v for k, v in kwargs.items() if k in ("density", "seed")})
     if name == "sign":

@@ -336,6 +336,7 @@ class GossipAlgorithm:
                     transport.rank_in(process_group), transport.world_size(process_group),
                     watch_every, watch_patience, watch_growth)
         self._simulated = False
+        self._exchange = transport.NeighbourExchange(process_group)
 
     @classmethod
     def simulated(
@@ -353,10 +354,12 @@ class GossipAlgorithm:
         """
         n = len(params_per_worker)
         workers = []
+        mailbox = transport.InMemoryExchange()
         for rank, params in enumerate(params_per_worker):
             worker = cls.__new__(cls)
             worker._setup(params, topology, compressor, consensus_step, None, rank, n, 0, 3, 1.5)
             worker._simulated = True
+            worker._exchange = mailbox
             workers.append(worker)
         return workers
 
@@ -367,6 +370,11 @@ class GossipAlgorithm:
         self.rank, self.world_size = rank, world_size
         self.topology = Topology.make(topology, world_size)
         self.compressor = self._resolve_compressor(compressor)
+        if getattr(self.compressor, "shares_indices", False):
+            raise ValueError(
+                f"compressor {self.compressor!r} shares one worker's indices through a broadcast to all workers; "
+                "gossip talks to neighbours only, and each worker compresses its own model: use TopK"
+            )
         if consensus_step is None:
             consensus_step = default_consensus_step(self.algorithm, self.compressor)
         self.consensus_step = _check_fraction(
@@ -441,14 +449,22 @@ class GossipAlgorithm:
             self.iteration += 1
             return
         with torch.no_grad():
-            x = self._flatten(out=self._scratch("flat", torch.float32))
-            payload, sent = self._compress(x)
-            recvs = {peer: torch.empty_like(payload.data) for peer in self.topology.in_peers(self.rank, self.iteration)}
-            sends = {peer: payload.data for peer in self.topology.out_peers(self.rank, self.iteration)}
-            transport.exchange(sends, recvs, self.process_group)
-            self._finish(x, payload, sent, recvs, len(sends))
+            self._complete(*self._post())
         if self.watch_every and self.iteration % self.watch_every == 0:
             self._watch(self.consensus_distance())
+
+    def _post(self) -> tuple[torch.Tensor, Payload, torch.Tensor]:
+        """Flatten, compress, and post the payload to this step's out-neighbours."""
+        x = self._flatten(out=self._scratch("flat", torch.float32))
+        payload, sent = self._compress(x)
+        self._exchange.post(self.rank, {peer: payload.data for peer in self.topology.out_peers(self.rank, self.iteration)})
+        return x, payload, sent
+
+    def _complete(self, x: torch.Tensor, payload: Payload, sent: torch.Tensor) -> None:
+        """Receive from this step's in-neighbours and mix."""
+        recvs = {peer: torch.empty_like(payload.data) for peer in self.topology.in_peers(self.rank, self.iteration)}
+        self._exchange.collect(self.rank, recvs)
+        self._finish(x, payload, sent, recvs, len(self.topology.out_peers(self.rank, self.iteration)))
 
     def _compress(self, x: torch.Tensor) -> tuple[Payload, torch.Tensor]:
         """The message (the payload with the status word appended) and its dense fp32 value."""
@@ -915,7 +931,8 @@ class ChocoSGD(GossipAlgorithm):
 def simulate_step(workers: Sequence[GossipAlgorithm]) -> None:
     """One gossip step of every worker of :meth:`GossipAlgorithm.simulated` (in rank order).
 
-    Same code path as :meth:`GossipAlgorithm.step`; messages are handed over in memory.
+    Same code path as :meth:`GossipAlgorithm.step`; messages go through the workers' shared
+    :class:`~ec_hooks.transport.InMemoryExchange`: every worker posts, then every worker collects.
     """
     if not workers or any(not w._simulated for w in workers):
         raise ValueError("workers must be the list returned by GossipAlgorithm.simulated(...)")
@@ -923,13 +940,9 @@ def simulate_step(workers: Sequence[GossipAlgorithm]) -> None:
         workers[0].iteration += 1
         return
     with torch.no_grad():
-        flats = [w._flatten(out=w._scratch("flat", torch.float32)) for w in workers]
-        outgoing = [w._compress(x) for w, x in zip(workers, flats)]
-        # Every message is copied before any worker mixes (a payload may alias its sender's model).
-        inboxes = [{peer: outgoing[peer][0].data.clone() for peer in w.topology.in_peers(w.rank, w.iteration)}
-                   for w in workers]
-        for w, x, (payload, sent), recvs in zip(workers, flats, outgoing, inboxes):
-            w._finish(x, payload, sent, recvs, len(w.topology.out_peers(w.rank, w.iteration)))
+        posted = [w._post() for w in workers]
+        for w, message in zip(workers, posted):
+            w._complete(*message)
 
 
 def simulated_consensus_distance(workers: Sequence[GossipAlgorithm]) -> float:

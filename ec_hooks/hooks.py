@@ -55,10 +55,6 @@ __all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
 
 logger = logging.getLogger(__name__)
 
-_STATUS_BYTES = 4  # one fp32 word per worker: 1.0 when its gradient was not finite
-# A ring allgather makes each worker send (n - 1) payloads, a ring allreduce 2 (n - 1) / n
-# dense buffers: the allreduce is cheaper once n * payload > 2 * dense.
-_RING_ALLREDUCE_FACTOR = 2
 
 
 class ErrorFeedbackState:
@@ -134,6 +130,13 @@ class ErrorFeedbackState:
         self.momentum_correction = correction if (correction.momentum or correction.weight_decay or
                                                   correction.clip_norm is not None) else None
         self.density_warmup = DensityWarmup(self.compressor, density_warmup_steps)
+        #: the transports each bucket chooses from, by bytes on the wire (see ec_hooks.transport)
+        self.transports: tuple[transport.Transport, ...] = (
+            transport.SharedIndexAllreduce(), transport.AllreduceMean(), transport.AllgatherSum(),
+            *((transport.DenseAllreduce(),) if dense_fallback else ()),
+        )
+        #: how many buckets each transport has moved (by transport name)
+        self.transport_counts: dict[str, int] = {}
         self.iteration = 0
         self.memory = ErrorFeedbackMemory()
         self.stats = CommStats()
@@ -364,11 +367,13 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     3. ``payload = C(acc)``, values in the gradient's dtype unless the compressor sets its own
        (top-k's ``value_dtype``); for top-k, 2 and 3 are one fused pass
        (:meth:`~ec_hooks.compressors.TopK.compress_error_feedback_`).
-    4. Transport, with each worker's 4-byte "non-finite" status word appended:
-       summable payloads are averaged by one allreduce; others are allgathered as one byte buffer
-       each and summed (top-k: a scatter-add of all workers' values), unless ``world_size``
-       payloads outweigh twice the dense bucket (what a ring allreduce sends per worker), in
-       which case the densified ``C(acc)`` is allreduced.
+    4. Transport (:mod:`ec_hooks.transport`), with each worker's "non-finite" status word
+       appended, by the transport of ``state.transports`` that accepts the compressor and puts
+       the fewest bytes on the wire for this bucket: summable payloads are averaged by one
+       allreduce; others are allgathered as one byte buffer each and summed (top-k: a
+       scatter-add of all workers' values), unless the densified ``C(acc)`` allreduced costs
+       less (``dense_fallback``); shared-index compressors (:class:`~ec_hooks.CyclicTopK`) have
+       their leader broadcast the indices, then allreduce every worker's values there.
     5. When every worker's gradient was finite: ``m = acc - C(acc)`` (what was not sent stays).
        Otherwise the step is void everywhere: the finite gradient entries added in step 2 are
        taken out of ``m`` again (its value before step 2, to float rounding), and the
@@ -460,6 +465,7 @@ def _reduce(
     key = state._layout_seed(keys)
 
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
+    # (CyclicTopK only accumulates: its payload waits for the leader's indices, in the transport)
     fused = getattr(compressor, "compress_error_feedback_", None)
     if fused is not None:
         payload, finite = fused(memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
@@ -467,39 +473,18 @@ def _reduce(
         finite_entries = torch.isfinite(signal)
         finite = finite_entries.all()
         memory.add_(torch.where(finite_entries, signal, 0))
-        payload = compressor.compress(memory, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
-    status = (~finite).float().reshape(1)
-    # 4. transport
-    if compressor.summable:
-        wire = torch.cat([payload.data, status.to(payload.data.dtype)])
-        fut = transport.allreduce_mean(wire, group)
-
-        def aggregate(wire: torch.Tensor):
-            return compressor.decompress(payload.with_data(wire[:-1])), wire[-1] == 0
-
-        subtract = compressor.subtract_sent_
-    elif state.dense_fallback and n * (payload.nbytes + _STATUS_BYTES) > _RING_ALLREDUCE_FACTOR * bytes_dense:
-        sent = compressor.decompress(payload).reshape(-1).to(grad.dtype)
-        wire = torch.cat([sent, status.to(grad.dtype)])
-        fut = transport.allreduce_mean(wire, group)
-
-        def aggregate(wire: torch.Tensor):
-            return wire[:-1].float(), wire[-1] == 0
-
-        def subtract(acc, _payload, scale=None):
-            acc.sub_(sent.float() if scale is None else sent.float() * scale)
-    else:
-        wire = torch.cat([payload.data, status.view(torch.uint8)])
-        fut = transport.allgather(wire, group)
-
-        def aggregate(rows: torch.Tensor):
-            payloads = [payload.with_data(row[:-_STATUS_BYTES]) for row in rows]
-            status_all = rows[:, -_STATUS_BYTES:].contiguous().view(torch.float32)
-            return compressor.sum_payloads(payloads).reshape(-1) / n, status_all.sum() == 0
-
-        subtract = compressor.subtract_sent_
+        # A shared-index compressor's payload depends on the leader's indices: the transport makes it.
+        payload = None if getattr(compressor, "shares_indices", False) else compressor.compress(
+            memory, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
+    # 4. transport: the cheapest of the state's transports for this compressor and bucket
+    chosen = transport.choose(state.transports, compressor, grad.numel(), grad.dtype, n)
+    fut, bytes_sent = chosen.start(
+        transport.Outgoing(compressor, memory, payload, finite, signal, grad.dtype, state.iteration, key, state.rank),
+        group,
+    )
+    state.transport_counts[chosen.name] = state.transport_counts.get(chosen.name, 0) + 1
     state.stats.record(
-        bytes_sent=wire.numel() * wire.element_size(),
+        bytes_sent=bytes_sent,
         bytes_dense=bytes_dense,
         entries_sent=compressor.entries_sent(grad.numel()),
         entries=grad.numel(),
@@ -508,19 +493,20 @@ def _reduce(
     backend = getattr(compressor, "backend", "auto")
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
-        mean, all_finite = aggregate(fut.value())
+        delivery = fut.value()
+        mean, all_finite = delivery.mean, delivery.all_finite
         # 5. memory update, conditional on every worker's status
         if memory.is_cuda:
             # No host sync on the GPU path: the update is masked by the status instead.
-            subtract(memory, payload, scale=all_finite.float())
+            delivery.update_memory(memory, scale=all_finite.float())
             mean = torch.where(all_finite, mean, float("nan"))
         elif bool(all_finite):
-            subtract(memory, payload)
+            delivery.update_memory(memory)
         else:
             mean = torch.full_like(mean, float("nan"))
         kernels.undo_accumulate_(memory, signal, all_finite, backend=backend)
         if velocity is not None:
-            state.momentum_correction.commit(velocity, all_finite, compressor.sent_indices(payload))
+            state.momentum_correction.commit(velocity, all_finite, delivery.sent_indices())
         state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)

@@ -41,7 +41,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
     Args:
         compressor: a :class:`~ec_hooks.Compressor` or a name from ``ec_hooks.COMPRESSOR_NAMES``.
         density: fraction of the entries kept, for a compressor given by name (``topk``,
-            ``randk``); default 0.01.
+            ``randk``, ``cyclic_topk``); default 0.01.
         start_iter: number of initial steps that use plain allreduce.
         dense_fallback: allreduce the densified compressed bucket when that is cheaper than
             gathering every worker's payload.
@@ -79,7 +79,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         reject_comm_hook_kwargs(type(self).__name__, kwargs)
         if compressor is None:
             raise ValueError("compressor must be a Compressor or a compressor name, got None")
-        if density is None and isinstance(compressor, str) and compressor.lower() in ("topk", "randk"):
+        if density is None and isinstance(compressor, str) and compressor.lower() in ("topk", "randk", "cyclic_topk"):
             density = 0.01
         self.compressor = build_compressor(compressor, density)
         self.start_iter = _check_int("start_iter", start_iter, 0)

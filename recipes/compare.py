@@ -55,6 +55,7 @@ DEFAULT_METHODS = (
     "memsgd_topk1",
     "memsgd_topk1_nocorr",
     "memsgd_topk1_compact",
+    "memsgd_cyclic_topk1",
     "memsgd_topk01",
     "memsgd_randk",
     "ef_sign",

@@ -54,6 +54,8 @@ def test_defaults_cover_every_method_with_four_ranks_at_100mbit():
         (["--steps", "2", "--min-steps", "3"], "--min-steps"),
         (["--methods", "allreduce", "topk"], "--methods"),
         (["--methods", "memsgd_topk_1pct"], "allreduce"),
+        (["--world-sizes", "2", "2"], "--world-sizes"),
+        (["--world-sizes", "4", "1"], "--world-sizes"),
         (["--rates", "100mbps"], "rate"),
         (["--rates", "0mbit"], "rate"),
         (["--tta-target", "1.5"], "--tta-target"),

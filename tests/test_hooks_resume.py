@@ -35,6 +35,9 @@ CONFIGS = {
                                                       "density_warmup_steps": 5}),
     # velocities through a dense warm-up (start_iter) that the resume falls into
     "randk_momentum_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1, {"momentum": 0.9}),
+    # the leader rotates with the step and the bucket: a resume must pick the same leaders
+    "cyclic_topk": (lambda: ec_hooks.CyclicTopK(0.1), 0, {}),
+    "cyclic_topk_filter": (lambda: ec_hooks.CyclicTopK(0.1, memory_filter=0.5), 0, {}),
 }
 
 

@@ -23,6 +23,8 @@ STRATEGY = {
                             {"compressor.density": 0.01, "momentum_correction": False}),
     "memsgd_topk1_compact": (lightning_plugin.MemSGDStrategy,
                              {"compressor.index_encoding": "delta16", "compressor.value_dtype": torch.bfloat16}),
+    "memsgd_cyclic_topk1": (lightning_plugin.MemSGDStrategy,
+                            {"compressor.name": "cyclic_topk", "compressor.density": 0.01}),
     "memsgd_topk01": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.001}),
     "memsgd_randk": (lightning_plugin.MemSGDStrategy, {"compressor.name": "randk"}),
     "ef_sign": (lightning_plugin.MemSGDStrategy, {"compressor.name": "sign"}),

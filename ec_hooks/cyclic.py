@@ -1,0 +1,198 @@
+"""Shared-index top-k: ScaleCom's cyclic local top-k (Chen et al., NeurIPS 2020).
+
+Top-k payloads of different workers cannot be summed (each worker picks other indices), so they
+are allgathered and every worker puts ``n - 1`` payloads on the wire.  With a *shared* index set
+they can: at step ``t`` one worker, the leader, picks the ``k`` indices from its own
+error-compensated gradient and broadcasts them; every worker takes its values at those indices;
+one allreduce sums the values.  The bytes per worker no longer grow with ``n``.
+
+:class:`CyclicTopK` only says which indices and which values; the broadcast and the allreduce
+belong to :class:`ec_hooks.transport.SharedIndexAllreduce`, which the hook picks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+
+import torch
+
+from ec_hooks.compressors import (
+    _BACKENDS,
+    Compressor,
+    Payload,
+    TopK,
+    _check_density,
+    _delta16_capacity,
+    _delta16_decode,
+    _delta16_encode,
+    _pad,
+    _value_dtype,
+)
+from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
+
+__all__ = ["CyclicTopK"]
+
+logger = logging.getLogger(__name__)
+
+
+class CyclicTopK(Compressor):
+    """Top-k on indices chosen by one worker per step, in turn (ScaleCom's cyclic local top-k).
+
+    For a bucket with key ``key`` at step ``t`` on ``n`` workers:
+
+    1. The leader ``(t + key) mod n`` selects the ``k = ceil(density * d)`` entries of largest
+       magnitude of its error-compensated buffer and encodes their positions as uint16 gaps
+       (the ``delta16`` format of :class:`~ec_hooks.compressors.TopK`: ``S = k + floor((d - k) /
+       65535)`` slots, 2 bytes each, fixed for ``d``).  The key spreads the leaders (and their
+       selection work) over the workers when a model has several buckets.
+    2. The index message is broadcast; every worker decodes it and takes its own values at those
+       positions (:meth:`compress_at`), in ``value_dtype`` (default: the gradient's dtype).
+    3. The ``S`` values are summed by one allreduce (``summable``); what a worker did not send
+       stays in its memory, as for every compressor.
+
+    Filler slots of the gap format (gaps above 65535) carry the value at the filler's position,
+    so they are sent and subtracted like any entry; tail slots carry 0.
+
+    ScaleCom's low-pass filter (``memory_filter = beta < 1``) replaces the memory update
+    ``m = acc - c`` by ``m = (1 - beta) m + beta (acc - c)``, i.e. ``m += beta (g - c)``: it keeps
+    the workers' memories closer to each other, so that the leader's indices serve everybody,
+    at the price of *dropping* ``(1 - beta) (g - c)`` per step.  That mass is lost on purpose
+    (the conservation invariant reads ``m_T = beta * sum_t (g_t - c_t)``); the default ``1.0`` is
+    plain error feedback and loses nothing.
+
+    Args:
+        density: fraction of entries kept, in (0, 1].
+        value_dtype: ``None`` (the gradient's dtype), ``torch.bfloat16`` or ``torch.float16``
+            (also ``"bf16"``, ...): the dtype in which the values are summed.
+        memory_filter: ScaleCom's ``beta`` in (0, 1]; 1 (default) is plain error feedback.
+        backend: selection backend of the leader (see :func:`ec_hooks.kernels.topk_magnitude`).
+    """
+
+    summable = True
+    #: one worker chooses the indices and the others follow (see SharedIndexAllreduce)
+    shares_indices = True
+    name = "cyclic_topk"
+
+    def __init__(self, density: float = 0.01, value_dtype=None, memory_filter: float = 1.0, backend: str = "auto"):
+        self.density = _check_density(density)
+        self.value_dtype = _value_dtype(value_dtype)
+        if (isinstance(memory_filter, bool) or not isinstance(memory_filter, numbers.Real)
+                or not 0.0 < float(memory_filter) <= 1.0):
+            raise ValueError(f"memory_filter must be a float in (0, 1] (ScaleCom's beta; 1 = plain error "
+                             f"feedback), got {memory_filter!r}")
+        self.memory_filter = float(memory_filter)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
+        self.backend = backend
+
+    def _repr_args(self):
+        args = {"density": self.density}
+        if self.value_dtype is not None:
+            args["value_dtype"] = self.value_dtype
+        if self.memory_filter != 1.0:
+            args["memory_filter"] = self.memory_filter
+        if self.backend != "auto":
+            args["backend"] = self.backend
+        return args
+
+    k_for = TopK.k_for
+    entries_sent = TopK.entries_sent
+
+    def slots_for(self, numel: int) -> int:
+        return _delta16_capacity(numel, self.k_for(numel))
+
+    @staticmethod
+    def leader(step: int, key: int, world_size: int) -> int:
+        """The rank that chooses the indices of bucket ``key`` at ``step``."""
+        return (step + key) % world_size
+
+    # -------------------------------------------------------------- the leader's index message
+
+    def index_bytes(self, numel: int) -> int:
+        """Bytes of the index message for a tensor of ``numel`` entries (2 per slot, padded)."""
+        return _pad(2 * self.slots_for(numel))
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The leader's index message: the top-k positions of ``x`` as uint8 bytes."""
+        flat = x.reshape(-1)
+        indices = topk_magnitude(flat, self.k_for(flat.numel()), backend=self.backend)
+        gaps, _ = _delta16_encode(indices, flat.new_zeros(indices.numel()), self.slots_for(flat.numel()))
+        out = torch.zeros(self.index_bytes(flat.numel()), dtype=torch.uint8, device=x.device)
+        out[: 2 * gaps.numel()] = gaps.view(torch.uint8)
+        return out
+
+    def empty_index_message(self, numel: int, device) -> torch.Tensor:
+        """The buffer a follower receives the index message into."""
+        return torch.empty(self.index_bytes(numel), dtype=torch.uint8, device=device)
+
+    def decode_indices(self, message: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot positions (int64) and a mask of the slots that carry an entry (not the tail)."""
+        slots = self.slots_for(numel)
+        if message.numel() != self.index_bytes(numel):
+            raise ValueError(f"CyclicTopK index message has {message.numel()} bytes, expected "
+                             f"{self.index_bytes(numel)} for a tensor of {numel} entries")
+        gaps = message[: 2 * slots].view(torch.int16)
+        indices = _delta16_decode(gaps)
+        # Tail slots repeat the last index with gap 0; slot 0 is an entry even with gap 0 (index 0).
+        used = gaps != 0
+        used[0] = True
+        if indices.device.type == "cpu" and int(indices[-1]) >= numel:
+            raise ValueError(f"CyclicTopK index message points past the tensor ({int(indices[-1])} >= {numel}): "
+                             "corrupted or mismatched message (do all workers use the same model?)")
+        return indices.clamp_(max=numel - 1), used
+
+    # -------------------------------------------------------------- every worker's values
+
+    def compress_at(self, x: torch.Tensor, message: torch.Tensor, wire_dtype: torch.dtype | None = None) -> Payload:
+        """This worker's values of ``x`` at the positions of the leader's index message."""
+        flat = x.reshape(-1)
+        indices, used = self.decode_indices(message, flat.numel())
+        values = torch.where(used, flat[indices], 0)
+        return Payload(data=to_wire(values, self.value_dtype or wire_dtype or x.dtype), shape=x.shape,
+                       indices=indices)
+
+    def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
+        """One worker's view: it is its own leader (what the hook does with ``world_size == 1``)."""
+        return self.compress_at(x, self.select(x), wire_dtype)
+
+    def compress_error_feedback_(self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0,
+                                 wire_dtype=None) -> tuple[None, torch.Tensor]:
+        """``memory += grad`` (finite entries only) with the kernels' fast accumulation; no
+        payload yet (``None``): it depends on the leader's indices, which the transport gets.
+        Returns ``(None, grad_finite)``."""
+        accumulated = error_feedback_topk_(memory, grad, 0, wire_dtype=torch.float32, subtract_sent=False,
+                                           backend=self.backend)
+        return None, accumulated.grad_finite
+
+    def decompress(self, payload):
+        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
+        out.index_put_((payload.indices,), payload.data.float(), accumulate=True)
+        return out.view(payload.shape)
+
+    def sent_indices(self, payload):
+        # tail slots repeat the last entry's index, which was sent anyway
+        return payload.indices
+
+    def subtract_sent_(self, acc, payload, scale=None):
+        # The rounded values are subtracted, so the rounding of bf16 values stays in memory.
+        values = payload.data.float()
+        acc.view(-1).index_add_(0, payload.indices, values if scale is None else values * scale, alpha=-1)
+
+    def update_memory_(self, memory: torch.Tensor, payload: Payload, grad: torch.Tensor,
+                       scale: torch.Tensor | None = None) -> None:
+        """``memory`` holds ``acc = m + g``: make it ``acc - c`` (or, with the filter,
+        ``m + beta (g - c) = acc - beta c - (1 - beta) g``)."""
+        beta = self.memory_filter
+        if beta == 1.0:
+            self.subtract_sent_(memory, payload, scale)
+            return
+        self.subtract_sent_(memory, payload, beta if scale is None else scale * beta)
+        g = grad.reshape(-1)
+        dropped = torch.where(torch.isfinite(g), g, 0).float().mul_(1.0 - beta)
+        memory.view(-1).sub_(dropped if scale is None else dropped * scale)
+
+    def wire_bytes(self, numel, dtype=torch.float32):
+        """Bytes of this worker's values (the index message is the transport's, see
+        :meth:`index_bytes`)."""
+        return self.slots_for(numel) * torch.empty((), dtype=self.value_dtype or dtype).element_size()
