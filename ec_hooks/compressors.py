@@ -127,6 +127,12 @@ def _view_bytes(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return data.view(dtype)
 
 
+def _widen(values: torch.Tensor) -> torch.Tensor:
+    """Values as the dense result's dtype: fp32, or fp64 for fp64 values (fp64 models keep
+    their precision end to end)."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
 def _seed_from(*values: int) -> int:
     """A 63-bit seed that mixes its inputs well (adjacent steps give unrelated streams)."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
@@ -247,6 +253,8 @@ class Compressor:
     #: payloads of different workers may be summed element-wise (then: one allreduce)
     summable: bool = False
     name: str = "compressor"
+    #: constructor arguments that may differ across workers: they change how, not what, is computed
+    local_args: tuple[str, ...] = ()
 
     def compress(
         self, x: torch.Tensor, *, step: int = 0, key: int = 0, rank: int = 0, wire_dtype: torch.dtype | None = None
@@ -263,7 +271,7 @@ class Compressor:
         raise NotImplementedError
 
     def decompress(self, payload: Payload) -> torch.Tensor:
-        """Dense fp32 tensor shaped like the compressed one."""
+        """Dense fp32 tensor shaped like the compressed one (fp64 when the payload carries fp64 values)."""
         raise NotImplementedError
 
     def wire_bytes(self, numel: int, dtype: torch.dtype = torch.float32) -> int:
@@ -340,6 +348,7 @@ class TopK(Compressor):
 
     summable = False
     name = "topk"
+    local_args = ("backend",)
 
     def __init__(
         self,
@@ -431,7 +440,7 @@ class TopK(Compressor):
         else:
             values = _view_bytes(payload.data[: size * slots], dtype)
             indices = _delta16_decode(payload.data[size * slots : (size + 2) * slots].view(torch.int16))
-        values = values.float()
+        values = _widen(values)
         if not indices.numel():
             return indices, values
         if indices.device.type == "cpu":
@@ -450,13 +459,13 @@ class TopK(Compressor):
 
     def decompress(self, payload):
         indices, values = self.decode(payload)
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
+        out = torch.zeros(payload.numel, dtype=values.dtype, device=payload.data.device)
         out.index_put_((indices,), values, accumulate=True)
         return out.view(payload.shape)
 
     def sum_payloads(self, payloads):
         decoded = [self.decode(p) for p in payloads]
-        out = torch.zeros(payloads[0].numel, dtype=torch.float32, device=payloads[0].data.device)
+        out = torch.zeros(payloads[0].numel, dtype=decoded[0][1].dtype, device=payloads[0].data.device)
         out.index_add_(0, torch.cat([i for i, _ in decoded]), torch.cat([v for _, v in decoded]))
         return out.view(payloads[0].shape)
 
@@ -529,15 +538,16 @@ class RandK(Compressor):
         return Payload(data=to_wire(flat[idx], wire_dtype or x.dtype), shape=x.shape, indices=idx)
 
     def decompress(self, payload):
-        out = torch.zeros(payload.numel, dtype=torch.float32, device=payload.data.device)
-        out[payload.indices] = payload.data.float()
+        values = _widen(payload.data)
+        out = torch.zeros(payload.numel, dtype=values.dtype, device=payload.data.device)
+        out[payload.indices] = values
         return out.view(payload.shape)
 
     def sent_indices(self, payload):
         return payload.indices
 
     def subtract_sent_(self, acc, payload, scale=None):
-        values = payload.data.float()
+        values = _widen(payload.data)
         flat = acc.view(-1)
         flat[payload.indices] -= values if scale is None else values * scale
 
@@ -657,7 +667,7 @@ class Identity(Compressor):
         return Payload(data=to_wire(x.reshape(-1), wire_dtype or x.dtype), shape=x.shape)
 
     def decompress(self, payload):
-        return payload.data.float().view(payload.shape)
+        return _widen(payload.data).view(payload.shape)
 
     def wire_bytes(self, numel, dtype=torch.float32):
         return numel * torch.empty((), dtype=dtype).element_size()

@@ -79,7 +79,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from ec_hooks import transport
+from ec_hooks import agreement, transport
 from ec_hooks.compressors import Compressor, Identity, Payload, TopK, _check_int, make_compressor
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
@@ -448,6 +448,7 @@ class GossipAlgorithm:
             self._raise_if_replaced()
             self.iteration += 1
             return
+        agreement.check_gossip(self)  # at the first step and after a load: do the ranks agree?
         with torch.no_grad():
             self._complete(*self._post())
         if self.watch_every and self.iteration % self.watch_every == 0:
@@ -765,6 +766,7 @@ class GossipAlgorithm:
         self._master = (None if master is None or not self._low_precision_slices else
                         torch.as_tensor(master).to(self.device, torch.float32).reshape(-1).clone())
         self.iteration = int(state_dict["iteration"])
+        agreement.expect_gossip_check(self)
         watch = state_dict.get("watch", {})
         self._watch_history = [float(d) for d in watch.get("history", [])]
         self._warned = bool(watch.get("warned", False))

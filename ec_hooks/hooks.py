@@ -44,11 +44,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ec_hooks import kernels, transport
+from ec_hooks.agreement import Agreement, compressor_config
 from ec_hooks.compressors import Compressor, TopK, _check_int, _seed_from, make_compressor
 from ec_hooks.layouts import SavedLayouts
-from ec_hooks.memory import ErrorFeedbackMemory
+from ec_hooks.memory import ErrorFeedbackMemory, Frozen, live_mask, memory_dtype
 from ec_hooks.momentum import MomentumCorrection, VelocityUpdate
 from ec_hooks.stats import CommStats
+from ec_hooks.usage import ParameterUse, skips_unused_parameters
 from ec_hooks.warmup import DensityWarmup
 
 __all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
@@ -61,7 +63,8 @@ class ErrorFeedbackState:
     """State of :func:`error_feedback_hook`: the compressor, the fp32 memories and the statistics.
 
     Args:
-        process_group: the group to communicate in (default: the world).
+        process_group: the group to communicate in (default: the DDP model's group when
+            ``module`` is one, else the world); refused when it is not the DDP model's group.
         compressor: a :class:`~ec_hooks.compressors.Compressor` or a name from
             ``ec_hooks.COMPRESSOR_NAMES`` (default ``TopK(density=0.01)``).
         start_iter: number of initial steps that use DDP's plain allreduce (no compression, memory
@@ -69,7 +72,9 @@ class ErrorFeedbackState:
         module: the model (DDP-wrapped or not).  When given, memories are keyed by parameter name,
             so a state dict loads into any bucket layout and is checked against the model;
             without it, parameters are keyed by the order in which the hook first meets them,
-            which is stable for a given model and ``bucket_cap_mb``.
+            which is stable for a given model and ``bucket_cap_mb``.  Pass the DDP model: with
+            ``find_unused_parameters=True`` the hook then leaves the memories of the parameters
+            that DDP skips at a step untouched (see :mod:`ec_hooks.usage`).
         dense_fallback: allreduce the densified compressed bucket when allgathering the payloads
             would put more bytes on the wire than a ring allreduce of the dense bucket
             (``world_size * payload > 2 * dense``).
@@ -96,6 +101,11 @@ class ErrorFeedbackState:
             correction, weight decay, clipping or a density warm-up yet (ValueError).
 
     The process group is not part of the state dict (as in torch's ``PowerSGDState``).
+
+    At the first step, and at the first step after each :meth:`load_state_dict`, the ranks
+    compare their configurations and counters (:mod:`ec_hooks.agreement`) and all raise a
+    ``ValueError`` naming what differs.  Sparse gradients (``nn.Embedding(sparse=True)``) and the
+    compiled-autograd Python reducer are refused at construction when ``module`` shows them.
     """
 
     def __init__(
@@ -119,6 +129,9 @@ class ErrorFeedbackState:
                 "ErrorFeedbackState needs an initialized process group: call "
                 "torch.distributed.init_process_group() before creating it"
             )
+        if module is not None:
+            _check_module(module)
+            process_group = _group_of(module, process_group)
         self.process_group = process_group
         self.compressor = make_compressor(TopK(0.01) if compressor is None else compressor)
         self.start_iter = _check_int("start_iter", start_iter, 0)
@@ -163,6 +176,9 @@ class ErrorFeedbackState:
             from ec_hooks import hierarchical as _hierarchical
 
             self.hierarchy = _hierarchical.NodeHierarchy(self, _hierarchical.node_layout(nodes))
+        self._usage: ParameterUse | None = None
+        self._agreement = Agreement()
+        self._resumed = False
         if module is not None:
             self.bind_module(module)
 
@@ -177,10 +193,15 @@ class ErrorFeedbackState:
     def bind_module(self, module: torch.nn.Module) -> None:
         """Key the memories by the parameter names of ``module`` (DDP wrapper stripped)."""
         if isinstance(module, DistributedDataParallel):
+            if self._usage is not None:
+                self._usage.remove()
+            self._usage = ParameterUse(module) if skips_unused_parameters(module) else None
             module = module.module
         self._param_keys = {id(p): name for name, p in module.named_parameters()}
         self._shapes = {name: p.numel() for name, p in module.named_parameters()}
         self._module_names = set(self._shapes)
+        for name, p in module.named_parameters():
+            self.memory.set_shape(name, p.shape)
 
     def _key(self, param: torch.Tensor) -> Hashable:
         key = self._param_keys.get(id(param))
@@ -194,6 +215,7 @@ class ErrorFeedbackState:
                 )
             key = f"param{len(self._param_keys)}"
             self._param_keys[id(param)] = key
+            self.memory.set_shape(key, param.shape)
         self._params[key] = param
         return key
 
@@ -207,6 +229,8 @@ class ErrorFeedbackState:
 
     def _advance(self, bucket: dist.GradBucket) -> None:
         if bucket.is_last():
+            if self._usage is not None:
+                self._usage.end_step()
             self.iteration += 1
             self.stats.end_step()
             # Only the first step after a load meets DDP's initial bucket; from the next one on,
@@ -246,6 +270,7 @@ class ErrorFeedbackState:
             "world_size": self.world_size,
             "rank": self.rank,
             "memories": self.memory.state_dict(),
+            "shapes": {key: list(shape) for key, shape in self.memory.shapes.items()},
             **self._momentum_state_dict(),
             "layouts": sorted([list(layout) for layout in layouts], key=repr),
             "stats": self.stats.state_dict(),
@@ -285,7 +310,18 @@ class ErrorFeedbackState:
             )
         memories = state_dict["memories"]
         velocities = self._check_velocities(state_dict)
-        if self._module_names is not None:
+        shapes = state_dict.get("shapes")
+        if shapes is not None and not isinstance(shapes, dict):
+            raise ValueError(f"state_dict 'shapes' must map parameter keys to shapes, got {type(shapes).__name__}")
+        self.memory.check_state_dict(memories, shapes)
+        if self._module_names is None:
+            # Keys met by this state's earlier steps are known: check what can be checked now.
+            for key, tensor in memories.items():
+                known = self.memory.shapes.get(key)
+                if known is not None and torch.as_tensor(tensor).numel() != math.prod(known):
+                    raise ValueError(f"state_dict memory for {key!r} has {torch.as_tensor(tensor).numel()} entries, "
+                                     f"the parameter has {math.prod(known)}: the state dict belongs to another model")
+        else:
             for kind, tensors in (("memories", memories), ("velocities", velocities or {})):
                 unknown = sorted(set(tensors) - self._module_names)
                 if unknown:
@@ -303,11 +339,13 @@ class ErrorFeedbackState:
                 state_dict["compressor"],
                 self.compressor,
             )
-        self.memory.load_state_dict(memories)
+        self.memory.load_state_dict(memories, shapes)
         if velocities is not None:
             self.momentum_correction.velocity.load_state_dict(velocities)
             self.momentum_correction.clip_scale = float(state_dict.get("clip_scale", 1.0))
         self._saved_layouts.expect(layouts)
+        self._resumed = True
+        self._agreement.expect()
         self.iteration = int(state_dict.get("iteration", 0))
         if "stats" in state_dict:
             self.stats.load_state_dict(state_dict["stats"])
@@ -348,7 +386,62 @@ class ErrorFeedbackState:
         state["process_group"] = None
         state["_param_keys"] = {}
         state["_params"] = {}
+        state["_usage"] = None  # hooks on the model's parameters: bind_module() adds them again
         return state
+
+    def _agreement_fields(self, grad: torch.Tensor) -> dict:
+        """What every rank must share (see :mod:`ec_hooks.agreement`)."""
+        return {
+            "hook": "error_feedback_hook",
+            "compressor": compressor_config(self.compressor),
+            "start_iter": self.start_iter,
+            "dense_fallback": self.dense_fallback,
+            "momentum_correction": None if self.momentum_correction is None else self.momentum_correction.config(),
+            "density_warmup_steps": self.density_warmup.steps,
+            "iteration": self.iteration,
+            "resumed": self._resumed,
+            "wire_dtype": str(grad.dtype),
+            "skips_unused_parameters": self._usage is not None,
+            "saved_layouts": sorted(map(repr, self._saved_layouts.layouts)),
+        }
+
+
+def _group_of(ddp: torch.nn.Module, process_group):
+    """The DDP model's process group, which ``process_group`` (when given) must be."""
+    group = getattr(ddp, "process_group", None) if isinstance(ddp, DistributedDataParallel) else None
+    if group is None:
+        return process_group
+    if process_group is None:
+        # The world stays None (the default), as a state built without module= has it.
+        return None if group is dist.group.WORLD else group
+    if process_group is not group and (
+        dist.get_process_group_ranks(process_group) != dist.get_process_group_ranks(group)
+    ):
+        raise ValueError(
+            f"process_group has ranks {dist.get_process_group_ranks(process_group)} but the DDP model "
+            f"(module=) reduces over ranks {dist.get_process_group_ranks(group)}: pass process_group=None to use "
+            "the DDP model's group"
+        )
+    return process_group
+
+
+def _check_module(module: torch.nn.Module) -> None:
+    """Refuse at construction what the hook cannot serve: sparse gradients, the compiled-autograd
+    Python reducer (which calls comm hooks with one parameter, not a bucket)."""
+    if getattr(module, "_use_python_reducer", False):
+        raise ValueError(
+            "this DDP model uses the compiled-autograd Python reducer (torch._dynamo.config.optimize_ddp = "
+            "'python_reducer'), which calls comm hooks per parameter, not per bucket: error_feedback_hook needs "
+            "buckets; use the default optimize_ddp mode ('ddp_optimizer') or do not compile the backward pass"
+        )
+    inner = module.module if isinstance(module, DistributedDataParallel) else module
+    sparse = [name or type(m).__name__ for name, m in inner.named_modules()
+              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+    if sparse:
+        raise ValueError(
+            f"module has embeddings with sparse=True ({', '.join(sparse[:3])}): their gradients are sparse "
+            "tensors, which error-feedback compression does not take; build them with sparse=False"
+        )
 
 
 def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -388,36 +481,66 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     (Nesterov: ``g_t + mu u_new``): no gradient mass is lost, momentum is applied before it is
     delayed.  Density warm-up (``density_warmup_steps``) only changes ``C`` per step.
 
+    Before step 1, at the first call after construction or a load, the ranks compare their
+    configurations (:mod:`ec_hooks.agreement`).  With ``find_unused_parameters=True``, the
+    parameters that no rank used at this step are masked out of steps 2-6 (:mod:`ec_hooks.usage`):
+    DDP drops their output, so their memories are neither selected from nor cleared.
+
     Randomness is keyed by the bucket's parameters; the first bucket after
     :meth:`ErrorFeedbackState.load_state_dict` goes through these steps once per saved bucket
     layout it holds (see the module docstring).
     """
-    grad = bucket.buffer()
+    grad = _check_bucket(bucket)
     params = bucket.parameters()
+    state._agreement.check(lambda: state._agreement_fields(grad), state.process_group, grad.device,
+                           "error_feedback_hook")
     keys = tuple(state._key(p) for p in params)
     numels = [p.numel() for p in params]
     if sum(numels) != grad.numel():
         raise RuntimeError(f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}")
+    # Parameters that no rank used at this step: DDP drops their output, so their memories stay.
+    live = None
+    if state._usage is not None and state.iteration >= state.start_iter:
+        live = live_mask(numels, state._usage.live(params, state.process_group, grad.device), grad.device)
     units = state._saved_layouts.split(keys)
     reduce = _reduce if state.hierarchy is None else state.hierarchy.reduce
     if units is None:
-        fut = reduce(state, keys, numels, grad)
+        fut = reduce(state, keys, numels, grad) if live is None else _reduce_live(state, keys, numels, grad, live, reduce)
     else:
-        fut = _reduce_by_layout(state, keys, numels, grad, units, reduce)
+        fut = _reduce_by_layout(state, keys, numels, grad, units, reduce, live)
     state._advance(bucket)
     return fut
+
+
+def _check_bucket(bucket) -> torch.Tensor:
+    """The bucket's flat dense gradient; a clear error for what the hook cannot take."""
+    if isinstance(bucket, (tuple, list)):
+        raise TypeError(
+            f"error_feedback_hook got a {type(bucket).__name__} of (gradient, parameter) instead of a DDP "
+            "GradBucket: the compiled-autograd Python reducer (torch._dynamo.config.optimize_ddp = "
+            "'python_reducer') calls comm hooks per parameter; use the default optimize_ddp mode "
+            "('ddp_optimizer') or do not compile the backward pass"
+        )
+    grad = bucket.buffer()
+    if grad.layout != torch.strided:
+        raise TypeError(
+            f"error_feedback_hook got a {grad.layout} gradient (bucket {bucket.index()}): sparse gradients, e.g. of "
+            "nn.Embedding(sparse=True), cannot be compressed with error feedback; build the embedding with sparse=False"
+        )
+    return grad
 
 
 def _reduce_by_layout(
     state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, units: list[tuple],
     reduce=None,
+    live: torch.Tensor | None = None,
 ) -> torch.futures.Future[torch.Tensor]:
     """``reduce`` (:func:`_reduce` by default) of each saved layout in ``units`` on its slices of
     ``grad``, reassembled."""
     reduce = _reduce if reduce is None else reduce
     # The uninterrupted run met this very bucket at its first step: laying the memories out for
     # it once lists them in the same order (memory norms then sum in the same order too).
-    state.memory.buffer_for(keys, numels, grad.device)
+    state.memory.buffer_for(keys, numels, grad.device, memory_dtype(grad.dtype))
     where, offset = {}, 0
     for key, numel in zip(keys, numels):
         where[key] = (offset, numel)
@@ -425,7 +548,12 @@ def _reduce_by_layout(
     futures = []
     for unit in units:
         unit_grad = torch.cat([grad[where[k][0] : where[k][0] + where[k][1]] for k in unit])
-        futures.append(reduce(state, unit, [where[k][1] for k in unit], unit_grad))
+        unit_numels = [where[k][1] for k in unit]
+        if live is None:
+            futures.append(reduce(state, unit, unit_numels, unit_grad))
+        else:
+            unit_live = torch.cat([live[where[k][0] : where[k][0] + where[k][1]] for k in unit])
+            futures.append(_reduce_live(state, unit, unit_numels, unit_grad, unit_live, reduce))
 
     def assemble(fut: torch.futures.Future) -> torch.Tensor:
         out = torch.empty_like(grad)
@@ -448,7 +576,7 @@ def _reduce(
     group = state.process_group
     bytes_dense = grad.numel() * grad.element_size()
     # Registers the layout even in warm-up, so that a checkpoint taken then records it.
-    memory = state.memory.buffer_for(keys, numels, grad.device)
+    memory = state.memory.buffer_for(keys, numels, grad.device, memory_dtype(grad.dtype))
     # 2a. momentum correction: error feedback accumulates the velocity instead of the gradient
     velocity = state._velocity_step(keys, numels, grad)
     signal = grad if velocity is None else velocity.signal
@@ -466,7 +594,7 @@ def _reduce(
 
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
     # (CyclicTopK only accumulates: its payload waits for the leader's indices, in the transport)
-    fused = getattr(compressor, "compress_error_feedback_", None)
+    fused = getattr(compressor, "compress_error_feedback_", None) if memory.dtype == torch.float32 else None
     if fused is not None:
         payload, finite = fused(memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
     else:
@@ -519,6 +647,33 @@ def _commit_dense_velocity(state: ErrorFeedbackState, velocity: VelocityUpdate, 
     a non-finite mean (an overflow on some worker) keeps the old velocity."""
     state.momentum_correction.commit(velocity, torch.isfinite(mean).all(), None)
     return mean
+
+
+def _reduce_live(
+    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, live: torch.Tensor,
+    reduce=None,
+) -> torch.futures.Future[torch.Tensor]:
+    """``reduce`` (:func:`_reduce` by default) of the live entries only (``live``: a mask over
+    ``grad``): the others, parameters that DDP skips at this step, are zero in what is compressed,
+    keep their memory and velocity (:class:`~ec_hooks.memory.Frozen`) and get a zero output (DDP
+    drops it)."""
+    reduce = _reduce if reduce is None else reduce
+    buffers = [state.memory.buffer_for(keys, numels, grad.device, memory_dtype(grad.dtype))]
+    if state.momentum_correction is not None:
+        buffers.append(state.momentum_correction.velocity.buffer_for(keys, numels, grad.device))
+    frozen = [Frozen(buffer, live) for buffer in buffers]
+    # The skipped entries' per-parameter state steps aside for this step; what is compressed is the rest.
+    for buffer in buffers:
+        buffer.masked_fill_(~live, 0)
+    fut = reduce(state, keys, numels, torch.where(live, grad, 0))
+
+    def restore(fut: torch.futures.Future) -> torch.Tensor:
+        mean = fut.value()
+        for f in frozen:
+            f.restore()
+        return mean.masked_fill_(~live, 0)
+
+    return fut.then(restore)
 
 
 def local_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -324,11 +324,12 @@ class DenseAllreduce(Transport):
 
         def deliver(fut: torch.futures.Future) -> Delivery:
             wire = fut.value()
-            return Delivery(wire[:-1].float(), wire[-1] == 0, update_memory,
-                            lambda: out.compressor.sent_indices(out.payload))
+            # fp32, or fp64 for fp64 gradients (fp64 memories)
+            return Delivery(wire[:-1].to(torch.promote_types(wire.dtype, torch.float32)), wire[-1] == 0,
+                            update_memory, lambda: out.compressor.sent_indices(out.payload))
 
         def update_memory(memory, scale=None):
-            memory.view(-1).sub_(sent.float() if scale is None else sent.float() * scale)
+            memory.view(-1).sub_(sent.to(memory.dtype) if scale is None else sent.to(memory.dtype) * scale)
 
         return fut.then(deliver), wire.numel() * wire.element_size()
 

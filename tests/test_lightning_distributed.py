@@ -354,6 +354,35 @@ def scenario_variants(out: Path, devices: int) -> None:
     save(out, "memsgd_fp16", result)
 
 
+EXTRA_GRAD = (1e-3, 2e-3, 3e-3, 4e-3)
+
+
+def scenario_unused(out: Path, devices: int) -> None:
+    """Mem-SGD with find_unused_parameters=True: a parameter used at the first step only keeps
+    the memory of what it did not send (DDP drops the hook's output for it afterwards)."""
+    from lightning_plugin import MemSGDStrategy
+
+    module = build_module(seed=0, lr=1.0)
+    module.extra = nn.Parameter(torch.zeros(4))
+
+    def training_step(batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(module(x), y)
+        if module.trainer.global_step == 0:
+            loss = loss + (module.extra * torch.tensor(EXTRA_GRAD)).sum()
+        return loss
+
+    module.training_step = training_step
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=1.0)
+    strategy = MemSGDStrategy(compressor="topk", density=0.25, find_unused_parameters=True)
+    trainer = trainer_for(out, "memsgd_unused", devices, strategy, 1, limit_train_batches=4)
+    trainer.fit(module, loaders(val=False)[0])
+    memory = trainer.strategy.comm_state.memory.state_dict()["extra"]
+    save(out, "memsgd_unused", {"ranks": gather({"extra": module.extra.detach().clone(), "memory": memory,
+                                                 "steps": trainer.global_step,
+                                                 "tracks_unused": trainer.strategy.comm_state._usage is not None})})
+
+
 def scenario_single(out: Path, devices: int) -> None:
     """One device: Mem-SGD does not compress, gossip does nothing; both equal plain training.
 
@@ -397,6 +426,7 @@ SCENARIOS = {
     "memsgd": scenario_memsgd,
     "deepsqueeze": scenario_deepsqueeze,
     "variants": scenario_variants,
+    "unused": scenario_unused,
     "single": scenario_single,
     "gpu": scenario_gpu,
     "gpu_gloo": scenario_gpu_gloo,
@@ -485,7 +515,7 @@ def load(out: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Path:
-    return launch(tmp_path_factory.mktemp("two"), 2, "baseline", "memsgd", "deepsqueeze", "variants",
+    return launch(tmp_path_factory.mktemp("two"), 2, "baseline", "memsgd", "deepsqueeze", "variants", "unused",
                   EC_HOOKS_TEST_WANDB="1")
 
 
@@ -582,6 +612,20 @@ def test_memsgd_checkpoint_carries_every_workers_memories(two):
     module.load_state_dict(ckpt["state_dict"], strict=True)
     full = load(two, "memsgd_full")
     assert torch.equal(module.flat(), full["ranks"][0]["final"])
+
+
+def test_memsgd_with_unused_parameters_keeps_their_memory(two):
+    ranks = load(two, "memsgd_unused")["ranks"]
+    assert all(r["steps"] == 4 and r["tracks_unused"] for r in ranks)
+    applied = -ranks[0]["extra"]  # SGD with lr 1 from zero; the same model on every rank
+    mean_memory = sum(r["memory"] for r in ranks) / len(ranks)
+    torch.testing.assert_close(applied + mean_memory, torch.tensor(EXTRA_GRAD), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["memsgd_full", "deepsqueeze_full"])
+def test_lightning_checkpoints_load_with_weights_only(two, name):
+    checkpoint = torch.load(two / name / "ckpt" / "epoch=3.ckpt", weights_only=True)
+    assert checkpoint["ec_hooks"]["world_size"] == 2 and len(checkpoint["ec_hooks"]["workers"]) == 2
 
 
 def test_deepsqueeze_checkpoint_is_the_average_model_and_loads_strictly(two):

@@ -71,7 +71,9 @@ def assert_same_as_int32(x, density, value_dtype=None, wire_dtype=None):
     assert payload.nbytes == compact.wire_bytes(numel, wire_dtype or x.dtype) == pad4(capacity(numel, k) * (2 + size))
     assert expected.nbytes == reference.wire_bytes(numel, wire_dtype or x.dtype) == pad4(k * (4 + size))
     dense = compact.decompress(payload)
-    assert dense.shape == x.shape and dense.dtype == torch.float32
+    # fp32, or fp64 for fp64 values (fp64 models keep their precision)
+    assert dense.shape == x.shape and dense.dtype == (torch.float64 if payload.value_dtype == torch.float64
+                                                      else torch.float32)
     assert torch.equal(dense, reference.decompress(expected))
     assert torch.equal(compact.sum_payloads([payload, payload]), reference.sum_payloads([expected, expected]))
     indices, _ = compact.decode(payload)

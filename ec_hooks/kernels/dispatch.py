@@ -135,6 +135,8 @@ def topk_magnitude(x: torch.Tensor, k: int, backend: str = "auto") -> torch.Tens
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=flat.device)
     chosen = resolve_backend(backend, flat.device, flat.numel())
+    if chosen == "cuda" and backend == "auto" and flat.dtype not in _WIRE_DTYPES:
+        chosen = "torch"  # the kernels take 16- and 32-bit floats; fp64 models select with torch.topk
     if chosen == "cuda":
         return _cuda.topk_magnitude_cuda(flat, k)
     if chosen == "cpu":
@@ -228,7 +230,7 @@ def undo_accumulate_(memory: torch.Tensor, grad: torch.Tensor, keep: torch.Tenso
     """
     _check_backend(backend)
     chosen = resolve_backend(backend, memory.device, memory.numel())
-    if chosen == "cuda":
+    if chosen == "cuda" and memory.dtype == torch.float32:  # the kernel takes fp32 memories (fp64 ones: below)
         _cuda.undo_accumulate_cuda_(memory, grad, keep)
         return
     flat = memory.view(-1)
