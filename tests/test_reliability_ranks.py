@@ -107,6 +107,29 @@ def test_unused_parameters_keep_their_memory(world_size, cases):
     torch.testing.assert_close(first["applied"] + first["mean_memory"], S_GRAD)
 
 
+def _unused_with_momentum(rank, world_size):
+    model = TwoParams()
+    ddp = DDP(model, find_unused_parameters=True)
+    state = ErrorFeedbackState(compressor=TopK(0.25), module=ddp, momentum=0.9)
+    ddp.register_comm_hook(state, error_feedback_hook)
+    snapshots = []
+    for step in range(4):
+        ddp(torch.randn(16, generator=torch.Generator().manual_seed(10 * rank + step)), step == 0).backward()
+        snapshots.append((state.memory.state_dict()["s"].clone(),
+                          state.momentum_correction.velocity.state_dict()["s"].clone()))
+    return snapshots
+
+
+def test_unused_parameters_keep_their_momentum_velocity():
+    """The same rule for every per-parameter state: while no rank uses s, neither its memory nor
+    its velocity changes (without it the velocity would decay and its memory would be sent)."""
+    for snapshots in run_distributed(_unused_with_momentum, 2):
+        memory0, velocity0 = snapshots[0]
+        assert float(velocity0.abs().sum()) > 0
+        for memory, velocity in snapshots[1:]:
+            assert torch.equal(memory, memory0) and torch.equal(velocity, velocity0)
+
+
 # ------------------------------------------------------------------ 2. ranks that disagree
 
 
