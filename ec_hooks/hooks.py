@@ -398,6 +398,8 @@ class ErrorFeedbackState:
             "dense_fallback": self.dense_fallback,
             "momentum_correction": None if self.momentum_correction is None else self.momentum_correction.config(),
             "density_warmup_steps": self.density_warmup.steps,
+            "transports": [type(t).__name__ for t in self.transports],
+            "hierarchical": self.hierarchy is not None,
             "iteration": self.iteration,
             "resumed": self._resumed,
             "wire_dtype": str(grad.dtype),
