@@ -94,7 +94,7 @@ class _ShardMemory:
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
 
-    def buffer_for(self, keys, numels, device) -> torch.Tensor:
+    def buffer_for(self, keys, numels, device, dtype=torch.float32) -> torch.Tensor:
         return self.buffer
 
     def layouts(self) -> set:
