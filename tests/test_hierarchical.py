@@ -37,13 +37,7 @@ def _two_by_two(rank, world_size):
         gathered = _gather(params)
         same = all(torch.equal(gathered[0], g) for g in gathered)
         # (1/L) sum_t sum_i g_i = N sum_t out + sum_i m_i  (memories in units of a node's mean)
-        memories = state.memory.state_dict()
-        keys = sorted(recorder.grad_sum)
-        grad_total = torch.cat([recorder.grad_sum[k] for k in keys])
-        out_total = torch.cat([recorder.out_sum[k] for k in keys])
-        memory = torch.cat([memories[k].double() for k in keys])
-        dist.all_reduce(grad_total)
-        dist.all_reduce(memory)
+        grad_total, out_total, memory = recorder.world_totals()
         residual = float((grad_total / 2 - 2 * out_total - memory).abs().max())
         # memories belong to the shard owner: zero outside the owned slice of every live bucket
         outside = 0.0

@@ -120,6 +120,19 @@ class Recorder:
 
         return error_feedback_hook(state, bucket).then(keep)
 
+    def world_totals(self):
+        """(sum over steps and workers of the gradients, this worker's sum of the hook's outputs,
+        sum over workers of the memories), in parameter-key order: the terms of the conservation
+        invariant.  Collective."""
+        memories = self.state.memory.state_dict()
+        keys = sorted(self.grad_sum)
+        grad_total = torch.cat([self.grad_sum[k] for k in keys])
+        out_total = torch.cat([self.out_sum[k] for k in keys])
+        memory = torch.cat([memories[k].double() for k in keys])
+        dist.all_reduce(grad_total)
+        dist.all_reduce(memory)
+        return grad_total, out_total, memory
+
 
 def _all_compressors(rank, world_size):
     report = {}
@@ -132,13 +145,7 @@ def _all_compressors(rank, world_size):
         gathered = _gather(params)
         same = all(torch.equal(gathered[0], g) for g in gathered)
         # conservation over all workers: sum_t sum_i g_i = n * sum_t out + sum_i m_i
-        memories = state.memory.state_dict()
-        keys = sorted(recorder.grad_sum)
-        grad_total = torch.cat([recorder.grad_sum[k] for k in keys])
-        out_total = torch.cat([recorder.out_sum[k] for k in keys])
-        memory = torch.cat([memories[k].double() for k in keys])
-        dist.all_reduce(grad_total)
-        dist.all_reduce(memory)
+        grad_total, out_total, memory = recorder.world_totals()
         residual = (grad_total - world_size * out_total - memory).abs().max()
         report[name] = (same, float(residual), float(grad_total.abs().max()), state.stats.as_dict())
     return report

@@ -130,10 +130,13 @@ def test_checkpoint_of_one_launch_resumes_exactly_on_another_and_survives_a_kill
     straight, resumed = _load_result(hooks_runs["straight"], method), _load_result(hooks_runs["resumed"], method)
     for a, b in zip(straight["ranks"], resumed["ranks"]):
         assert torch.equal(a["final"], b["final"])
-    # The attempt that finished is the restart (restart count 1 on node B, 0 on node A): it found
-    # "flat" done (its checkpoint of step 12), resumed "hier" from step 8 (rank 2 died at step 9)
-    # and the gossip runs, which had not started yet in this launch, from step 6 (the first launch).
-    assert [r["restart_count"] for r in resumed["ranks"]] == [0, 0, 1, 1]
+    # The attempt that finished is the restart: node B restarted its workers once (rank 2 died);
+    # node A's agent joins the new rendezvous round too, and whether it counts that as a restart
+    # depends on timing (both were seen: 0 on a quiet machine, 1 under load).  The
+    # restart found "flat" done (its checkpoint of step 12), resumed "hier" from step 8 (rank 2
+    # died at step 9) and the gossip runs, which had not started yet in this launch, from step 6.
+    counts = [r["restart_count"] for r in resumed["ranks"]]
+    assert counts[2:] == [1, 1] and counts[0] == counts[1] in (0, 1), counts
     expected = {"flat": 12, "hier": 8, "deepsqueeze": 6, "deepsqueeze_hier": 6}[method]
     assert {r["start"] for r in resumed["ranks"]} == {expected}
 

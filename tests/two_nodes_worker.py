@@ -165,6 +165,11 @@ def main_lightning(args) -> None:
                            "num_nodes": trainer.num_nodes, "world_size": trainer.world_size})
         if dist.get_rank() == 0:
             _save_atomic({"ranks": per_rank}, out / f"{name}.pt")
+    # Lightning leaves the process group up; a gloo group still alive at interpreter exit can
+    # abort a rank ("terminate called without an active exception") after its work is done.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def parse_args(argv=None):
