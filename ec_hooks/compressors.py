@@ -21,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
+from ec_hooks.validation import check_choice, check_density, check_int
 
 __all__ = [
     "Payload",
@@ -84,25 +84,6 @@ class Payload:
     def with_data(self, data: torch.Tensor) -> Payload:
         """The same payload with other wire data (a peer's, or the sum over workers)."""
         return Payload(data=data, shape=self.shape, indices=self.indices, value_dtype=self.value_dtype)
-
-
-def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise ValueError(f"density must be a float in (0, 1] (the fraction of entries kept), got {density!r}")
-    density = float(density)
-    if not (0.0 < density <= 1.0):  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {density!r}")
-    return density
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
-    return value
 
 
 def _pad(nbytes: int) -> int:
@@ -357,13 +338,9 @@ class TopK(Compressor):
         index_encoding: str = "int32",
         value_dtype: torch.dtype | str | None = None,
     ):
-        self.density = _check_density(density)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
-        self.backend = backend
-        if index_encoding not in _INDEX_ENCODINGS:
-            raise ValueError(f"index_encoding must be one of {list(_INDEX_ENCODINGS)}, got {index_encoding!r}")
-        self.index_encoding = index_encoding
+        self.density = check_density(density)
+        self.backend = check_choice("backend", backend, _BACKENDS)
+        self.index_encoding = check_choice("index_encoding", index_encoding, _INDEX_ENCODINGS)
         self.value_dtype = _value_dtype(value_dtype)
 
     def _repr_args(self):
@@ -503,8 +480,8 @@ class RandK(Compressor):
     name = "randk"
 
     def __init__(self, density: float = 0.01, seed: int = 0):
-        self.density = _check_density(density)
-        self.seed = _check_int("seed", seed, 0)
+        self.density = check_density(density)
+        self.seed = check_int("seed", seed, 0)
 
     def _repr_args(self):
         return {"density": self.density, "seed": self.seed}
@@ -610,14 +587,14 @@ class QSGD(Compressor):
     name = "qsgd"
 
     def __init__(self, levels: int = 7, seed: int = 0):
-        self.levels = _check_int("levels", levels, 1, 2**15 - 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.levels = check_int("levels", levels, 1, 2**15 - 1)
+        self.seed = check_int("seed", seed, 0)
         self.level_bits = max(1, math.ceil(math.log2(self.levels + 1)))
         self.bits = 1 + self.level_bits
 
     @classmethod
     def from_bits(cls, bits: int, seed: int = 0) -> QSGD:
-        bits = _check_int("bits", bits, 2, 16)
+        bits = check_int("bits", bits, 2, 16)
         return cls(levels=2 ** (bits - 1) - 1, seed=seed)
 
     def _repr_args(self):

@@ -22,7 +22,6 @@ from ec_hooks.compressors import (
     Compressor,
     Payload,
     TopK,
-    _check_density,
     _delta16_capacity,
     _delta16_decode,
     _delta16_encode,
@@ -30,6 +29,7 @@ from ec_hooks.compressors import (
     _value_dtype,
 )
 from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
+from ec_hooks.validation import check_choice, check_density
 
 __all__ = ["CyclicTopK"]
 
@@ -75,16 +75,14 @@ class CyclicTopK(Compressor):
     name = "cyclic_topk"
 
     def __init__(self, density: float = 0.01, value_dtype=None, memory_filter: float = 1.0, backend: str = "auto"):
-        self.density = _check_density(density)
+        self.density = check_density(density)
         self.value_dtype = _value_dtype(value_dtype)
         if (isinstance(memory_filter, bool) or not isinstance(memory_filter, numbers.Real)
                 or not 0.0 < float(memory_filter) <= 1.0):
             raise ValueError(f"memory_filter must be a float in (0, 1] (ScaleCom's beta; 1 = plain error "
                              f"feedback), got {memory_filter!r}")
         self.memory_filter = float(memory_filter)
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_choice("backend", backend, _BACKENDS)
 
     def _repr_args(self):
         args = {"density": self.density}

@@ -80,9 +80,10 @@ import torch
 import torch.distributed as dist
 
 from ec_hooks import agreement, transport
-from ec_hooks.compressors import Compressor, Identity, Payload, TopK, _check_int, make_compressor
+from ec_hooks.compressors import Compressor, Identity, Payload, TopK, make_compressor
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
+from ec_hooks.validation import check_int, check_unit_interval
 
 __all__ = [
     "GossipAlgorithm",
@@ -181,12 +182,6 @@ def contraction_scale(compressor: Compressor, numel: int) -> float:
     if getattr(compressor, "name", "") == "qsgd" and levels:
         return 1.0 / (1.0 + min(numel / levels**2, math.sqrt(numel) / levels))
     return 1.0
-
-
-def _check_fraction(name: str, value, meaning: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
-        raise ValueError(f"{name} must be a float in (0, 1] ({meaning}), got {value!r}")
-    return float(value)
 
 
 def _collect_params(params) -> list[torch.Tensor]:
@@ -377,11 +372,11 @@ class GossipAlgorithm:
             )
         if consensus_step is None:
             consensus_step = default_consensus_step(self.algorithm, self.compressor)
-        self.consensus_step = _check_fraction(
+        self.consensus_step = check_unit_interval(
             "consensus_step", consensus_step, "the eta of W_eff = (1 - eta) I + eta W"
         )
-        self.watch_every = _check_int("watch_every", watch_every, 0)
-        self.watch_patience = _check_int("watch_patience", watch_patience, 1)
+        self.watch_every = check_int("watch_every", watch_every, 0)
+        self.watch_patience = check_int("watch_patience", watch_patience, 1)
         if isinstance(watch_growth, bool) or not isinstance(watch_growth, numbers.Real) or not watch_growth > 1:
             raise ValueError(f"watch_growth must be a float > 1, got {watch_growth!r}")
         self.watch_growth = float(watch_growth)

@@ -45,12 +45,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ec_hooks import kernels, transport
 from ec_hooks.agreement import Agreement, compressor_config
-from ec_hooks.compressors import Compressor, TopK, _check_int, _seed_from, make_compressor
+from ec_hooks.compressors import Compressor, TopK, _seed_from, make_compressor
 from ec_hooks.layouts import SavedLayouts
 from ec_hooks.memory import ErrorFeedbackMemory, Frozen, live_mask, memory_dtype
 from ec_hooks.momentum import MomentumCorrection, VelocityUpdate
 from ec_hooks.stats import CommStats
 from ec_hooks.usage import ParameterUse, skips_unused_parameters
+from ec_hooks.validation import check_int
 from ec_hooks.warmup import DensityWarmup
 
 __all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
@@ -134,7 +135,7 @@ class ErrorFeedbackState:
             process_group = _group_of(module, process_group)
         self.process_group = process_group
         self.compressor = make_compressor(TopK(0.01) if compressor is None else compressor)
-        self.start_iter = _check_int("start_iter", start_iter, 0)
+        self.start_iter = check_int("start_iter", start_iter, 0)
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ec_hooks.validation import check_size
+
 __all__ = ["Topology", "TOPOLOGY_NAMES"]
 
 logger = logging.getLogger(__name__)
@@ -37,12 +39,6 @@ TOPOLOGY_NAMES = ("ring", "torus", "complete", "exponential", "one_peer_exponent
 
 # Tolerance for "sums to 1" and "symmetric" on user matrices (float32 matrices round to ~1e-7).
 _ATOL = 1e-6
-
-
-def _check_size(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def _max_degree_matrix(n: int, neighbours: Sequence[set[int]]) -> torch.Tensor:
@@ -112,7 +108,7 @@ class Topology:
 
         ``n = 2`` degenerates to a pair (weights 1/2), ``n = 1`` to the identity.
         """
-        n = _check_size("n", n)
+        n = check_size("n", n)
         return cls("ring", [_max_degree_matrix(n, [{(i - 1) % n, (i + 1) % n} - {i} for i in range(n)])])
 
     @classmethod
@@ -121,7 +117,7 @@ class Topology:
 
         Sides of length 2 or 1 merge neighbours (a ``2 x 3`` torus has degree 3, weight 1/4).
         """
-        rows, cols = _check_size("rows", rows), _check_size("cols", cols)
+        rows, cols = check_size("rows", rows), check_size("cols", cols)
         n = rows * cols
         peers = []
         for i in range(n):
@@ -134,7 +130,7 @@ class Topology:
     @classmethod
     def complete(cls, n: int) -> Topology:
         """Everybody with everybody, weight ``1/n``: one gossip step is an exact average."""
-        n = _check_size("n", n)
+        n = check_size("n", n)
         return cls("complete", [torch.full((n, n), 1.0 / n, dtype=torch.float64)])
 
     @classmethod
@@ -144,7 +140,7 @@ class Topology:
         The undirected (symmetric) version, so that ``W`` is symmetric as DeepSqueeze and
         CHOCO-SGD assume; every worker has the same degree (about ``2 log2 n``) and weight.
         """
-        n = _check_size("n", n)
+        n = check_size("n", n)
         hops = [2**k for k in range(max(1, math.ceil(math.log2(n))))] if n > 1 else []
         peers = [({(i + h) % n for h in hops} | {(i - h) % n for h in hops}) - {i} for i in range(n)]
         return cls("exponential", [_max_degree_matrix(n, peers)])
@@ -159,7 +155,7 @@ class Topology:
         not symmetric; for ``n`` a power of two the product of ``log2 n`` consecutive matrices
         is the exact average.
         """
-        n = _check_size("n", n)
+        n = check_size("n", n)
         if n == 1:
             return cls("one_peer_exponential", [torch.ones((1, 1), dtype=torch.float64)])
         matrices = []
@@ -198,7 +194,7 @@ class Topology:
         ``TOPOLOGY_NAMES`` (``"torus"`` picks the most square ``rows x cols = n``), or a matrix
         (see :meth:`from_matrix`).
         """
-        n = _check_size("n", n)
+        n = check_size("n", n)
         if isinstance(topology, Topology):
             if topology.size != n:
                 hint = f"a {n} x {n} matrix" if topology.name == "custom" else f"Topology.{topology.name}({n})"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 
-from ec_hooks.compressors import Compressor, _check_int
+from ec_hooks.compressors import Compressor
+from ec_hooks.validation import check_int
 
 __all__ = ["DensityWarmup", "warmup_density"]
 
@@ -42,7 +43,7 @@ class DensityWarmup:
     """
 
     def __init__(self, compressor: Compressor, steps: int) -> None:
-        self.steps = _check_int("density_warmup_steps", steps, 0)
+        self.steps = check_int("density_warmup_steps", steps, 0)
         if self.steps and not isinstance(getattr(compressor, "density", None), float):
             raise ValueError(
                 f"density_warmup_steps={steps} needs a compressor with a density (topk, randk), got {compressor!r}"

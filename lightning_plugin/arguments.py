@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import numbers
-
 from ec_hooks.compressors import Compressor, make_compressor
 
-__all__ = ["build_compressor", "check_unit_interval", "reject_comm_hook_kwargs"]
+__all__ = ["build_compressor", "reject_comm_hook_kwargs"]
 
 # DDPStrategy arguments that would replace or wrap the communication our strategies install.
 _COMM_HOOK_KWARGS = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
@@ -59,13 +57,3 @@ def build_compressor(compressor: str | Compressor | None, density: float | None)
             )
         return compressor
     return make_compressor(compressor, **({} if density is None else {"density": density}))
-
-
-def check_unit_interval(name: str, value, *, allow_none: bool = True) -> float | None:
-    """A float in (0, 1], or ``None`` when allowed."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
-        allowed = "a float in (0, 1]" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)

@@ -33,15 +33,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from ec_hooks.compressors import Compressor, _check_int
+from ec_hooks.compressors import Compressor
 from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze, GossipAlgorithm
 from ec_hooks.hooks import local_hook
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
+from ec_hooks.validation import check_int, check_unit_interval
 from lightning_plugin.arguments import (
     build_compressor,
     check_hierarchy,
-    check_unit_interval,
     node_layout,
     reject_comm_hook_kwargs,
 )
@@ -96,8 +96,8 @@ class GossipStrategy(WorkerStateDDPStrategy):
         self.hierarchical = hierarchical
         self.nodes = nodes
         self.compressor = build_compressor(compressor, density)
-        self.consensus_step = check_unit_interval("consensus_step", consensus_step)
-        self.watch_every = _check_int("watch_every", watch_every, 0)
+        self.consensus_step = check_unit_interval("consensus_step", consensus_step, allow_none=True)
+        self.watch_every = check_int("watch_every", watch_every, 0)
         if not isinstance(topology, (str, Topology)):
             try:
                 topology = Topology.from_matrix(topology)

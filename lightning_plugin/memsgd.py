@@ -10,10 +10,11 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from ec_hooks.compressors import Compressor, _check_int
+from ec_hooks.compressors import Compressor
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook
 from ec_hooks.momentum import MomentumCorrection
 from ec_hooks.stats import CommStats
+from ec_hooks.validation import check_int
 from lightning_plugin.arguments import build_compressor, check_hierarchy, node_layout, reject_comm_hook_kwargs
 from lightning_plugin.worker_state import WorkerStateDDPStrategy
 
@@ -82,13 +83,13 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if density is None and isinstance(compressor, str) and compressor.lower() in ("topk", "randk", "cyclic_topk"):
             density = 0.01
         self.compressor = build_compressor(compressor, density)
-        self.start_iter = _check_int("start_iter", start_iter, 0)
+        self.start_iter = check_int("start_iter", start_iter, 0)
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
         if not isinstance(momentum_correction, bool):
             raise ValueError(f"momentum_correction must be True or False, got {momentum_correction!r}")
-        self.density_warmup_steps = _check_int("density_warmup_steps", density_warmup_steps, 0)
+        self.density_warmup_steps = check_int("density_warmup_steps", density_warmup_steps, 0)
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
         self.momentum_masking = momentum_masking

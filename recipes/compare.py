@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from ec_hooks.compressors import _check_int
+from ec_hooks.validation import check_int
 
 __all__ = ["DEFAULT_METHODS", "MethodResult", "compare", "format_table", "main", "plot"]
 
@@ -275,7 +275,7 @@ def compare(
 
     Each method's full configuration is saved in ``out_dir/<method>/config.yaml``.
     """
-    _check_int("devices", devices, 1)
+    check_int("devices", devices, 1)
     if isinstance(method_timeout, bool) or not isinstance(method_timeout, (int, float)) or not method_timeout > 0:
         raise ValueError(f"method_timeout must be a number of seconds > 0, got {method_timeout!r}")
     if accelerator not in ("cpu", "gpu", "cuda"):

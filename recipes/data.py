@@ -36,7 +36,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, TensorDataset
 
-from ec_hooks.compressors import _check_int
+from ec_hooks.validation import check_int
 
 __all__ = [
     "CIFAR10_ARCHIVE",
@@ -258,8 +258,8 @@ class TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 32, num_workers: int = 0) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.train_set: TensorDataset | None = None
@@ -351,7 +351,7 @@ class CIFAR10DataModule(TensorDataModule):
         archive_md5: str | None = CIFAR10_ARCHIVE_MD5,
     ) -> None:
         super().__init__(batch_size, num_workers)
-        _check_int("subset", subset, 0)  # 0: the whole set
+        check_int("subset", subset, 0)  # 0: the whole set
         self.data_dir = data_dir
         self.download = download
         self.use_augmentation = augment
@@ -443,7 +443,7 @@ class SyntheticDataModule(TensorDataModule):
         super().__init__(batch_size, 0)
         for name, value in (("num_samples", num_samples), ("num_classes", num_classes),
                             ("in_channels", in_channels), ("image_size", image_size)):
-            _check_int(name, value, 1)
+            check_int(name, value, 1)
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.in_channels = in_channels

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ec_hooks.compressors import _check_int
+from ec_hooks.validation import check_int
 
 __all__ = ["ARCH_NAMES", "MLP", "BasicBlock", "CifarResNet", "DigitsCNN", "build_model", "resnet18", "resnet20"]
 
@@ -90,8 +90,8 @@ class CifarResNet(nn.Module):
             raise ValueError(f"blocks and widths must have the same length, got {blocks} and {widths}")
         if shortcut not in ("pad", "projection"):
             raise ValueError(f"shortcut must be one of ['pad', 'projection'], got {shortcut!r}")
-        _check_int("num_classes", num_classes, 1)
-        _check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("in_channels", in_channels, 1)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         stages = []
@@ -137,7 +137,7 @@ class DigitsCNN(nn.Module):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width),
                             ("hidden", hidden)):
-            _check_int(name, value, 1)
+            check_int(name, value, 1)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
         self.fc1 = nn.Linear(2 * width * 4 * 4, hidden)
@@ -158,7 +158,7 @@ class MLP(nn.Module):
     def __init__(self, num_classes: int = 10, in_features: int = 64, hidden: int = 128) -> None:
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_features", in_features), ("hidden", hidden)):
-            _check_int(name, value, 1)
+            check_int(name, value, 1)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
