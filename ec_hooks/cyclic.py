@@ -17,17 +17,14 @@ import numbers
 
 import torch
 
-from ec_hooks.compressors import (
-    _BACKENDS,
-    Compressor,
-    Payload,
-    TopK,
-    _delta16_capacity,
-    _delta16_decode,
-    _delta16_encode,
-    _pad,
-    _value_dtype,
-)
+from ec_hooks.compressors.base import Compressor, Payload
+from ec_hooks.compressors.topk import BACKENDS as _BACKENDS
+from ec_hooks.compressors.topk import TopK
+from ec_hooks.compressors.wire import delta16_capacity as _delta16_capacity
+from ec_hooks.compressors.wire import delta16_decode as _delta16_decode
+from ec_hooks.compressors.wire import delta16_encode as _delta16_encode
+from ec_hooks.compressors.wire import half_dtype as _value_dtype
+from ec_hooks.compressors.wire import pad as _pad
 from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
 from ec_hooks.validation import check_choice, check_density
 

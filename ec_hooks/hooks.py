@@ -45,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ec_hooks import kernels, transport
 from ec_hooks.agreement import Agreement, compressor_config
-from ec_hooks.compressors import Compressor, TopK, _seed_from, make_compressor
+from ec_hooks.compressors import Compressor, TopK, make_compressor
+from ec_hooks.compressors.base import seed_from
 from ec_hooks.layouts import SavedLayouts
 from ec_hooks.memory import ErrorFeedbackMemory, Frozen, live_mask, memory_dtype
 from ec_hooks.momentum import MomentumCorrection, VelocityUpdate
@@ -225,7 +226,7 @@ class ErrorFeedbackState:
         worker and in every process (names are hashed with blake2b, never Python's ``hash``)."""
         seed = self._layout_seeds.get(keys)
         if seed is None:
-            seed = self._layout_seeds[keys] = _seed_from(*keys)
+            seed = self._layout_seeds[keys] = seed_from(*keys)
         return seed
 
     def _advance(self, bucket: dist.GradBucket) -> None:
