@@ -105,8 +105,7 @@ class Agreement:
 def compressor_config(compressor) -> str:
     """The compressor as every rank must have it: its repr without the arguments that change how,
     not what, is computed (``local_args``, e.g. top-k's selection ``backend``)."""
-    local = getattr(compressor, "local_args", ())
-    args = {k: v for k, v in compressor._repr_args().items() if k not in local}
+    args = {k: v for k, v in compressor._repr_args().items() if k not in compressor.local_args}
     return f"{type(compressor).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
 
 

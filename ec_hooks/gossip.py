@@ -149,39 +149,24 @@ def default_consensus_step(algorithm: str, compressor: Compressor) -> float:
     DeepSqueeze compresses the model itself, so what it does not send (kept in ``delta``) is of
     the model's size and only small steps keep it from pushing the workers apart; CHOCO-SGD
     compresses differences that shrink as the workers agree and takes larger steps.  D-PSGD uses 1.
+    Each compressor declares its rules (:attr:`~ec_hooks.compressors.Compressor.consensus_steps`).
 
     Args:
         algorithm: ``"deepsqueeze"``, ``"choco"`` or ``"dpsgd"``.
         compressor: the compressor in use.
     """
-    if algorithm not in _DEFAULT_STEPS:
-        raise ValueError(f"algorithm must be one of {sorted(_DEFAULT_STEPS)}, got {algorithm!r}")
-    table = _DEFAULT_STEPS[algorithm]
-    name = getattr(compressor, "name", "")
-    rule = table.get(name, table["other"])
-    if isinstance(rule, tuple):
-        per_unit, low, high = rule
-        unit = compressor.levels if name == "qsgd" else compressor.density
-        return round(min(high, max(low, per_unit * unit)), 6)
-    return float(rule)
+    if algorithm not in GOSSIP_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {sorted(GOSSIP_ALGORITHMS)}, got {algorithm!r}")
+    return compressor.default_consensus_step(algorithm)
 
 
-# algorithm -> compressor name -> step, or (step per unit of density / QSGD level, min, max).
-_DEFAULT_STEPS: dict[str, dict] = {
-    "deepsqueeze": {"topk": (1.0, 0.005, 0.5), "randk": (0.5, 0.002, 0.25), "sign": 0.1,
-                    "qsgd": (0.007, 0.005, 0.1), "identity": 1.0, "fp16": 1.0, "bf16": 1.0, "other": 0.01},
-    "choco": {"topk": (2.0, 0.01, 1.0), "randk": (0.5, 0.002, 0.5), "sign": 0.5, "qsgd": (0.03, 0.02, 0.5),
-              "identity": 1.0, "fp16": 1.0, "bf16": 1.0, "other": 0.1},
-    "dpsgd": {"identity": 1.0, "other": 1.0},
-}
+#: the algorithms' keys of :func:`default_consensus_step`
+GOSSIP_ALGORITHMS = ("deepsqueeze", "choco", "dpsgd")
 
 
 def contraction_scale(compressor: Compressor, numel: int) -> float:
     """Factor applied to decoded payloads so that ``compressor`` is a contraction (see above)."""
-    levels = getattr(compressor, "levels", None)
-    if getattr(compressor, "name", "") == "qsgd" and levels:
-        return 1.0 / (1.0 + min(numel / levels**2, math.sqrt(numel) / levels))
-    return 1.0
+    return compressor.contraction_scale(numel)
 
 
 def _collect_params(params) -> list[torch.Tensor]:
@@ -365,7 +350,7 @@ class GossipAlgorithm:
         self.rank, self.world_size = rank, world_size
         self.topology = Topology.make(topology, world_size)
         self.compressor = self._resolve_compressor(compressor)
-        if getattr(self.compressor, "shares_indices", False):
+        if self.compressor.shares_indices:
             raise ValueError(
                 f"compressor {self.compressor!r} shares one worker's indices through a broadcast to all workers; "
                 "gossip talks to neighbours only, and each worker compresses its own model: use TopK"

@@ -34,6 +34,7 @@ splits its first step into the saved layouts and uses its own layout from the ne
 """
 
 
+import functools
 import logging
 import math
 import time
@@ -598,16 +599,11 @@ def _reduce(
 
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
     # (CyclicTopK only accumulates: its payload waits for the leader's indices, in the transport)
-    fused = getattr(compressor, "compress_error_feedback_", None) if memory.dtype == torch.float32 else None
-    if fused is not None:
-        payload, finite = fused(memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
-    else:
-        finite_entries = torch.isfinite(signal)
-        finite = finite_entries.all()
-        memory.add_(torch.where(finite_entries, signal, 0))
-        # A shared-index compressor's payload depends on the leader's indices: the transport makes it.
-        payload = None if getattr(compressor, "shares_indices", False) else compressor.compress(
-            memory, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype)
+    # The fused kernels take fp32 memories; fp64 ones (fp64 models) take the reference path.
+    compensate = (compressor.compress_error_feedback_ if memory.dtype == torch.float32
+                  else functools.partial(Compressor.compress_error_feedback_, compressor))
+    payload, finite = compensate(memory, signal, step=state.iteration, key=key, rank=state.rank,
+                                 wire_dtype=grad.dtype)
     # 4. transport: the cheapest of the state's transports for this compressor and bucket
     chosen = transport.choose(state.transports, compressor, grad.numel(), grad.dtype, n)
     fut, bytes_sent = chosen.start(
@@ -622,7 +618,7 @@ def _reduce(
         entries=grad.numel(),
         seconds=time.perf_counter() - started,
     )
-    backend = getattr(compressor, "backend", "auto")
+    backend = compressor.backend
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         delivery = fut.value()

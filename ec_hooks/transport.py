@@ -260,7 +260,7 @@ class AllreduceMean(Transport):
     name = "allreduce"
 
     def accepts(self, compressor):
-        return compressor.summable and not getattr(compressor, "shares_indices", False)
+        return compressor.summable and not compressor.shares_indices
 
     def wire_bytes(self, compressor, numel, dtype, n):
         return ring_allreduce_bytes(compressor.wire_bytes(numel, dtype) + compressor.wire_bytes(1, dtype), n)
@@ -312,7 +312,7 @@ class DenseAllreduce(Transport):
     name = "dense"
 
     def accepts(self, compressor):
-        return not getattr(compressor, "shares_indices", False)
+        return not compressor.shares_indices
 
     def wire_bytes(self, compressor, numel, dtype, n):
         return ring_allreduce_bytes((numel + 1) * _element_size(dtype), n)
@@ -352,7 +352,7 @@ class SharedIndexAllreduce(Transport):
     name = "shared_index"
 
     def accepts(self, compressor):
-        return getattr(compressor, "shares_indices", False)
+        return compressor.shares_indices
 
     def wire_bytes(self, compressor, numel, dtype, n):
         index = (n - 1) / n * compressor.index_bytes(numel)
@@ -408,7 +408,7 @@ class SparseAllreduce(Transport):
     status_bytes = 4
 
     def accepts(self, compressor):
-        return not compressor.summable and callable(getattr(compressor, "decode", None))
+        return not compressor.summable and compressor.index_value_pairs
 
     @staticmethod
     def kept_per_worker(k: int, n: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -49,13 +50,67 @@ def seed_from(*values: int) -> int:
 
 
 class Compressor:
-    """Base class.  Subclasses implement :meth:`compress`, :meth:`decompress`, :meth:`wire_bytes`."""
+    """Base class.  Subclasses implement :meth:`compress`, :meth:`decompress`, :meth:`wire_bytes`.
+
+    What a compressor can do is declared here, with the defaults of a plain dense compressor, and
+    overridden by the compressors that can do more: :attr:`summable`, :attr:`shares_indices`,
+    :attr:`index_value_pairs`, :meth:`compress_error_feedback_` (fused on top-k),
+    :meth:`contraction_scale` (QSGD) and :meth:`default_consensus_step`.
+    """
 
     #: payloads of different workers may be summed element-wise (then: one allreduce)
     summable: bool = False
     name: str = "compressor"
     #: constructor arguments that may differ across workers: they change how, not what, is computed
     local_args: tuple[str, ...] = ()
+    #: one worker chooses the indices and the others send their values there
+    #: (:class:`~ec_hooks.transport.SharedIndexAllreduce`); the payload then waits for the leader
+    shares_indices: bool = False
+    #: payloads decode to ``(indices, values)`` with :meth:`decode` (the sparse allreduce needs it)
+    index_value_pairs: bool = False
+    #: backend of the selection and accumulation kernels (see :mod:`ec_hooks.kernels`)
+    backend: str = "auto"
+    #: default consensus step per gossip algorithm: a step, or ``(step per unit, min, max)`` with
+    #: the unit :meth:`consensus_unit` (see :func:`ec_hooks.gossip.default_consensus_step`)
+    consensus_steps: ClassVar[dict[str, float | tuple[float, float, float]]] = {
+        "deepsqueeze": 0.01, "choco": 0.1, "dpsgd": 1.0,
+    }
+
+    def compress_error_feedback_(
+        self, memory: torch.Tensor, grad: torch.Tensor, *, step: int = 0, key: int = 0, rank: int = 0,
+        wire_dtype: torch.dtype | None = None,
+    ) -> tuple[Payload | None, torch.Tensor]:
+        """``memory += grad`` (finite entries only), then the payload of ``memory``.
+
+        Returns the payload (``None`` for a compressor that :attr:`shares_indices`: its payload
+        waits for the leader's indices) and a 0-dim bool, "every gradient entry was finite".
+        Compressors with a fused kernel (top-k) override it; this is the reference path.
+        """
+        finite_entries = torch.isfinite(grad)
+        finite = finite_entries.all()
+        memory.add_(torch.where(finite_entries, grad, 0))
+        payload = None if self.shares_indices else self.compress(
+            memory, step=step, key=key, rank=rank, wire_dtype=wire_dtype)
+        return payload, finite
+
+    def contraction_scale(self, numel: int) -> float:
+        """Factor applied to decoded payloads of ``numel`` entries so that the compressor is a
+        contraction ``E||C(x) - x||^2 <= (1 - delta) ||x||^2``, as gossip needs: 1 unless the
+        compressor is unbiased instead (QSGD)."""
+        return 1.0
+
+    def consensus_unit(self) -> float:
+        """What the ``(step per unit, min, max)`` rules of :attr:`consensus_steps` multiply."""
+        return 1.0
+
+    def default_consensus_step(self, algorithm: str) -> float:
+        """The consensus step of gossip ``algorithm`` (``"deepsqueeze"``, ``"choco"``, ``"dpsgd"``)
+        with this compressor, from :attr:`consensus_steps`."""
+        rule = self.consensus_steps[algorithm]
+        if isinstance(rule, tuple):
+            per_unit, low, high = rule
+            return round(min(high, max(low, per_unit * self.consensus_unit())), 6)
+        return float(rule)
 
     def compress(
         self, x: torch.Tensor, *, step: int = 0, key: int = 0, rank: int = 0, wire_dtype: torch.dtype | None = None

@@ -19,6 +19,7 @@ class Identity(Compressor):
 
     summable = True
     name = "identity"
+    consensus_steps = {**Compressor.consensus_steps, "deepsqueeze": 1.0, "choco": 1.0}
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         return Payload(data=to_wire(x.reshape(-1), wire_dtype or x.dtype), shape=x.shape)
@@ -38,6 +39,7 @@ class Cast(Compressor):
 
     summable = True
     _DTYPES = HALF_DTYPES
+    consensus_steps = {**Compressor.consensus_steps, "deepsqueeze": 1.0, "choco": 1.0}
 
     def __init__(self, dtype: torch.dtype | str = torch.float16):
         if isinstance(dtype, str):

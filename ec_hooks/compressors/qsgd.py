@@ -26,6 +26,7 @@ class QSGD(Compressor):
 
     summable = False
     name = "qsgd"
+    consensus_steps = {**Compressor.consensus_steps, "deepsqueeze": (0.007, 0.005, 0.1), "choco": (0.03, 0.02, 0.5)}
 
     def __init__(self, levels: int = 7, seed: int = 0):
         self.levels = check_int("levels", levels, 1, 2**15 - 1)
@@ -40,6 +41,14 @@ class QSGD(Compressor):
 
     def _repr_args(self):
         return {"levels": self.levels, "seed": self.seed}
+
+    def consensus_unit(self) -> float:
+        return self.levels
+
+    def contraction_scale(self, numel: int) -> float:
+        """``1 / (1 + omega)`` with QSGD's variance bound ``omega = min(d / s^2, sqrt(d) / s)`` for
+        ``s`` levels: the rescaling of Koloskova et al. (2019) that makes it a contraction."""
+        return 1.0 / (1.0 + min(numel / self.levels**2, math.sqrt(numel) / self.levels))
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         flat = x.reshape(-1).float()

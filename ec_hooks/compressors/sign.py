@@ -19,6 +19,7 @@ class ScaledSign(Compressor):
 
     summable = False
     name = "sign"
+    consensus_steps = {**Compressor.consensus_steps, "deepsqueeze": 0.1, "choco": 0.5}
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         flat = x.reshape(-1).float()

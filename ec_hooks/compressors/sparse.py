@@ -25,6 +25,9 @@ class Sparsifier(Compressor):
     def __init__(self, density: float = 0.01) -> None:
         self.density = check_density(density)
 
+    def consensus_unit(self) -> float:
+        return self.density
+
     def k_for(self, numel: int) -> int:
         """``k = ceil(density * numel)``, at least 1 and at most ``numel``."""
         # The small epsilon keeps density=k/d from rounding up to k+1.

@@ -61,6 +61,8 @@ class TopK(Sparsifier):
     summable = False
     name = "topk"
     local_args = ("backend",)
+    index_value_pairs = True
+    consensus_steps = {**Sparsifier.consensus_steps, "deepsqueeze": (1.0, 0.005, 0.5), "choco": (2.0, 0.01, 1.0)}
 
     def __init__(
         self,
