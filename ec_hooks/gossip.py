@@ -661,7 +661,7 @@ class GossipAlgorithm:
             "dtypes": [str(p.dtype).removeprefix("torch.") for p in self.params],
             "topology": {"name": self.topology.name, "size": self.topology.size,
                          "weights": self.topology.weights(self.rank, 0), "period": self.topology.period},
-            "compressor": repr(self.compressor),
+            "compressor": self.compressor.config(),
             "consensus_step": self.consensus_step,
             "buffers": {k: None if v is None else v.detach().cpu().clone() for k, v in self._buffers().items()},
             # fp32 master copy of a 16-bit model (None otherwise, or before the first step)
@@ -733,9 +733,10 @@ class GossipAlgorithm:
         self.check_state_dict(state_dict)
         name = type(self).__name__
         saved = state_dict["buffers"]
-        if state_dict.get("compressor", repr(self.compressor)) != repr(self.compressor):
-            logger.warning("loading a %s state saved with %s into one using %s", name, state_dict["compressor"],
-                           self.compressor)
+        differences = self.compressor.config_differences(state_dict.get("compressor"))
+        if differences:
+            logger.warning("loading a %s state saved with another compressor into one using %s: %s", name,
+                           self.compressor, "; ".join(differences))
         for key, tensor in saved.items():
             dtype = self._buffer_dtypes.get(key, torch.float32)
             setattr(self, f"_{key}", None if tensor is None else

@@ -269,7 +269,7 @@ class ErrorFeedbackState:
         return {
             "iteration": self.iteration,
             "start_iter": self.start_iter,
-            "compressor": repr(self.compressor),
+            "compressor": self.compressor.config(),
             "world_size": self.world_size,
             "rank": self.rank,
             "memories": self.memory.state_dict(),
@@ -336,12 +336,10 @@ class ErrorFeedbackState:
                             f"the parameter has {self._shapes[key]}"
                         )
         layouts = self._check_layouts(state_dict.get("layouts", []))
-        if repr(self.compressor) != state_dict.get("compressor", repr(self.compressor)):
-            logger.warning(
-                "loading error-feedback memories saved with %s into a state using %s",
-                state_dict["compressor"],
-                self.compressor,
-            )
+        differences = self.compressor.config_differences(state_dict.get("compressor"))
+        if differences:
+            logger.warning("loading error-feedback memories saved with another compressor into a state using %s: %s",
+                           self.compressor, "; ".join(differences))
         self.memory.load_state_dict(memories, shapes)
         if velocities is not None:
             self.momentum_correction.velocity.load_state_dict(velocities)

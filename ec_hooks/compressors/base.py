@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["Compressor", "Payload", "seed_from"]
+__all__ = ["CONFIG_VERSION", "Compressor", "Payload", "seed_from"]
+
+#: version of the layout of :meth:`Compressor.config`
+CONFIG_VERSION = 1
 
 
 @dataclass
@@ -166,6 +169,34 @@ class Compressor:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._repr_args().items())
         return f"{type(self).__name__}({args})"
+
+    def config(self) -> dict[str, Any]:
+        """The compressor as a checkpoint records it: ``{"version": 1, "name": ..., "args": {...}}``,
+        plain values only (a dtype is its name, ``"bfloat16"``).  Compared field by field when a
+        state is loaded (:meth:`config_differences`), so that reprs may change freely."""
+        args = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+                for k, v in self._repr_args().items()}
+        return {"version": CONFIG_VERSION, "name": self.name, "args": args}
+
+    def config_differences(self, saved: object) -> list[str]:
+        """How the compressor a state was saved with (``saved``: a :meth:`config`, the ``repr``
+        string that older checkpoints carry, or ``None`` when none was recorded) differs from
+        this one, field by field; empty when it is the same."""
+        if saved is None:
+            return []
+        if isinstance(saved, str):
+            return [] if saved == repr(self) else [f"compressor {saved} (saved), {self!r} (here)"]
+        if not isinstance(saved, dict) or saved.get("version") != CONFIG_VERSION:
+            version = saved.get("version") if isinstance(saved, dict) else None
+            return [f"compressor config of version {version!r} ({saved!r}), this version reads {CONFIG_VERSION}"]
+        mine = self.config()
+        differences = [] if saved.get("name") == mine["name"] else [f"name {saved.get('name')!r} (saved), "
+                                                                   f"{mine['name']!r} (here)"]
+        saved_args, args = saved.get("args") or {}, mine["args"]
+        for key in sorted(set(saved_args) | set(args)):
+            if saved_args.get(key, "-") != args.get(key, "-"):
+                differences.append(f"{key} {saved_args.get(key, '-')!r} (saved), {args.get(key, '-')!r} (here)")
+        return differences
 
     def _repr_args(self) -> dict:
         return {}

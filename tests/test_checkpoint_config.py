@@ -1,0 +1,100 @@
+"""Checkpoints record the compressor as a small versioned config, compared field by field on load;
+checkpoints of earlier versions, which carry the compressor's repr, still load."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import logging
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ec_hooks import BF16, QSGD, DeepSqueeze, ErrorFeedbackState, TopK
+from ec_hooks.gossip import simulate_step
+from tests.distributed import free_port
+
+
+def _workers(compressor, n=3):
+    params = [[torch.randn(7, generator=torch.Generator().manual_seed(r))] for r in range(n)]
+    workers = DeepSqueeze.simulated(params, "ring", compressor, 0.5)
+    simulate_step(workers)
+    return workers
+
+
+def _warnings(caplog, logger):
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+
+
+def test_config_is_versioned_plain_data_and_survives_a_weights_only_load():
+    config = TopK(0.25, index_encoding="delta16", value_dtype=torch.bfloat16).config()
+    assert config == {"version": 1, "name": "topk", "args": {"density": 0.25, "backend": "auto",
+                                                             "index_encoding": "delta16", "value_dtype": "bfloat16"}}
+    assert BF16().config() == {"version": 1, "name": "bf16", "args": {"dtype": "bfloat16"}}
+    buffer = io.BytesIO()
+    torch.save({"compressor": config}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["compressor"] == config
+
+
+def test_differences_are_reported_field_by_field():
+    assert TopK(0.25).config_differences(TopK(0.25).config()) == []
+    assert TopK(0.25).config_differences(None) == []
+    assert TopK(0.25).config_differences(TopK(0.5).config()) == ["density 0.5 (saved), 0.25 (here)"]
+    assert QSGD(levels=3).config_differences(TopK(0.5).config()) == [
+        "name 'topk' (saved), 'qsgd' (here)", "backend 'auto' (saved), '-' (here)",
+        "density 0.5 (saved), '-' (here)", "levels '-' (saved), 3 (here)", "seed '-' (saved), 0 (here)"]
+    newer = {**TopK(0.25).config(), "version": 2}
+    assert TopK(0.25).config_differences(newer) == [f"compressor config of version 2 ({newer!r}), this version reads 1"]
+    # older checkpoints: the repr string
+    assert TopK(0.25).config_differences("TopK(density=0.25, backend='auto')") == []
+    assert TopK(0.25).config_differences("TopK(density=0.5, backend='auto')") == [
+        "compressor TopK(density=0.5, backend='auto') (saved), TopK(density=0.25, backend='auto') (here)"]
+
+
+def test_gossip_state_records_the_config_and_loads_old_repr_states(caplog):
+    saved = _workers(TopK(0.5))[1].state_dict()
+    assert saved["compressor"] == TopK(0.5).config()
+    old = {**saved, "compressor": repr(TopK(0.5))}  # as earlier versions wrote it
+    with caplog.at_level(logging.WARNING, logger="ec_hooks.gossip"):
+        for state in (saved, old):
+            worker = _workers(TopK(0.5))[1]
+            worker.load_state_dict(state)
+            assert torch.equal(worker._delta, saved["buffers"]["delta"])
+            assert worker.iteration == saved["iteration"]
+        assert _warnings(caplog, "ec_hooks.gossip") == []
+        _workers(TopK(0.25))[1].load_state_dict(saved)
+        _workers(TopK(0.25))[1].load_state_dict(old)
+    messages = _warnings(caplog, "ec_hooks.gossip")
+    assert len(messages) == 2
+    assert "density 0.5 (saved), 0.25 (here)" in messages[0]
+    assert "TopK(density=0.5, backend='auto') (saved)" in messages[1]
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hook_state_records_the_config_and_loads_old_repr_states(one_rank_group, caplog):
+    model = torch.nn.Linear(3, 2)
+    state = ErrorFeedbackState(compressor=TopK(0.5), module=model)
+    state.memory.buffer_for(["weight", "bias"], [6, 2], torch.device("cpu")).copy_(torch.arange(8.0))
+    saved = state.state_dict()
+    assert saved["compressor"] == TopK(0.5).config()
+    old = {**saved, "compressor": repr(TopK(0.5))}
+    with caplog.at_level(logging.WARNING, logger="ec_hooks.hooks"):
+        for sd in (saved, old):
+            fresh = ErrorFeedbackState(compressor=TopK(0.5), module=model)
+            fresh.load_state_dict(sd)
+            assert torch.equal(fresh.memory.state_dict()["weight"], torch.arange(6.0))
+        assert _warnings(caplog, "ec_hooks.hooks") == []
+        ErrorFeedbackState(compressor=TopK(0.25), module=model).load_state_dict(old)
+    (message,) = _warnings(caplog, "ec_hooks.hooks")
+    assert "TopK(density=0.5, backend='auto') (saved), TopK(density=0.25, backend='auto') (here)" in message
