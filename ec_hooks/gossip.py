@@ -79,7 +79,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from ec_hooks import agreement, transport
+from ec_hooks import agreement, flat, transport
 from ec_hooks.compressors import Compressor, Identity, Payload, TopK, make_compressor
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
@@ -217,12 +217,8 @@ def _without_status(message: torch.Tensor) -> torch.Tensor:
 
 def _low_precision_slices(params: Sequence[torch.Tensor]) -> list[tuple[int, int, torch.dtype]]:
     """``(start, stop, dtype)`` of the 16-bit parameters in the flattened model."""
-    slices, offset = [], 0
-    for p in params:
-        if p.dtype in _LOW_PRECISION:
-            slices.append((offset, offset + p.numel(), p.dtype))
-        offset += p.numel()
-    return slices
+    return [(start, stop, p.dtype) for p, (start, stop) in zip(params, flat.spans(p.numel() for p in params))
+            if p.dtype in _LOW_PRECISION]
 
 
 def _watch_replacements(gossip: GossipAlgorithm) -> None:
@@ -551,13 +547,13 @@ class GossipAlgorithm:
     def _flatten(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """This worker's model, flat, in fp32: the parameters, except that 16-bit ones are read
         from the master copy plus what the optimizer changed since the last write-back."""
-        flat = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params], out=out)
+        x = flat.flatten(self.params, torch.float32, out=out)
         if self._master is not None:
             for start, stop, dtype in self._low_precision_slices:
                 master = self._master[start:stop]
                 # both terms of the difference are 16-bit values: it is exact in fp32
-                flat[start:stop].sub_(master.to(dtype)).add_(master)
-        return flat
+                x[start:stop].sub_(master.to(dtype)).add_(master)
+        return x
 
     def _scratch(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer of the model's size, allocated once and reused by every step (a
@@ -574,11 +570,8 @@ class GossipAlgorithm:
                 self._master = x.clone()
             else:
                 self._master.copy_(x)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.copy_(x[offset : offset + n].view_as(p))
-            offset += n
+        for p, part in zip(self.params, flat.split(x, self.params)):
+            p.copy_(part)
 
     # ------------------------------------------------------------------ collectives for evaluation
 
@@ -590,11 +583,7 @@ class GossipAlgorithm:
             x = self._flatten()
             if self.world_size > 1:
                 transport.allreduce_mean(x, self.process_group).wait()
-            out, offset = [], 0
-            for p in self.params:
-                out.append(x[offset : offset + p.numel()].view_as(p).to(p.dtype).clone())
-                offset += p.numel()
-        return out
+            return [part.to(p.dtype).clone() for p, part in zip(self.params, flat.split(x, self.params))]
 
     def consensus_distance(self) -> float:
         """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all parameters, in fp64.  Collective:
@@ -617,7 +606,7 @@ class GossipAlgorithm:
     def _model_fp64(self) -> torch.Tensor:
         """This worker's model, flat, in fp64 (16-bit parameters through the master copy)."""
         if self._master is None:
-            return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in self.params])
+            return flat.flatten(self.params, torch.float64)
         return self._flatten().to(torch.float64)
 
     # ------------------------------------------------------------------ divergence watch

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ec_hooks import kernels, transport
+from ec_hooks import flat, kernels, transport
 from ec_hooks.agreement import Agreement, compressor_config
 from ec_hooks.compressors import Compressor, TopK, make_compressor
 from ec_hooks.compressors.base import seed_from
@@ -544,29 +544,24 @@ def _reduce_by_layout(
     # The uninterrupted run met this very bucket at its first step: laying the memories out for
     # it once lists them in the same order (memory norms then sum in the same order too).
     state.memory.buffer_for(keys, numels, grad.device, memory_dtype(grad.dtype))
-    where, offset = {}, 0
-    for key, numel in zip(keys, numels):
-        where[key] = (offset, numel)
-        offset += numel
+    where = dict(zip(keys, flat.spans(numels)))
     futures = []
     for unit in units:
-        unit_grad = torch.cat([grad[where[k][0] : where[k][0] + where[k][1]] for k in unit])
-        unit_numels = [where[k][1] for k in unit]
+        unit_grad = torch.cat([grad[slice(*where[k])] for k in unit])
+        unit_numels = [where[k][1] - where[k][0] for k in unit]
         if live is None:
             futures.append(reduce(state, unit, unit_numels, unit_grad))
         else:
-            unit_live = torch.cat([live[where[k][0] : where[k][0] + where[k][1]] for k in unit])
+            unit_live = torch.cat([live[slice(*where[k])] for k in unit])
             futures.append(_reduce_live(state, unit, unit_numels, unit_grad, unit_live, reduce))
 
     def assemble(fut: torch.futures.Future) -> torch.Tensor:
         out = torch.empty_like(grad)
         for unit, unit_fut in zip(units, fut.value()):
             # wait(), not value(): on CUDA it also orders this stream after the unit's work
-            mean, taken = unit_fut.wait(), 0
-            for key in unit:
-                start, numel = where[key]
-                out[start : start + numel].copy_(mean[taken : taken + numel])
-                taken += numel
+            mean = unit_fut.wait()
+            for key, part in zip(unit, flat.split(mean, [where[k][1] - where[k][0] for k in unit])):
+                out[slice(*where[key])].copy_(part)
         return out
 
     return torch.futures.collect_all(futures).then(assemble)

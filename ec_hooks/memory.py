@@ -26,6 +26,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from ec_hooks import flat
+
 __all__ = ["ErrorFeedbackMemory", "Frozen", "live_mask", "memory_dtype"]
 
 logger = logging.getLogger(__name__)
@@ -92,8 +94,7 @@ class ErrorFeedbackMemory:
         if buffer is not None and buffer.device == device and buffer.dtype == dtype:
             return buffer
         buffer = torch.zeros(sum(numels), dtype=dtype, device=device)
-        offset = 0
-        for key, numel in zip(keys, numels):
+        for key, numel, part in zip(keys, numels, flat.split(buffer, list(numels))):
             previous = self._views.get(key)
             if previous is None:
                 previous = self._pending.pop(key, None)
@@ -103,9 +104,8 @@ class ErrorFeedbackMemory:
                         f"error-feedback memory for parameter {key!r} has {previous.numel()} entries but the "
                         f"parameter has {numel}: the state dict belongs to another model"
                     )
-                buffer[offset : offset + numel].copy_(previous.reshape(-1))
-            self._views[key] = buffer[offset : offset + numel]
-            offset += numel
+                part.copy_(previous.reshape(-1))
+            self._views[key] = part
         # Layouts that shared a parameter with this one are stale now.
         for other in [s for s in self._buffers if s != signature and not set(s).isdisjoint(signature)]:
             del self._buffers[other]

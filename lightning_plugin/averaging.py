@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ec_hooks import transport
+from ec_hooks import flat, transport
 
 __all__ = ["average_state_dict", "broadcast_buffers", "ModelSwap"]
 
@@ -29,13 +29,11 @@ def average_state_dict(module: nn.Module, group=None) -> dict[str, torch.Tensor]
     # Fixed device order so that every worker issues the same sequence of collectives.
     for device in sorted(by_device, key=str):
         names = by_device[device]
-        flat = torch.cat([state[name].detach().reshape(-1).to(torch.float32) for name in names])
-        transport.allreduce_mean(flat, group).wait()
-        offset = 0
-        for name in names:
-            n = state[name].numel()
-            out[name] = flat[offset : offset + n].view_as(state[name]).to(state[name].dtype).clone()
-            offset += n
+        tensors = [state[name] for name in names]
+        buffer = flat.flatten(tensors, torch.float32)
+        transport.allreduce_mean(buffer, group).wait()
+        for name, tensor, part in zip(names, tensors, flat.split(buffer, tensors)):
+            out[name] = part.to(tensor.dtype).clone()
     return out
 
 
