@@ -79,7 +79,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from ec_hooks import agreement, flat, transport
+from ec_hooks import agreement, checkpoints, flat, transport
 from ec_hooks.compressors import Compressor, Identity, Payload, TopK, make_compressor
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
@@ -667,18 +667,13 @@ class GossipAlgorithm:
         The model is checked parameter by parameter (shape and dtype, in order) against the
         ``"shapes"`` and ``"dtypes"`` the state dict carries; one saved without them (by an
         earlier version) is checked by its total number of entries only."""
-        if not isinstance(state_dict, dict) or "algorithm" not in state_dict or "buffers" not in state_dict:
-            raise ValueError("state_dict is not a gossip state dict (no 'algorithm' / 'buffers' entries)")
         name = type(self).__name__
+        checkpoints.check_state_dict(state_dict, kind="a gossip state dict", required=("algorithm", "buffers"),
+                                     owner=name, world_size=self.world_size, rank=self.rank,
+                                     why_world_size="the state belongs to another run",
+                                     why_rank="load each worker's own state")
         if state_dict["algorithm"] != name:
             raise ValueError(f"state_dict was saved by {state_dict['algorithm']}, this is {name}")
-        for key, mine in (("world_size", self.world_size), ("rank", self.rank)):
-            if state_dict.get(key) != mine:
-                what = {"world_size": "workers", "rank": "as rank"}[key]
-                raise ValueError(
-                    f"state_dict was saved with {key}={state_dict.get(key)}, this {name} has {mine} {what}: "
-                    + ("load each worker's own state" if key == "rank" else "the state belongs to another run")
-                )
         mismatch = self._parameter_mismatch(state_dict)
         if state_dict.get("numel") != self.numel:
             raise ValueError(
@@ -722,10 +717,8 @@ class GossipAlgorithm:
         self.check_state_dict(state_dict)
         name = type(self).__name__
         saved = state_dict["buffers"]
-        differences = self.compressor.config_differences(state_dict.get("compressor"))
-        if differences:
-            logger.warning("loading a %s state saved with another compressor into one using %s: %s", name,
-                           self.compressor, "; ".join(differences))
+        checkpoints.warn_if_compressor_changed(logger, state_dict.get("compressor"), self.compressor,
+                                               f"a {name} state")
         for key, tensor in saved.items():
             dtype = self._buffer_dtypes.get(key, torch.float32)
             setattr(self, f"_{key}", None if tensor is None else

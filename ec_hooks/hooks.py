@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ec_hooks import flat, kernels, transport
+from ec_hooks import checkpoints, flat, kernels, transport
 from ec_hooks.agreement import Agreement, compressor_config
 from ec_hooks.compressors import Compressor, TopK, make_compressor
 from ec_hooks.compressors.base import seed_from
@@ -291,19 +291,11 @@ class ErrorFeedbackState:
         """Restore memories, counters and bucket layouts; refuses a state of another world size,
         rank or model.  State dicts without ``"layouts"`` (older ones) load too; the first step
         after them is then not bit-identical to an uninterrupted run (see the module docstring)."""
-        if not isinstance(state_dict, dict) or "memories" not in state_dict:
-            raise ValueError("state_dict is not an ErrorFeedbackState state dict (no 'memories' entry)")
-        if state_dict.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(
-                f"state_dict was saved with world_size={state_dict['world_size']}, this group has "
-                f"{self.world_size}: error-feedback memories belong to individual workers and cannot be "
-                "redistributed"
-            )
-        if state_dict.get("rank", self.rank) != self.rank:
-            raise ValueError(
-                f"state_dict holds the memories of rank {state_dict['rank']}, this is rank {self.rank}: "
-                "load each worker's own state (loading one rank's memory everywhere would send it n times)"
-            )
+        checkpoints.check_state_dict(
+            state_dict, kind="an ErrorFeedbackState state dict", required=("memories",), owner="ErrorFeedbackState",
+            world_size=self.world_size, rank=self.rank, missing_ok=True,
+            why_world_size="error-feedback memories belong to individual workers and cannot be redistributed",
+            why_rank="load each worker's own state (loading one rank's memory everywhere would send it n times)")
         saved_hierarchy = state_dict.get("hierarchy")
         hierarchy = None if self.hierarchy is None else self.hierarchy.describe()
         if saved_hierarchy != hierarchy:
@@ -336,10 +328,8 @@ class ErrorFeedbackState:
                             f"the parameter has {self._shapes[key]}"
                         )
         layouts = self._check_layouts(state_dict.get("layouts", []))
-        differences = self.compressor.config_differences(state_dict.get("compressor"))
-        if differences:
-            logger.warning("loading error-feedback memories saved with another compressor into a state using %s: %s",
-                           self.compressor, "; ".join(differences))
+        checkpoints.warn_if_compressor_changed(logger, state_dict.get("compressor"), self.compressor,
+                                               "error-feedback memories")
         self.memory.load_state_dict(memories, shapes)
         if velocities is not None:
             self.momentum_correction.velocity.load_state_dict(velocities)

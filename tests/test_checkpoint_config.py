@@ -98,3 +98,32 @@ def test_hook_state_records_the_config_and_loads_old_repr_states(one_rank_group,
         ErrorFeedbackState(compressor=TopK(0.25), module=model).load_state_dict(old)
     (message,) = _warnings(caplog, "ec_hooks.hooks")
     assert "TopK(density=0.5, backend='auto') (saved), TopK(density=0.25, backend='auto') (here)" in message
+
+
+def test_one_checker_refuses_another_kind_world_size_or_rank():
+    from ec_hooks.checkpoints import check_state_dict
+
+    kwargs = {"kind": "a test state dict", "required": ("a", "b"), "owner": "Thing", "world_size": 4, "rank": 1,
+              "why_world_size": "it belongs to another run", "why_rank": "load each worker's own state"}
+    good = {"a": 0, "b": 0, "world_size": 4, "rank": 1}
+    assert check_state_dict(good, **kwargs) is good
+    with pytest.raises(ValueError, match=r"state_dict is not a test state dict \(no 'a' / 'b' entries\)"):
+        check_state_dict({"a": 0}, **kwargs)
+    with pytest.raises(ValueError, match=r"world_size=3, this Thing has world_size=4: it belongs to another run"):
+        check_state_dict({**good, "world_size": 3}, **kwargs)
+    with pytest.raises(ValueError, match=r"rank=2, this Thing has rank=1: load each worker's own state"):
+        check_state_dict({**good, "rank": 2}, **kwargs)
+    with pytest.raises(ValueError, match=r"world_size=None"):
+        check_state_dict({"a": 0, "b": 0}, **kwargs)
+    check_state_dict({"a": 0, "b": 0}, **kwargs, missing_ok=True)  # written before they were recorded
+
+
+def test_gossip_and_hook_refuse_another_rank_through_the_same_checker(one_rank_group):
+    workers = _workers(TopK(0.5))
+    with pytest.raises(ValueError, match=r"saved with rank=1, this DeepSqueeze has rank=2"):
+        workers[2].load_state_dict(workers[1].state_dict())
+    state = ErrorFeedbackState(compressor=TopK(0.5), module=torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"saved with rank=1, this ErrorFeedbackState has rank=0: load each"):
+        state.load_state_dict({**state.state_dict(), "rank": 1})
+    with pytest.raises(ValueError, match=r"saved with world_size=2, this ErrorFeedbackState has world_size=1"):
+        state.load_state_dict({**state.state_dict(), "world_size": 2})
