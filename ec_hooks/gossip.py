@@ -8,7 +8,7 @@ mixes it with what its neighbours send::
         loss_fn(model(x), y).backward()
         optimizer.step(); optimizer.zero_grad()
         gossip.step()                      # compress, exchange with neighbours, mix (in place)
-    final = gossip.average_parameters()    # the mean model x_bar: evaluate and save this one
+    gossip.average_into(model)             # the mean model x_bar, in place: evaluate and save it
 
 All parameters are flattened into one fp32 buffer, so each step sends one message per neighbour
 (``transport.exchange``, one ``batch_isend_irecv``; no barrier).  Messages are the compressors'
@@ -584,6 +584,42 @@ class GossipAlgorithm:
             if self.world_size > 1:
                 transport.allreduce_mean(x, self.process_group).wait()
             return [part.to(p.dtype).clone() for p, part in zip(self.params, flat.split(x, self.params))]
+
+    def average_into(self, module: torch.nn.Module) -> None:
+        """Load the mean model ``x_bar`` into ``module``, in place.  Collective: every rank calls it.
+
+        ``module`` is the model this gossip mixes (its parameters, in the order of
+        ``module.parameters()``, are ``params``), or a copy of it (``copy.deepcopy(model)``, for
+        an evaluation model that leaves the local one as it is):
+
+        1. Parameters receive :meth:`average_parameters` (16-bit ones through the fp32 master copy),
+           copied into the existing tensors, so that optimizers and DDP keep pointing at them.
+        2. Floating-point buffers (BatchNorm running mean and variance) are averaged across the
+           ranks in fp32 (one allreduce of one flat buffer) and written back in their dtype.
+        3. Integer buffers (BatchNorm's ``num_batches_tracked``) are left as they are: every worker
+           counted the same batches.
+
+        To evaluate the mean model and go on training the local one, average into a copy.  Raises
+        ValueError when ``module``'s parameters do not match ``params`` in number and shapes.
+        """
+        mine = list(module.parameters())
+        shapes = [tuple(p.shape) for p in mine]
+        if shapes != [tuple(p.shape) for p in self.params]:
+            raise ValueError(
+                f"module must be the model this {type(self).__name__} mixes, or a copy of it: it has "
+                f"{len(shapes)} parameters, the gossip {len(self.params)}"
+                + ("" if len(shapes) != len(self.params) else " of other shapes")
+            )
+        average = self.average_parameters()
+        with torch.no_grad():
+            for p, avg in zip(mine, average):
+                p.copy_(avg)
+            floating = [b for b in module.buffers() if b.is_floating_point()]
+            if floating and self.world_size > 1:
+                buffer = flat.flatten(floating, torch.float32)
+                transport.allreduce_mean(buffer, self.process_group).wait()
+                for b, part in zip(floating, flat.split(buffer, floating)):
+                    b.copy_(part)
 
     def consensus_distance(self) -> float:
         """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all parameters, in fp64.  Collective:
