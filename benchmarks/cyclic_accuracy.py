@@ -121,6 +121,7 @@ ROWS: dict[str, dict] = {
     "cyclic1_ef": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": False},
     "cyclic1_masking": {"compressor": "cyclic_topk", "density": 0.01, "momentum_masking": True},
     "cyclic1_filter0.9": {"compressor": _cyclic(memory_filter=0.9)},
+    "cyclic1_ef_filter0.9": {"compressor": _cyclic(memory_filter=0.9), "momentum_correction": False},
     "cyclic2": {"compressor": "cyclic_topk", "density": 0.02},
     "cyclic2_ef": {"compressor": "cyclic_topk", "density": 0.02, "momentum_correction": False},
     "cyclic1_history": {"compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK")},

@@ -71,6 +71,8 @@ class Compressor:
     shares_indices: bool = False
     #: payloads decode to ``(indices, values)`` with :meth:`decode` (the sparse allreduce needs it)
     index_value_pairs: bool = False
+    #: ``MemSGDStrategy`` moves SGD's momentum into the hook by default (``ec_hooks.momentum``)
+    prefers_momentum_correction: bool = True
     #: backend of the selection and accumulation kernels (see :mod:`ec_hooks.kernels`)
     backend: str = "auto"
     #: default consensus step per gossip algorithm: a step, or ``(step per unit, min, max)`` with
