@@ -107,29 +107,63 @@ def _sparse_strategy():
     return WithSparseAllreduce
 
 
+def _private_start_strategy():
+    import ec_hooks
+    from lightning_plugin import MemSGDStrategy
+
+    class PrivateIndicesFirst(MemSGDStrategy):
+        """Prototype of a warm start: ordinary (allgathered) top-k at the same density for the
+        first ``private_steps`` steps, then the shared indices; the memories carry over."""
+
+        def __init__(self, private_steps: int = 33, **kwargs):
+            super().__init__(**kwargs)
+            self.private_steps = private_steps
+
+        def _register_ddp_hooks(self) -> None:
+            super()._register_ddp_hooks()
+            state = self.comm_state
+            if state is None:
+                return
+            private = ec_hooks.TopK(state.compressor.density)
+            shared_now = state._compressor_now
+            state._compressor_now = lambda: private if state.iteration < self.private_steps else shared_now()
+
+    return PrivateIndicesFirst
+
+
 if __name__ != "__main__":  # imported by the training workers, for the class_paths below
     GlobalIndexOracle = _oracle_class()
     WithSparseAllreduce = _sparse_strategy()
     HistoryInformedCyclicTopK = _history_class()
+    PrivateIndicesFirst = _private_start_strategy()
 
 
 #: row name -> init_args of MemSGDStrategy, or (strategy class_path, init_args)
 ROWS: dict[str, dict] = {
     "topk1": {"compressor": "topk", "density": 0.01},
     "topk1_ef": {"compressor": "topk", "density": 0.01, "momentum_correction": False},
-    "cyclic1": {"compressor": "cyclic_topk", "density": 0.01},
+    "cyclic1": {"compressor": "cyclic_topk", "density": 0.01},  # the strategy's default
+    "cyclic1_mc": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True},
     "cyclic1_ef": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": False},
-    "cyclic1_masking": {"compressor": "cyclic_topk", "density": 0.01, "momentum_masking": True},
-    "cyclic1_filter0.9": {"compressor": _cyclic(memory_filter=0.9)},
+    "cyclic1_mc_masking": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True,
+                           "momentum_masking": True},
+    "cyclic1_mc_filter0.9": {"compressor": _cyclic(memory_filter=0.9), "momentum_correction": True},
     "cyclic1_ef_filter0.9": {"compressor": _cyclic(memory_filter=0.9), "momentum_correction": False},
-    "cyclic2": {"compressor": "cyclic_topk", "density": 0.02},
+    "cyclic2_mc": {"compressor": "cyclic_topk", "density": 0.02, "momentum_correction": True},
     "cyclic2_ef": {"compressor": "cyclic_topk", "density": 0.02, "momentum_correction": False},
-    "cyclic1_history": {"compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK")},
+    "cyclic2_bf16": {"compressor": _cyclic(density=0.02, value_dtype="bf16")},
+    "cyclic1_history_mc": {"compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK"),
+                           "momentum_correction": True},
     "cyclic1_history_ef": {"compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK"),
                            "momentum_correction": False},
-    "cyclic1_global_oracle": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle")},
+    "cyclic1_global_oracle_mc": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
+                                 "momentum_correction": True},
     "cyclic1_global_oracle_ef": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
                                  "momentum_correction": False},
+    "cyclic1_ef_private33": ("cyclic_accuracy.PrivateIndicesFirst",
+                             {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": False}),
+    "cyclic1_mc_private33": ("cyclic_accuracy.PrivateIndicesFirst",
+                             {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True}),
     "topk1_sparse_allreduce": ("cyclic_accuracy.WithSparseAllreduce", {"compressor": "topk", "density": 0.01}),
 }
 
