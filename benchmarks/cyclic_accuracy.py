@@ -107,35 +107,44 @@ def _sparse_strategy():
     return WithSparseAllreduce
 
 
-def _private_start_strategy():
+def _first_phase_strategy():
+    import copy
+
     import ec_hooks
     from lightning_plugin import MemSGDStrategy
 
-    class PrivateIndicesFirst(MemSGDStrategy):
-        """Prototype of a warm start: ordinary (allgathered) top-k at the same density for the
-        first ``private_steps`` steps, then the shared indices; the memories carry over."""
+    class FirstPhase(MemSGDStrategy):
+        """Prototype of a warm start: for the first ``first_steps`` steps another compressor,
+        then the configured one; the memories carry over.  ``first_private``: ordinary
+        (allgathered) top-k; ``first_density``: that density (default: the compressor's)."""
 
-        def __init__(self, private_steps: int = 33, **kwargs):
+        def __init__(self, first_steps: int = 33, first_density: float | None = None, first_private: bool = False,
+                     **kwargs):
             super().__init__(**kwargs)
-            self.private_steps = private_steps
+            self.first_steps, self.first_density, self.first_private = first_steps, first_density, first_private
 
         def _register_ddp_hooks(self) -> None:
             super()._register_ddp_hooks()
             state = self.comm_state
             if state is None:
                 return
-            private = ec_hooks.TopK(state.compressor.density)
-            shared_now = state._compressor_now
-            state._compressor_now = lambda: private if state.iteration < self.private_steps else shared_now()
+            density = self.first_density or state.compressor.density
+            if self.first_private:
+                first = ec_hooks.TopK(density)
+            else:
+                first = copy.copy(state.compressor)
+                first.density = density
+            later = state._compressor_now
+            state._compressor_now = lambda: first if state.iteration < self.first_steps else later()
 
-    return PrivateIndicesFirst
+    return FirstPhase
 
 
 if __name__ != "__main__":  # imported by the training workers, for the class_paths below
     GlobalIndexOracle = _oracle_class()
     WithSparseAllreduce = _sparse_strategy()
     HistoryInformedCyclicTopK = _history_class()
-    PrivateIndicesFirst = _private_start_strategy()
+    FirstPhase = _first_phase_strategy()
 
 
 #: row name -> init_args of MemSGDStrategy, or (strategy class_path, init_args)
@@ -160,10 +169,15 @@ ROWS: dict[str, dict] = {
                                  "momentum_correction": True},
     "cyclic1_global_oracle_ef": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
                                  "momentum_correction": False},
-    "cyclic1_ef_private33": ("cyclic_accuracy.PrivateIndicesFirst",
-                             {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": False}),
-    "cyclic1_mc_private33": ("cyclic_accuracy.PrivateIndicesFirst",
-                             {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True}),
+    "cyclic1_ef_private33": ("cyclic_accuracy.FirstPhase", {"first_private": True, "compressor": "cyclic_topk",
+                                                            "density": 0.01, "momentum_correction": False}),
+    "cyclic1_mc_private33": ("cyclic_accuracy.FirstPhase", {"first_private": True, "compressor": "cyclic_topk",
+                                                            "density": 0.01, "momentum_correction": True}),
+    # the density warm-up of the topk1 recipe (1.5625% for the first half of the run, then 1%)
+    "topk1_ramp66": ("cyclic_accuracy.FirstPhase", {"first_steps": 66, "first_density": 0.015625,
+                                                    "compressor": "topk", "density": 0.01}),
+    "cyclic1_ef_ramp66": ("cyclic_accuracy.FirstPhase", {"first_steps": 66, "first_density": 0.015625,
+                                                         "compressor": "cyclic_topk", "density": 0.01}),
     "topk1_sparse_allreduce": ("cyclic_accuracy.WithSparseAllreduce", {"compressor": "topk", "density": 0.01}),
 }
 

@@ -88,7 +88,7 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
     assert built["cyclic2_bf16"].compressor.density == 0.02
     assert built["cyclic2_bf16"].compressor.value_dtype == torch.bfloat16
     assert isinstance(built["cyclic1_global_oracle_ef"].compressor, CyclicTopK)
-    assert built["cyclic1_ef_private33"].private_steps == 33
+    assert built["cyclic1_ef_private33"].first_steps == 33 and built["cyclic1_ef_private33"].first_private
     assert type(built["topk1_sparse_allreduce"]).__name__ == "WithSparseAllreduce"
 
 
