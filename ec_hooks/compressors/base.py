@@ -57,7 +57,7 @@ class Compressor:
 
     What a compressor can do is declared here, with the defaults of a plain dense compressor, and
     overridden by the compressors that can do more: :attr:`summable`, :attr:`shares_indices`,
-    :attr:`index_value_pairs`, :meth:`compress_error_feedback_` (fused on top-k),
+    :attr:`index_value_pairs`, :attr:`prefers_momentum_correction`, :meth:`compress_error_feedback_` (fused on top-k),
     :meth:`contraction_scale` (QSGD) and :meth:`default_consensus_step`.
     """
 
