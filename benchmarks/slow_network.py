@@ -76,7 +76,8 @@ MODES = ("step-time", "time-to-accuracy")
 MODELS = ("mlp", "resnet18", "resnet20")
 #: bytes of framing the loopback counts per packet: Ethernet 14, IPv4 20, TCP 20 + 12 of timestamps
 FRAME_HEADER_BYTES = 66
-DEFAULT_TTA_METHODS = ("allreduce", "fp16", "powersgd_r4", "memsgd_topk_1pct", "deepsqueeze_ring")
+DEFAULT_TTA_METHODS = ("allreduce", "fp16", "powersgd_r4", "memsgd_topk_1pct", "memsgd_cyclic_topk_1pct",
+                       "deepsqueeze_ring")
 
 
 # ---------------------------------------------------------------------------------------- methods
@@ -113,6 +114,7 @@ METHODS = {m.name: m for m in (
     Method("memsgd_cyclic_topk_1pct", "Mem-SGD shared-index (cyclic) top-k 1%", "hook", ("CyclicTopK",), 0.01),
     Method("memsgd_cyclic_topk_1pct_bf16", "Mem-SGD shared-index (cyclic) top-k 1%, bf16 values", "hook",
            ("CyclicTopK",), 0.01, topk_options=(("value_dtype", "bf16"),)),
+    Method("memsgd_cyclic_topk_2pct", "Mem-SGD shared-index (cyclic) top-k 2%", "hook", ("CyclicTopK",), 0.02),
     Method("memsgd_topk_1pct_sparse", "Mem-SGD top-k 1%, sparse allreduce (Ok-Topk)", "hook", density=0.01,
            extra_transports=("SparseAllreduce",)),
     Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
@@ -544,7 +546,8 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
     summaries, curves = [], []
     for name in cfg["methods"]:
         method = METHODS[name]
-        torch.manual_seed(0)
+        seed = cfg.get("tta_seed", 0)
+        torch.manual_seed(seed)
         model = build_digits_model(cfg["tta_hidden"])
         run = MethodRun(method, model, n, powersgd_start_iter=cfg["powersgd_start_iter"], skip_powersgd_warmup=False)
         optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["tta_lr"], momentum=0.9)
@@ -553,7 +556,7 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
         time_to_target = steps_to_target = None
         accuracy = 0.0
         while step < cfg["tta_steps"] and wall < cfg["tta_budget_s"]:
-            order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(epoch))
+            order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(epoch + 1000 * seed))
             shard = order[rank::n]
             for start in range(0, len(shard) - per_rank + 1, per_rank):
                 idx = shard[start:start + per_rank]
@@ -675,6 +678,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="time-to-accuracy: stop a method after this much training wall time")
     parser.add_argument("--tta-hidden", type=int, default=512, help="hidden units of DigitsCNN (512: 0.27M params)")
     parser.add_argument("--tta-lr", type=float, default=0.05)
+    parser.add_argument("--tta-seed", type=int, default=0,
+                        help="time-to-accuracy: seed of the model's initialisation and of the data order")
     parser.add_argument("--powersgd-start-iter", type=int, default=10,
                         help="time-to-accuracy: PowerSGD's allreduce warm-up steps (counted in its time)")
     parser.add_argument("--out", default="runs/slow_network", help="output folder for the CSV and the PNG")
@@ -706,7 +711,8 @@ def validate(args: argparse.Namespace) -> None:
         args.world_size = args.world_sizes[0]
     for name, low in (("world_size", 2), ("steps", 1), ("min_steps", 1), ("warmup", 1), ("rounds", 1),
                       ("batch_size", 1), ("threads", 1), ("mlp_width", 8), ("tta_steps", 1),
-                      ("tta_eval_every", 1), ("tta_hidden", 1), ("powersgd_start_iter", 2)):
+                      ("tta_eval_every", 1), ("tta_hidden", 1), ("powersgd_start_iter", 2),
+                      ("tta_seed", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
     if args.world_sizes is None:
@@ -729,7 +735,7 @@ def validate(args: argparse.Namespace) -> None:
 def rank_config(args: argparse.Namespace, methods: Sequence[str]) -> dict:
     keys = ("mode", "world_size", "model", "mlp_width", "batch_size", "steps", "min_steps", "warmup", "rounds",
             "method_budget_s", "lr", "threads", "profile", "tta_target", "tta_steps", "tta_eval_every", "tta_hidden",
-            "tta_lr", "tta_budget_s", "powersgd_start_iter")
+            "tta_lr", "tta_budget_s", "powersgd_start_iter", "tta_seed")
     cfg = {key: getattr(args, key) for key in keys}
     cfg["methods"] = list(methods)
     cfg["collective_timeout_s"] = int(args.timeout_s)

@@ -46,8 +46,10 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         start_iter: number of initial steps that use plain allreduce.
         dense_fallback: allreduce the densified compressed bucket when that is cheaper than
             gathering every worker's payload.
-        momentum_correction: move an SGD optimizer's momentum into the hook (default ``True``);
-            ``False`` keeps plain error feedback with the optimizer's own momentum.
+        momentum_correction: move an SGD optimizer's momentum into the hook; ``False`` keeps plain
+            error feedback with the optimizer's own momentum.  ``None`` (default): on, unless the
+            compressor says it does better without (``prefers_momentum_correction = False``:
+            :class:`~ec_hooks.CyclicTopK`, see ``docs/transports.md``).
         density_warmup_steps: ramp the density from 25% to the compressor's over this many steps
             (DGC's warm-up, top-k and rand-k; default 0, off).
         momentum_masking: DGC's momentum factor masking (default ``False``; see
@@ -70,7 +72,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         density: float | None = None,
         start_iter: int = 0,
         dense_fallback: bool = True,
-        momentum_correction: bool = True,
+        momentum_correction: bool | None = None,
         density_warmup_steps: int = 0,
         momentum_masking: bool = False,
         hierarchical: bool = False,
@@ -87,8 +89,14 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
-        if not isinstance(momentum_correction, bool):
-            raise ValueError(f"momentum_correction must be True or False, got {momentum_correction!r}")
+        if momentum_correction is not None and not isinstance(momentum_correction, bool):
+            raise ValueError(f"momentum_correction must be True, False or None (the compressor's choice), "
+                             f"got {momentum_correction!r}")
+        if momentum_correction is None:
+            momentum_correction = self.compressor.prefers_momentum_correction
+            if not momentum_correction:
+                rank_zero_info(f"{type(self).__name__}: {self.compressor!r} keeps plain error feedback with the "
+                               "optimizer's own momentum (momentum_correction=True moves it into the hook)")
         self.density_warmup_steps = check_int("density_warmup_steps", density_warmup_steps, 0)
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")

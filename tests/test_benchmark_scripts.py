@@ -69,6 +69,29 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
     assert "sign_mc_warmup" not in memsgd_accuracy.rows()  # sign has no density to ramp
 
 
+def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr("sys.argv", ["recipes.train"])
+    import cyclic_accuracy
+
+    from ec_hooks import CyclicTopK
+    from recipes.train import main
+
+    names = ["cyclic1", "cyclic1_mc", "cyclic1_ef_filter0.9", "cyclic2_bf16", "cyclic1_global_oracle_ef",
+             "cyclic1_ef_private33", "topk1_sparse_allreduce"]
+    cyclic_accuracy.write_configs(names, tmp_path)
+    built = {name: main(["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"],
+                        run=False).trainer.strategy for name in names}
+    assert built["cyclic1"].momentum_correction is False  # the compressor's choice
+    assert built["cyclic1_mc"].momentum_correction is True
+    assert built["cyclic1_ef_filter0.9"].compressor.memory_filter == 0.9
+    assert built["cyclic2_bf16"].compressor.density == 0.02
+    assert built["cyclic2_bf16"].compressor.value_dtype == torch.bfloat16
+    assert isinstance(built["cyclic1_global_oracle_ef"].compressor, CyclicTopK)
+    assert built["cyclic1_ef_private33"].first_steps == 33 and built["cyclic1_ef_private33"].first_private
+    assert type(built["topk1_sparse_allreduce"]).__name__ == "WithSparseAllreduce"
+
+
 def test_gossip_bf16_reports_every_case_and_the_master_copy_mixes_in_fp32():
     rows = _table(_run("gossip_bf16.py", "--workers", "3", "--numel", "200", "--steps", "300"))
     assert [(r[0], r[1], r[2]) for r in rows] == [

@@ -42,6 +42,7 @@ def test_defaults_cover_every_method_with_four_ranks_at_100mbit():
         assert required in args.methods
     tta = slow.parse_args(["--mode", "time-to-accuracy"])
     assert tta.methods == list(slow.DEFAULT_TTA_METHODS) and tta.batch_size == 32
+    assert "memsgd_cyclic_topk_1pct" in tta.methods and tta.tta_seed == 0
 
 
 @pytest.mark.parametrize(
@@ -61,6 +62,7 @@ def test_defaults_cover_every_method_with_four_ranks_at_100mbit():
         (["--tta-target", "1.5"], "--tta-target"),
         (["--no-netns", "--rates", "100mbit", "1gbit"], "--rates"),
         (["--powersgd-start-iter", "1"], "--powersgd-start-iter"),
+        (["--tta-seed", "-1"], "--tta-seed"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_the_parameter(argv, names):

@@ -107,6 +107,21 @@ def test_memsgd_strategy_takes_cyclic_topk_by_name():
     assert isinstance(strategy.compressor, CyclicTopK) and strategy.compressor.density == 0.01
 
 
+def test_memsgd_strategy_asks_the_compressor_about_momentum_correction():
+    from lightning_plugin import MemSGDStrategy
+
+    # Shared indices keep the optimizer's momentum unless told otherwise (docs/transports.md) ...
+    assert CyclicTopK.prefers_momentum_correction is False
+    assert MemSGDStrategy(compressor="cyclic_topk").momentum_correction is False
+    assert MemSGDStrategy(compressor=CyclicTopK(0.02)).momentum_correction is False
+    assert MemSGDStrategy(compressor="cyclic_topk", momentum_correction=True).momentum_correction is True
+    # ... private top-k moves it into the hook
+    assert MemSGDStrategy(compressor="topk").momentum_correction is True
+    assert MemSGDStrategy(compressor="topk", momentum_correction=False).momentum_correction is False
+    with pytest.raises(ValueError, match="momentum_correction"):
+        MemSGDStrategy(compressor="cyclic_topk", momentum_correction=1)
+
+
 # ---------------------------------------------------------------- bytes and the choice
 
 

@@ -57,7 +57,7 @@ class Compressor:
 
     What a compressor can do is declared here, with the defaults of a plain dense compressor, and
     overridden by the compressors that can do more: :attr:`summable`, :attr:`shares_indices`,
-    :attr:`index_value_pairs`, :meth:`compress_error_feedback_` (fused on top-k),
+    :attr:`index_value_pairs`, :attr:`prefers_momentum_correction`, :meth:`compress_error_feedback_` (fused on top-k),
     :meth:`contraction_scale` (QSGD) and :meth:`default_consensus_step`.
     """
 
@@ -71,6 +71,8 @@ class Compressor:
     shares_indices: bool = False
     #: payloads decode to ``(indices, values)`` with :meth:`decode` (the sparse allreduce needs it)
     index_value_pairs: bool = False
+    #: ``MemSGDStrategy`` moves SGD's momentum into the hook by default (``ec_hooks.momentum``)
+    prefers_momentum_correction: bool = True
     #: backend of the selection and accumulation kernels (see :mod:`ec_hooks.kernels`)
     backend: str = "auto"
     #: default consensus step per gossip algorithm: a step, or ``(step per unit, min, max)`` with
