@@ -123,10 +123,17 @@ class _NodeGroups:
             group = dist.new_group([node[j] for node in self.nodes])
             if j == self.local_rank:
                 self.inter_group = group
-        # gloo's allreduce runs 2-3x faster than its reduce-scatter and allgather on buckets of
-        # megabytes (measured on 11M fp32 entries, 2 ranks: 0.08 s against 0.19 s and 0.18 s), so
-        # on gloo both node stages are allreduces of row-per-owner buffers.
-        self._rows_by_allreduce = dist.get_backend(self.intra_group) == dist.Backend.GLOO
+        # The rank in the node's group of each local rank (groups number their ranks in the
+        # order of the global ranks, a node may list its ranks in another order).
+        self._group_rank = [dist.get_group_rank(self.intra_group, r) for r in self.nodes[self.node_rank]]
+        # On gloo the node's collectives are point-to-point exchanges: each rank sends exactly
+        # what the others need, (L - 1) / L of a bucket.  gloo's reduce_scatter and allgather took
+        # 0.19 s and 0.18 s on 11M fp32 entries over 2 ranks, its allreduce (which sends a whole
+        # bucket per rank) 0.08 s, the exchange of the halves (ring-free) less than that.
+        self._point_to_point = dist.get_backend(self.intra_group) == dist.Backend.GLOO
+        # Buffers of the node stages, reused across steps: fresh megabyte buffers cost page faults
+        # on every step on the host.
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def describe(self) -> dict:
         return {"num_nodes": self.num_nodes, "local_world_size": self.local_world_size}
@@ -136,35 +143,68 @@ class _NodeGroups:
 
     def owned_slice(self, numel: int) -> slice:
         """The entries of a ``numel``-entry buffer this rank owns."""
+        return self.slice_of(self.local_rank, numel)
+
+    def slice_of(self, local_rank: int, numel: int) -> slice:
+        """The entries of a ``numel``-entry buffer local rank ``local_rank`` owns."""
         shard = self.shard_size(numel)
-        start = min(numel, self.local_rank * shard)
+        start = min(numel, local_rank * shard)
         return slice(start, min(numel, start + shard))
+
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """A reusable buffer (uninitialised), one per name, shape, dtype and device."""
+        key = (name, tuple(shape), dtype, torch.device(device))
+        out = self._buffers.get(key)
+        if out is None:
+            out = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return out
+
+    def _exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> None:
+        """Point-to-point with the other local ranks (keys: local ranks); blocks until done."""
+        transport.exchange({self._group_rank[j]: t for j, t in sends.items()},
+                           {self._group_rank[j]: t for j, t in recvs.items()}, self.intra_group)
 
     def sum_to_owner(self, rows: torch.Tensor) -> torch.Tensor:
         """Sum ``rows`` (``(L, width)``, row ``j`` for local rank ``j``) over the node; return this
-        rank's row of the sum (a reduce-scatter; an allreduce on gloo, whose buffer it overwrites)."""
-        if self._rows_by_allreduce:
-            dist.all_reduce(rows, group=self.intra_group)
-            return rows[self.local_rank]
-        out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
-        _reduce_scatter(out, rows.reshape(-1), group=self.intra_group)
-        return out
+        rank's row of the sum, added in the order of the local ranks (a reduce-scatter; on gloo an
+        exchange of the rows, summed here).  May overwrite ``rows``."""
+        L, me, width = self.local_world_size, self.local_rank, rows.shape[1]
+        if L == 1:
+            return rows[0]
+        if not self._point_to_point:
+            out = torch.empty(width, dtype=rows.dtype, device=rows.device)
+            by_group_rank = sorted(range(L), key=self._group_rank.__getitem__)
+            _reduce_scatter(out, rows[by_group_rank].reshape(-1), group=self.intra_group)
+            return out
+        others = [j for j in range(L) if j != me]
+        received = self.buffer("received", (L - 1, width), rows.dtype, rows.device)
+        self._exchange({j: rows[j] for j in others}, {j: received[i] for i, j in enumerate(others)})
+        total = None
+        for j in range(L):  # in place: the rows and the received buffer are scratch
+            term = rows[me] if j == me else received[others.index(j)]
+            total = term if total is None else total.add_(term)
+        return total
 
-    def gather_rows(self, row: torch.Tensor) -> torch.futures.Future:
-        """Every local rank's ``row``, as a future of ``(L, width)`` (an allgather; on gloo an
-        allreduce of a buffer that is zero outside this rank's row)."""
-        if not self._rows_by_allreduce:
-            return transport.allgather(row, self.intra_group)
-        rows = torch.zeros((self.local_world_size, row.numel()), dtype=row.dtype, device=row.device)
-        rows[self.local_rank].copy_(row)
-        work = dist.all_reduce(rows, group=self.intra_group, async_op=True)
-        return transport._resolve_to(work, rows)
+    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """Every local rank's ``row``, as ``(L, width)`` in the order of the local ranks (an
+        allgather; on gloo an exchange).  Blocks until done."""
+        L, me = self.local_world_size, self.local_rank
+        out = torch.empty((L, row.numel()), dtype=row.dtype, device=row.device)
+        out[me].copy_(row)
+        if L == 1:
+            return out
+        if not self._point_to_point:
+            return transport.allgather(row, self.intra_group).wait()[self._group_rank]
+        others = [j for j in range(L) if j != me]
+        self._exchange({j: row for j in others}, {j: out[j] for j in others})
+        return out
 
     def node_mean_shard(self, flat: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` = this rank's shard of the node's mean of the fp32 ``flat``."""
         L, numel, shard = self.local_world_size, flat.numel(), out.numel()
-        rows = torch.zeros((L, shard), dtype=torch.float32, device=flat.device)
+        rows = self.buffer("rows", (L, shard), torch.float32, flat.device)
         torch.mul(flat, 1 / L, out=rows.view(-1)[:numel])
+        rows.view(-1)[numel:].zero_()
         out.copy_(self.sum_to_owner(rows))
 
 
@@ -210,20 +250,16 @@ class NodeHierarchy(_NodeGroups):
         L, numel = self.local_world_size, grad.numel()
         shard = self.shard_size(numel)
         owned = self.owned_slice(numel)
-        # 1. sum over the node of (gradient / L + memory), one row per owner and a status column:
-        #    each owner learns the node's mean gradient on its shard plus every memory entry left
-        #    there, and how many ranks of the node had a non-finite gradient.
-        rows = torch.empty((L, shard + 1), dtype=torch.float32, device=grad.device)
+        # 1. sum over the node of (gradient / L + memory), one row per owner: each owner learns
+        #    the node's mean gradient on its shard plus every memory entry left there.  An inf/NaN
+        #    gradient entry stays non-finite in its owner's sum, so the flat path of step 2 voids
+        #    that owner's exchange on every node, and step 3 the step on every rank.
+        rows = self.buffer("rows", (L, shard), torch.float32, grad.device)
         for j in range(L):
-            lo, hi = min(numel, j * shard), min(numel, (j + 1) * shard)
-            torch.add(memory[lo:hi], grad[lo:hi], alpha=1 / L, out=rows[j, : hi - lo])
-            rows[j, hi - lo : shard] = 0
-        rows[:, shard] = (~torch.isfinite(grad).all()).float()
-        mine = self.sum_to_owner(rows)
-        acc, node_overflow = mine[:shard], mine[shard] > 0
-        # An overflow on any rank of the node voids the shard's exchange too (the flat path
-        # agrees on it with the other nodes through its status word).
-        acc[:1] = torch.where(node_overflow, float("nan"), acc[:1])
+            part = self.slice_of(j, numel)
+            torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
+        rows.view(-1)[numel:].zero_()  # the last shard's padding
+        acc = self.sum_to_owner(rows)
 
         # 2. the flat Mem-SGD step on the shard.  The wire keeps the gradient's dtype; the
         #    rounding remainder starts the scratch memory, so that memory + gradient == acc.
@@ -235,28 +271,71 @@ class NodeHierarchy(_NodeGroups):
         shard_keys = (("node_shard", self.local_rank, L), *keys)
         mean = _reduce(sub, shard_keys, [shard], shard_grad).wait()
 
-        # 3. gather the averaged shards inside the node, each with its owner's "void" word.
-        void = (~torch.isfinite(mean).all()).to(grad.dtype).reshape(1)
-        fut = self.gather_rows(torch.cat([mean.to(grad.dtype), void]))
-        length = owned.stop - owned.start
+        # 3. every owner's averaged shard to every rank of the node, and whether a step was void.
+        void = self._gather_means(mean, grad, sub.compressor)
+        # What this rank owns is what the node has not sent; elsewhere its memory is now empty
+        # (it went into this step's sum).  A void step changes nothing.
+        if not void:
+            memory[: owned.start].zero_()
+            memory[owned.stop :].zero_()
+            memory[owned].copy_(scratch[: owned.stop - owned.start])
+        state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(grad.fill_(float("nan")) if void else grad)
+        return fut
 
-        def finish(fut: torch.futures.Future) -> torch.Tensor:
-            gathered = fut.value()
-            any_void = gathered[:, shard].sum() > 0
-            # What this rank owns is what the node has not sent; elsewhere its memory is now
-            # empty (it went into this step's sum).  A void step changes nothing.
-            keep = any_void.to(memory.dtype)
-            memory[: owned.start].mul_(keep)
-            memory[owned.stop :].mul_(keep)
-            memory[owned].copy_(torch.where(any_void, memory[owned], scratch[:length]))
-            state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
-            for j in range(L):
-                lo, hi = min(numel, j * shard), min(numel, (j + 1) * shard)
-                grad[lo:hi].copy_(gathered[j, : hi - lo])
-            return torch.where(any_void, float("nan"), grad) if grad.is_cuda else (
-                grad.fill_(float("nan")) if bool(any_void) else grad)
+    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor) -> bool:
+        """Write every owner's shard of the mean into ``grad``; whether some owner's step was void.
 
-        return fut.then(finish)
+        After a sparse compressor the averaged shard holds at most ``N`` payloads' entries: the
+        owners then send their non-zeros (int32 positions and values) when that is smaller than
+        the dense shard, in one message of fixed size each.  An owner with more non-zeros than
+        the message holds says so, and the node then gathers the dense shards.  Every rank,
+        the owner included, writes the shards from the gathered messages, so the replicas stay
+        bit-identical."""
+        shard, numel = mean.numel(), grad.numel()
+        capacity = min(shard, self.num_nodes * compressor.entries_sent(shard))
+        value_bytes = mean.element_size()
+        if capacity * (4 + value_bytes) < shard * value_bytes and shard < 2**31:
+            gathered, headers = self._gather_nonzeros(mean, capacity)
+            if any(void for _, void in headers):
+                return True
+            if all(count >= 0 for count, _ in headers):
+                grad.zero_()
+                values_at = 8 + capacity * 4
+                for j, (count, _) in enumerate(headers):
+                    row = gathered[j]
+                    where = row[8 : 8 + count * 4].view(torch.int32).long()
+                    values = row[values_at : values_at + count * value_bytes].view(mean.dtype)
+                    grad[self.slice_of(j, numel)].index_copy_(0, where, values.to(grad.dtype))
+                return False
+        # dense: the shards themselves, each with its owner's void word
+        void = (~torch.isfinite(mean).all()).to(mean.dtype).reshape(1)
+        gathered = self.gather_rows(torch.cat([mean, void]))
+        if bool(gathered[:, shard].sum() > 0):
+            return True
+        for j in range(self.local_world_size):
+            part = self.slice_of(j, numel)
+            grad[part].copy_(gathered[j, : part.stop - part.start])
+        return False
+
+    def _gather_nonzeros(self, mean: torch.Tensor, capacity: int) -> tuple[torch.Tensor, list]:
+        """Every owner's message: an int32 header (its count of non-zeros, ``-1`` when they do
+        not fit; whether its step was void), ``capacity`` int32 positions, ``capacity`` values."""
+        where = mean.nonzero().view(-1)
+        values = mean[where]
+        count, void = where.numel(), not bool(torch.isfinite(values).all())
+        fits = count <= capacity and not void
+        value_bytes = mean.element_size()
+        size = 8 + capacity * 4 + capacity * value_bytes
+        message = torch.zeros(-(-size // 8) * 8, dtype=torch.uint8, device=mean.device)
+        message[:8] = torch.tensor([count if fits else -1, int(void)], dtype=torch.int32).view(torch.uint8)
+        if fits:
+            message[8 : 8 + count * 4] = where.to(torch.int32).view(torch.uint8)
+            values_at = 8 + capacity * 4
+            message[values_at : values_at + count * value_bytes] = values.view(torch.uint8)
+        gathered = self.gather_rows(message)
+        return gathered, gathered[:, :8].contiguous().view(torch.int32).tolist()
 
     def __getstate__(self):
         raise TypeError(
@@ -335,7 +414,7 @@ class HierarchicalGossip:
         with torch.no_grad():
             self.groups.node_mean_shard(self._flatten(), self._shard)
             self.inner.step()
-            gathered = self.groups.gather_rows(self._shard).wait()
+            gathered = self.groups.gather_rows(self._shard)
             flat, offset = gathered.reshape(-1), 0
             for p in self.params:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
