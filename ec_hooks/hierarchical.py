@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -151,9 +152,10 @@ class _NodeGroups:
         start = min(numel, local_rank * shard)
         return slice(start, min(numel, start + shard))
 
-    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
-        """A reusable buffer (uninitialised), one per name, shape, dtype and device."""
-        key = (name, tuple(shape), dtype, torch.device(device))
+    def buffer(self, name: str, owner, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """A reusable buffer (uninitialised), one per name, owner (a bucket's keys: the buffers
+        of a bucket still in flight are not those of the next one), shape, dtype and device."""
+        key = (name, owner, tuple(shape), dtype, torch.device(device))
         out = self._buffers.get(key)
         if out is None:
             out = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
@@ -164,7 +166,7 @@ class _NodeGroups:
         transport.exchange({self._group_rank[j]: t for j, t in sends.items()},
                            {self._group_rank[j]: t for j, t in recvs.items()}, self.intra_group)
 
-    def sum_to_owner(self, rows: torch.Tensor) -> torch.Tensor:
+    def sum_to_owner(self, rows: torch.Tensor, owner=None) -> torch.Tensor:
         """Sum ``rows`` (``(L, width)``, row ``j`` for local rank ``j``) over the node; return this
         rank's row of the sum, added in the order of the local ranks (a reduce-scatter; on gloo an
         exchange of the rows, summed here).  May overwrite ``rows``."""
@@ -177,7 +179,7 @@ class _NodeGroups:
             _reduce_scatter(out, rows[by_group_rank].reshape(-1), group=self.intra_group)
             return out
         others = [j for j in range(L) if j != me]
-        received = self.buffer("received", (L - 1, width), rows.dtype, rows.device)
+        received = self.buffer("received", owner, (L - 1, width), rows.dtype, rows.device)
         self._exchange({j: rows[j] for j in others}, {j: received[i] for i, j in enumerate(others)})
         total = None
         for j in range(L):  # in place: the rows and the received buffer are scratch
@@ -202,10 +204,23 @@ class _NodeGroups:
     def node_mean_shard(self, flat: torch.Tensor, out: torch.Tensor) -> None:
         """``out`` = this rank's shard of the node's mean of the fp32 ``flat``."""
         L, numel, shard = self.local_world_size, flat.numel(), out.numel()
-        rows = self.buffer("rows", (L, shard), torch.float32, flat.device)
+        rows = self.buffer("rows", None, (L, shard), torch.float32, flat.device)
         torch.mul(flat, 1 / L, out=rows.view(-1)[:numel])
         rows.view(-1)[numel:].zero_()
         out.copy_(self.sum_to_owner(rows))
+
+
+@dataclass
+class _InFlight:
+    """A bucket between steps 2 and 3 of :meth:`NodeHierarchy.reduce`."""
+
+    state: object
+    keys: tuple
+    grad: torch.Tensor
+    memory: torch.Tensor
+    scratch: torch.Tensor
+    exchange: torch.futures.Future
+    result: torch.futures.Future
 
 
 class NodeHierarchy(_NodeGroups):
@@ -230,11 +245,20 @@ class NodeHierarchy(_NodeGroups):
         )
         self._shard_state.memory = _ShardMemory()
         self._shard_state.stats = state.stats
+        # The bucket whose exchange between nodes is in flight, finished by the next bucket's
+        # reduce or by :meth:`flush`.
+        self._in_flight: _InFlight | None = None
 
     def reduce(
         self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
     ) -> torch.futures.Future[torch.Tensor]:
-        """The mean of ``grad`` over the world, dense in the node and compressed between nodes."""
+        """The mean of ``grad`` over the world, dense in the node and compressed between nodes.
+
+        Steps 1 and 2 start here; the bucket's step 3 runs when the next bucket comes (after
+        that bucket's steps 1 and 2), or in :meth:`flush` after the last bucket of the step: the
+        exchange between nodes overlaps with the rest of the backward pass and the next
+        bucket's node sum, and every rank still issues the collectives of each group in the same
+        order, all from the hook's thread."""
         from ec_hooks.hooks import _reduce
 
         if getattr(state, "momentum_correction", None) is not None:
@@ -243,46 +267,71 @@ class NodeHierarchy(_NodeGroups):
         bytes_dense = grad.numel() * grad.element_size()
         memory = state.memory.buffer_for(keys, numels, grad.device)
         if self.num_nodes == 1 or state.iteration < state.start_iter:
+            self.flush()
             state.stats.record(bytes_sent=bytes_dense if self.num_nodes > 1 else 0, bytes_dense=bytes_dense,
                                entries_sent=grad.numel(), entries=grad.numel())
             return transport.allreduce_mean(grad, state.process_group)
 
         L, numel = self.local_world_size, grad.numel()
         shard = self.shard_size(numel)
-        owned = self.owned_slice(numel)
         # 1. sum over the node of (gradient / L + memory), one row per owner: each owner learns
         #    the node's mean gradient on its shard plus every memory entry left there.  An inf/NaN
         #    gradient entry stays non-finite in its owner's sum, so the flat path of step 2 voids
         #    that owner's exchange on every node, and step 3 the step on every rank.
-        rows = self.buffer("rows", (L, shard), torch.float32, grad.device)
+        rows = self.buffer("rows", keys, (L, shard), torch.float32, grad.device)
         for j in range(L):
             part = self.slice_of(j, numel)
             torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
         rows.view(-1)[numel:].zero_()  # the last shard's padding
-        acc = self.sum_to_owner(rows)
+        acc = self.sum_to_owner(rows, keys)
 
-        # 2. the flat Mem-SGD step on the shard.  The wire keeps the gradient's dtype; the
-        #    rounding remainder starts the scratch memory, so that memory + gradient == acc.
+        # 2. the flat Mem-SGD step on the shard, left in flight.  The wire keeps the gradient's
+        #    dtype; the rounding remainder starts the scratch memory: memory + gradient == acc.
         shard_grad = acc.to(grad.dtype)
-        scratch = torch.zeros_like(acc) if shard_grad is acc else acc - shard_grad.float()
+        if shard_grad is acc:
+            scratch = self.buffer("scratch", keys, (shard,), torch.float32, grad.device).zero_()
+        else:
+            scratch = acc - shard_grad.float()
         sub = self._shard_state
         sub.memory.buffer = scratch
         sub.iteration = state.iteration
         shard_keys = (("node_shard", self.local_rank, L), *keys)
-        mean = _reduce(sub, shard_keys, [shard], shard_grad).wait()
+        exchange = _reduce(sub, shard_keys, [shard], shard_grad)
 
-        # 3. every owner's averaged shard to every rank of the node, and whether a step was void.
-        void = self._gather_means(mean, grad, sub.compressor)
-        # What this rank owns is what the node has not sent; elsewhere its memory is now empty
-        # (it went into this step's sum).  A void step changes nothing.
-        if not void:
-            memory[: owned.start].zero_()
-            memory[owned.stop :].zero_()
-            memory[owned].copy_(scratch[: owned.stop - owned.start])
-        state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
-        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(grad.fill_(float("nan")) if void else grad)
-        return fut
+        previous, result = self._in_flight, torch.futures.Future()
+        self._in_flight = _InFlight(state, keys, grad, memory, scratch, exchange, result)
+        if previous is not None:
+            try:
+                self._finish(previous)
+            except BaseException:
+                self._in_flight = None  # the step failed: nothing of it is carried into the next one
+                raise
+        return result
+
+    def flush(self) -> None:
+        """Finish the bucket in flight (step 3), if any: the hook calls it after a step's last bucket."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._finish(previous)
+
+    def _finish(self, bucket: _InFlight) -> None:
+        try:
+            mean = bucket.exchange.wait()
+            # 3. every owner's averaged shard to every rank of the node, and whether a step was void.
+            void = self._gather_means(mean, bucket.grad, self._shard_state.compressor)
+            # What this rank owns is what the node has not sent; elsewhere its memory is now
+            # empty (it went into this step's sum).  A void step changes nothing.
+            memory, owned = bucket.memory, self.owned_slice(bucket.grad.numel())
+            if not void:
+                memory[: owned.start].zero_()
+                memory[owned.stop :].zero_()
+                memory[owned].copy_(bucket.scratch[: owned.stop - owned.start])
+            state = bucket.state
+            state.stats.set_residual(bucket.keys, memory, live_keys=state.memory.layouts())
+        except BaseException as exc:
+            bucket.result.set_exception(exc)
+            raise
+        bucket.result.set_result(bucket.grad.fill_(float("nan")) if void else bucket.grad)
 
     def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor) -> bool:
         """Write every owner's shard of the mean into ``grad``; whether some owner's step was void.
