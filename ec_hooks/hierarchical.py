@@ -221,6 +221,7 @@ class _InFlight:
     scratch: torch.Tensor
     exchange: torch.futures.Future
     result: torch.futures.Future
+    cleared: bool
 
 
 class NodeHierarchy(_NodeGroups):
@@ -248,6 +249,10 @@ class NodeHierarchy(_NodeGroups):
         # The bucket whose exchange between nodes is in flight, finished by the next bucket's
         # reduce or by :meth:`flush`.
         self._in_flight: _InFlight | None = None
+        # Per bucket, the memory as step 3 left it: zero outside the owned shard.  While it is
+        # untouched since (its version counter), step 1 need not read it there, nor step 3
+        # clear it.
+        self._cleared: dict[tuple, tuple] = {}
 
     def reduce(
         self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
@@ -274,16 +279,12 @@ class NodeHierarchy(_NodeGroups):
 
         L, numel = self.local_world_size, grad.numel()
         shard = self.shard_size(numel)
-        # 1. sum over the node of (gradient / L + memory), one row per owner: each owner learns
-        #    the node's mean gradient on its shard plus every memory entry left there.  An inf/NaN
-        #    gradient entry stays non-finite in its owner's sum, so the flat path of step 2 voids
-        #    that owner's exchange on every node, and step 3 the step on every rank.
-        rows = self.buffer("rows", keys, (L, shard), torch.float32, grad.device)
-        for j in range(L):
-            part = self.slice_of(j, numel)
-            torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
-        rows.view(-1)[numel:].zero_()  # the last shard's padding
-        acc = self.sum_to_owner(rows, keys)
+        # 1. sum over the node of (gradient / L + memory): each owner learns the node's mean
+        #    gradient on its shard plus every memory entry left there.  An inf/NaN gradient entry
+        #    stays non-finite in its owner's sum, so the flat path of step 2 voids that owner's
+        #    exchange on every node, and step 3 the step on every rank.
+        cleared = self._cleared.get(keys) == self._fingerprint(memory)
+        acc = self._node_sum(keys, grad, memory, cleared)
 
         # 2. the flat Mem-SGD step on the shard, left in flight.  The wire keeps the gradient's
         #    dtype; the rounding remainder starts the scratch memory: memory + gradient == acc.
@@ -299,7 +300,7 @@ class NodeHierarchy(_NodeGroups):
         exchange = _reduce(sub, shard_keys, [shard], shard_grad)
 
         previous, result = self._in_flight, torch.futures.Future()
-        self._in_flight = _InFlight(state, keys, grad, memory, scratch, exchange, result)
+        self._in_flight = _InFlight(state, keys, grad, memory, scratch, exchange, result, cleared)
         if previous is not None:
             try:
                 self._finish(previous)
@@ -307,6 +308,52 @@ class NodeHierarchy(_NodeGroups):
                 self._in_flight = None  # the step failed: nothing of it is carried into the next one
                 raise
         return result
+
+    def _node_sum(self, keys: tuple, grad: torch.Tensor, memory: torch.Tensor, cleared: bool) -> torch.Tensor:
+        """Step 1: this rank's shard of ``sum_i (g_i / L + m_i)`` over the node, fp32, padded to
+        the shard size with zeros.  ``cleared``: this rank's memory is zero outside its shard."""
+        L, me, numel = self.local_world_size, self.local_rank, grad.numel()
+        shard = self.shard_size(numel)
+        if not self._point_to_point:
+            rows = self.buffer("rows", keys, (L, shard), torch.float32, grad.device)
+            for j in range(L):
+                part = self.slice_of(j, numel)
+                torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
+            rows.view(-1)[numel:].zero_()
+            return self.sum_to_owner(rows, keys)
+        # Each rank sends the owner its gradient there (the bucket's own slice when it is fp32 and
+        # the memory there is clear: no copy), plus L times the memory left there; the owner adds
+        # them in the order of the local ranks and scales the sum once.
+        sends = {}
+        for j in range(L):
+            part = self.slice_of(j, numel)
+            if j == me or part.stop == part.start:
+                continue
+            if cleared and grad.dtype == torch.float32:
+                sends[j] = grad[part]
+            else:
+                out = self.buffer(f"to{j}", keys, (part.stop - part.start,), torch.float32, grad.device)
+                sends[j] = out.copy_(grad[part]) if cleared else torch.add(grad[part], memory[part], alpha=L, out=out)
+        owned = self.owned_slice(numel)
+        length = owned.stop - owned.start
+        others = [j for j in range(L) if j != me]
+        received = self.buffer("received", keys, (L - 1, length), torch.float32, grad.device)
+        self._exchange(sends, {j: received[i] for i, j in enumerate(others)} if length else {})
+        acc = self.buffer("acc", keys, (shard,), torch.float32, grad.device)
+        acc[length:].zero_()
+        total = acc[:length]
+        for j in range(L):
+            term = grad[owned] if j == me else received[others.index(j)]
+            if j == 0:
+                total.copy_(term)
+            else:
+                total.add_(term)
+        torch.add(memory[owned], total, alpha=1 / L, out=total)
+        return acc
+
+    @staticmethod
+    def _fingerprint(memory: torch.Tensor) -> tuple:
+        return id(memory), memory.data_ptr(), memory._version
 
     def flush(self) -> None:
         """Finish the bucket in flight (step 3), if any: the hook calls it after a step's last bucket."""
@@ -323,9 +370,11 @@ class NodeHierarchy(_NodeGroups):
             # empty (it went into this step's sum).  A void step changes nothing.
             memory, owned = bucket.memory, self.owned_slice(bucket.grad.numel())
             if not void:
-                memory[: owned.start].zero_()
-                memory[owned.stop :].zero_()
+                if not bucket.cleared:
+                    memory[: owned.start].zero_()
+                    memory[owned.stop :].zero_()
                 memory[owned].copy_(bucket.scratch[: owned.stop - owned.start])
+                self._cleared[bucket.keys] = self._fingerprint(memory)
             state = bucket.state
             state.stats.set_residual(bucket.keys, memory, live_keys=state.memory.layouts())
         except BaseException as exc:
