@@ -219,9 +219,10 @@ def _install_stage_timers(timers: StageTimers) -> None:
     timers.wrap(ec_hooks.TopK, "compress_error_feedback_", "compression (top-k, memory)")
     timers.wrap(transport.AllgatherSum, "start", "exchange (allgather)", future=True)
     timers.wrap(hierarchical.NodeHierarchy, "reduce", "hierarchical reduce", future=True)
-    timers.wrap(hierarchical._NodeGroups, "sum_to_owner", "1 node sum (exchange, add)")
+    timers.wrap(hierarchical.NodeHierarchy, "_node_sum", "1 node sum (all of it)")
+    timers.wrap(hierarchical._NodeGroups, "_exchange", "1+3 exchanges inside the node")
     timers.wrap(hierarchical.NodeHierarchy, "_gather_means", "3 node gather (all of it)")
-    timers.wrap(hierarchical._NodeGroups, "gather_rows", "3 node gather (exchange)")
+    timers.wrap(hierarchical.NodeHierarchy, "_finish", "3 finish (wait, gather, memory)")
 
 
 def _profile_rank(cfg: dict) -> list[dict]:
