@@ -472,7 +472,8 @@ class HierarchicalGossip:
             raise ValueError("hierarchical=True gossips over the default process group: leave process_group=None")
         self.groups = _NodeGroups(node_layout(nodes))
         self.params = _collect_params(params)
-        self.numel = sum(p.numel() for p in self.params)
+        self._numels = [p.numel() for p in self.params]
+        self.numel = sum(self._numels)
         self.world_size = transport.world_size()
         self.rank = transport.rank_in()
         self._shard = torch.zeros(self.groups.shard_size(self.numel), dtype=torch.float32,
@@ -512,11 +513,9 @@ class HierarchicalGossip:
         with torch.no_grad():
             self.groups.node_mean_shard(self._flatten(), self._shard)
             self.inner.step()
-            gathered = self.groups.gather_rows(self._shard)
-            flat, offset = gathered.reshape(-1), 0
-            for p in self.params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            gathered = self.groups.gather_rows(self._shard).view(-1)
+            for p, part in zip(self.params, gathered[: self.numel].split(self._numels)):
+                p.copy_(part.view_as(p))
         if self.watch_every and self.iteration % self.watch_every == 0:
             self.inner._watch(self.consensus_distance())
 
@@ -525,11 +524,7 @@ class HierarchicalGossip:
         with torch.no_grad():
             x = self._flatten()
             transport.allreduce_mean(x).wait()
-            out, offset = [], 0
-            for p in self.params:
-                out.append(x[offset : offset + p.numel()].view_as(p).to(p.dtype).clone())
-                offset += p.numel()
-        return out
+            return [part.view_as(p).to(p.dtype).clone() for p, part in zip(self.params, x.split(self._numels))]
 
     def consensus_distance(self) -> float:
         """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all ranks, fp64.  Collective."""
