@@ -6,12 +6,16 @@ With ``ErrorFeedbackState(..., hierarchical=True)`` a bucket of ``P`` entries is
 stages over ``N`` nodes of ``L`` ranks each (:meth:`NodeHierarchy.reduce`):
 
 1. a dense reduce-scatter inside the node: local rank ``j`` owns shard ``j`` (``ceil(P / L)``
-   entries) of the node's mean gradient (on gloo an allreduce of which each rank keeps its
-   shard: gloo's allreduce is 2-3x faster than its reduce-scatter at these sizes);
+   entries) of the node's mean gradient.  On gloo each rank sends its gradient on shard ``j``
+   straight to local rank ``j`` (point to point: ``(L - 1) / L`` of the bucket per rank; gloo's
+   own reduce-scatter is 2-3x slower than its allreduce, which sends twice as much);
 2. on that shard, the flat Mem-SGD path (:func:`ec_hooks.hooks._reduce`, the same compressors,
    transports, dense fallback and overflow handling) with the local rank ``j`` of every other
    node: all ``L`` local ranks use the inter-node link at once, as rail-aligned NCCL rings do;
-3. a dense allgather of the averaged shards inside the node (on gloo, again an allreduce).
+3. an allgather of the averaged shards inside the node.  After a sparse compressor a shard
+   holds at most ``N k`` non-zeros: the owners send those (positions and values), not the
+   dense shard, whenever that is smaller; the dense shards otherwise (or when an owner has
+   more non-zeros than the compressor's ``entries_sent`` promised).
 
 Memories belong to the shard owner: a rank's memory (fp32, laid out like the bucket) is zero
 outside the shard it owns and holds, on it, what the node has not sent yet, in units of the
@@ -26,9 +30,12 @@ An overflow anywhere (an inf/NaN gradient on any rank) voids the step everywhere
 hook: no memory changes and every rank's result is NaN.  With one node nothing crosses a
 network: the bucket is allreduced dense and no memory is used.
 
-The first two stages are waited for inside the hook (gloo's asynchronous reduce-scatter has no
-future, and a collective started from a future's callback could reach the ranks in different
-orders); only the last one is left running while the backward pass goes on.
+Stage 2's exchange between nodes is left in flight: a bucket's stage 3 runs when the next
+bucket arrives, after that bucket's stages 1 and 2 were started (the last bucket's in
+:meth:`NodeHierarchy.flush`, which the hook calls after it).  The link then works while the
+backward pass and the next node sum go on, and every rank issues each group's collectives in
+the same order, all from the hook's thread (a collective started from a future's callback could
+reach the ranks in different orders).
 """
 
 from __future__ import annotations
@@ -130,7 +137,7 @@ class _NodeGroups:
         # On gloo the node's collectives are point-to-point exchanges: each rank sends exactly
         # what the others need, (L - 1) / L of a bucket.  gloo's reduce_scatter and allgather took
         # 0.19 s and 0.18 s on 11M fp32 entries over 2 ranks, its allreduce (which sends a whole
-        # bucket per rank) 0.08 s, the exchange of the halves (ring-free) less than that.
+        # bucket per rank) 0.08 s.
         self._point_to_point = dist.get_backend(self.intra_group) == dist.Backend.GLOO
         # Buffers of the node stages, reused across steps: fresh megabyte buffers cost page faults
         # on every step on the host.
