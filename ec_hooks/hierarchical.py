@@ -168,6 +168,11 @@ class _NodeGroups:
             out = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return out
 
+    def keep_buffers_of(self, owners) -> None:
+        """Drop the buffers of the buckets not in ``owners`` (layouts DDP no longer uses)."""
+        for key in [k for k in self._buffers if k[1] is not None and k[1] not in owners]:
+            del self._buffers[key]
+
     def _exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> None:
         """Point-to-point with the other local ranks (keys: local ranks); blocks until done."""
         transport.exchange({self._group_rank[j]: t for j, t in sends.items()},
@@ -198,12 +203,12 @@ class _NodeGroups:
         """Every local rank's ``row``, as ``(L, width)`` in the order of the local ranks (an
         allgather; on gloo an exchange).  Blocks until done."""
         L, me = self.local_world_size, self.local_rank
+        if L > 1 and not self._point_to_point:
+            return transport.allgather(row, self.intra_group).wait()[self._group_rank]
         out = torch.empty((L, row.numel()), dtype=row.dtype, device=row.device)
         out[me].copy_(row)
         if L == 1:
             return out
-        if not self._point_to_point:
-            return transport.allgather(row, self.intra_group).wait()[self._group_rank]
         others = [j for j in range(L) if j != me]
         self._exchange({j: row for j in others}, {j: out[j] for j in others})
         return out
@@ -367,6 +372,9 @@ class NodeHierarchy(_NodeGroups):
         previous, self._in_flight = self._in_flight, None
         if previous is not None:
             self._finish(previous)
+            live = previous.state.memory.layouts()
+            self.keep_buffers_of(live)
+            self._cleared = {keys: mark for keys, mark in self._cleared.items() if keys in live}
 
     def _finish(self, bucket: _InFlight) -> None:
         try:

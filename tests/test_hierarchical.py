@@ -115,8 +115,13 @@ def _gather_paths(rank, world_size):
         for method, counter in (("_gather_nonzeros", "nonzeros"), ("gather_rows", "gathers")):
             setattr(state.hierarchy, method, _Counted(getattr(state.hierarchy, method), calls, counter))
         model.register_comm_hook(state, error_feedback_hook)
+        state.hierarchy.buffer("acc", ("a layout no longer in use",), (1000,), torch.float32, "cpu")
         params = train(model, 5, rank)
         memories = torch.cat([state.memory._buffers[layout] for layout in sorted(state.memory.layouts())])
+        # the node stages keep buffers for the bucket layouts in use only
+        owners = {key[1] for key in state.hierarchy._buffers}
+        calls["stale buffers"] = len(owners - state.memory.layouts())
+        calls["buffered buckets"] = len(owners)
         results[name] = (torch.cat([p.reshape(-1) for p in params]), memories, calls)
     return {name: (torch.equal(params, results["sparse"][0]), _gather([params]), memories, calls)
             for name, (params, memories, calls) in results.items()}
@@ -135,6 +140,8 @@ def test_node_gather_paths_and_node_orders_give_bit_identical_results():
         assert sparse["nonzeros"] > 0 and sparse["gathers"] == sparse["nonzeros"]
         assert overflow["nonzeros"] > 0 and overflow["gathers"] == 2 * overflow["nonzeros"]
         assert dense["nonzeros"] == 0 and dense["gathers"] > 0
+        for calls in (sparse, overflow, dense):
+            assert calls["stale buffers"] == 0 and calls["buffered buckets"] >= 1
     # the owner of a shard keeps its memory: local rank 0 of [1, 0] is global rank 1 (to
     # rounding: the memory a rank left on another's shard at DDP's rebuild is added in another order)
     for a, b in ((0, 1), (2, 3)):
