@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ec_hooks import transport
+from ec_hooks import flat, transport
 
 __all__ = ["HierarchicalGossip", "NodeHierarchy", "node_layout"]
 
@@ -213,11 +213,11 @@ class _NodeGroups:
         self._exchange({j: row for j in others}, {j: out[j] for j in others})
         return out
 
-    def node_mean_shard(self, flat: torch.Tensor, out: torch.Tensor) -> None:
-        """``out`` = this rank's shard of the node's mean of the fp32 ``flat``."""
-        L, numel, shard = self.local_world_size, flat.numel(), out.numel()
-        rows = self.buffer("rows", None, (L, shard), torch.float32, flat.device)
-        torch.mul(flat, 1 / L, out=rows.view(-1)[:numel])
+    def node_mean_shard(self, values: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = this rank's shard of the node's mean of the flat fp32 ``values``."""
+        L, numel, shard = self.local_world_size, values.numel(), out.numel()
+        rows = self.buffer("rows", None, (L, shard), torch.float32, values.device)
+        torch.mul(values, 1 / L, out=rows.view(-1)[:numel])
         rows.view(-1)[numel:].zero_()
         out.copy_(self.sum_to_owner(rows))
 
@@ -487,10 +487,10 @@ class HierarchicalGossip:
             raise ValueError("hierarchical=True gossips over the default process group: leave process_group=None")
         self.groups = _NodeGroups(node_layout(nodes))
         self.params = _collect_params(params)
-        self._numels = [p.numel() for p in self.params]
-        self.numel = sum(self._numels)
+        self.numel = sum(p.numel() for p in self.params)
         self.world_size = transport.world_size()
         self.rank = transport.rank_in()
+        self.process_group = None  # the world: what the mean model is averaged over
         self._shard = torch.zeros(self.groups.shard_size(self.numel), dtype=torch.float32,
                                   device=self.params[0].device)
         self.inner = algorithm_class([self._shard], topology=topology, compressor=compressor,
@@ -521,7 +521,7 @@ class HierarchicalGossip:
         return self.inner.consensus_step
 
     def _flatten(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+        return flat.flatten(self.params)
 
     def step(self) -> None:
         """Average inside the node, gossip the owned shard between nodes, gather the node's model."""
@@ -529,8 +529,8 @@ class HierarchicalGossip:
             self.groups.node_mean_shard(self._flatten(), self._shard)
             self.inner.step()
             gathered = self.groups.gather_rows(self._shard).view(-1)
-            for p, part in zip(self.params, gathered[: self.numel].split(self._numels)):
-                p.copy_(part.view_as(p))
+            for p, part in zip(self.params, flat.split(gathered, self.params)):
+                p.copy_(part)
         if self.watch_every and self.iteration % self.watch_every == 0:
             self.inner._watch(self.consensus_distance())
 
@@ -539,7 +539,15 @@ class HierarchicalGossip:
         with torch.no_grad():
             x = self._flatten()
             transport.allreduce_mean(x).wait()
-            return [part.view_as(p).to(p.dtype).clone() for p, part in zip(self.params, x.split(self._numels))]
+            return [part.to(p.dtype).clone() for p, part in zip(self.params, flat.split(x, self.params))]
+
+    def average_into(self, module: torch.nn.Module) -> None:
+        """Load the mean model into ``module`` (the model this gossip mixes, or a copy), floating
+        buffers averaged, integer ones kept: :meth:`ec_hooks.gossip.GossipAlgorithm.average_into`.
+        Collective."""
+        from ec_hooks.gossip import GossipAlgorithm
+
+        GossipAlgorithm.average_into(self, module)
 
     def consensus_distance(self) -> float:
         """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all ranks, fp64.  Collective."""

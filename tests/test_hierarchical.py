@@ -332,6 +332,9 @@ def _gossip_two_by_two(rank, world_size):
             node_gap = max(node_gap, float((peers[0] - peers[1]).abs().max()), float((peers[2] - peers[3]).abs().max()))
         spread = float((peers[0] - peers[2]).abs().max())
         average = torch.cat([p.reshape(-1) for p in gossip.average_parameters()])
+        copy = make_model()
+        gossip.average_into(copy)
+        assert torch.equal(_flat_params(copy), average), f"{name}: average_into is not the mean model"
         report[name] = (drift, node_gap, spread, float((average.double() - _world_mean(after)).abs().max()),
                         gossip.stats.bytes_sent, gossip.consensus_distance(), gossip.iteration)
     # D-PSGD between two nodes (pair weights 1/2) is the exact mean of everything
