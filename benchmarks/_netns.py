@@ -33,6 +33,7 @@ and iproute2 (``ip``, ``tc``); :func:`check_can_create` says clearly what is mis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -79,6 +80,21 @@ def parse_rate(rate: str) -> int:
 def default_burst_bytes(rate_bits: int, mtu: int) -> int:
     """Bucket size: what ``rate`` brings in one timer tick, and never less than four packets."""
     return max(rate_bits // _TIMER_HZ // 8, 4 * mtu)
+
+
+@contextlib.contextmanager
+def _closed_on_failure(owner, what: str):
+    """Close ``owner`` (deleting what it created) when setting it up fails; a failed command
+    becomes a :class:`NamespaceUnavailable` that names it."""
+    try:
+        yield
+    except subprocess.CalledProcessError as exc:
+        owner.close()
+        raise NamespaceUnavailable(f"setting up {what} failed: {' '.join(exc.cmd)}: "
+                                   f"{(exc.stderr or '').strip()}") from exc
+    except BaseException:
+        owner.close()
+        raise
 
 
 def check_can_create(euid: int | None = None, which=shutil.which) -> None:
@@ -172,18 +188,11 @@ class RateLimitedNamespace:
     def __enter__(self) -> RateLimitedNamespace:
         check_can_create()
         self._install_signal_handlers()
-        try:
+        with _closed_on_failure(self, self.name):
             self._ip("netns", "add", self.name)
             self._created = True
             self._in_ns("ip", "link", "set", "lo", "mtu", str(self.mtu), "up")
             self._shape("add")
-        except subprocess.CalledProcessError as exc:
-            self.close()
-            raise NamespaceUnavailable(f"setting up {self.name} failed: {' '.join(exc.cmd)}: "
-                                       f"{(exc.stderr or '').strip()}") from exc
-        except BaseException:
-            self.close()
-            raise
         logger.info("created %s", self.describe())
         return self
 
@@ -300,7 +309,7 @@ class TwoNodes:
     def __enter__(self) -> TwoNodes:
         check_can_create()
         self._install_signal_handlers()
-        try:
+        with _closed_on_failure(self, "two nodes"):
             for ns in self.namespaces:
                 self._cmd("ip", "netns", "add", ns)
                 self._created.append(ns)
@@ -315,13 +324,6 @@ class TwoNodes:
                 self._cmd("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", device)
                 self._cmd("ip", "-n", ns, "link", "set", device, "mtu", str(self.mtu), "up")
             self._shape("add")
-        except subprocess.CalledProcessError as exc:
-            self.close()
-            raise NamespaceUnavailable(f"setting up two nodes failed: {' '.join(exc.cmd)}: "
-                                       f"{(exc.stderr or '').strip()}") from exc
-        except BaseException:
-            self.close()
-            raise
         logger.info("created %s", self.describe())
         return self
 

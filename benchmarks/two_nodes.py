@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import statistics
@@ -48,7 +49,7 @@ import slow_network  # noqa: E402
 import ec_hooks  # noqa: E402
 import ec_hooks.hierarchical  # noqa: E402,F401 - loaded with the rest, not midway through a run
 
-MODES = ("step-time", "accuracy")
+MODES = ("step-time", "accuracy", "profile")
 
 
 def _compact_topk(density: float = 0.01) -> ec_hooks.TopK:
@@ -57,6 +58,7 @@ def _compact_topk(density: float = 0.01) -> ec_hooks.TopK:
 
 # name -> (label, builder(ddp) -> object with .after_step() and .stats or None)
 METHODS = {
+    "local": "no communication (local_hook)",
     "allreduce": "DDP allreduce",
     "powersgd_r4": "torch PowerSGD rank 4",
     "memsgd_compact": "Mem-SGD top-k 1% compact, flat",
@@ -64,7 +66,8 @@ METHODS = {
     "deepsqueeze_ring": "DeepSqueeze top-k 1%, ring over ranks",
     "deepsqueeze_hier": "DeepSqueeze top-k 1%, hierarchical (ring over nodes)",
 }
-DEFAULT_STEP_METHODS = tuple(METHODS)
+DEFAULT_STEP_METHODS = tuple(m for m in METHODS if m != "local")
+DEFAULT_PROFILE_METHODS = ("local", "memsgd_compact", "memsgd_compact_hier")
 DEFAULT_ACCURACY_METHODS = ("allreduce", "memsgd_compact", "memsgd_compact_hier", "deepsqueeze_ring",
                             "deepsqueeze_hier")
 
@@ -91,6 +94,8 @@ class Run:
             state = ec_hooks.ErrorFeedbackState(compressor=_compact_topk(), module=self.ddp,
                                                 hierarchical=name.endswith("_hier"))
             self.ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
+        elif name == "local":
+            self.ddp.register_comm_hook(None, ec_hooks.local_hook)
         elif name.startswith("deepsqueeze"):
             self.ddp.register_comm_hook(None, ec_hooks.local_hook)
             options = {"hierarchical": True} if name.endswith("_hier") else {}
@@ -168,6 +173,107 @@ def _step_time_rank(cfg: dict) -> list[dict]:
     return rows
 
 
+class StageTimers:
+    """Wall time per stage of a Mem-SGD step, from wrapping the functions each stage calls.
+
+    ``wrap(owner, attr, label)`` times every call of ``owner.attr`` (the time until it returns);
+    with ``future=True`` also the time until the future it returns is done (``label + " done"``),
+    which for the stages left running includes the time they overlap with other work.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._undo: list[tuple[object, str, object]] = []
+
+    def add(self, label: str, seconds: float) -> None:
+        self.totals[label] = self.totals.get(label, 0.0) + seconds
+
+    def wrap(self, owner, attr: str, label: str, future: bool = False):
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            out = original(*args, **kwargs)
+            self.add(label, time.perf_counter() - started)
+            if future:
+                fut = out[0] if isinstance(out, tuple) else out
+                fut.add_done_callback(lambda _: self.add(label + " done", time.perf_counter() - started))
+            return out
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, original))
+        return timed
+
+    def restore(self) -> None:
+        while self._undo:
+            owner, attr, original = self._undo.pop()
+            setattr(owner, attr, original)
+
+
+def _install_stage_timers(timers: StageTimers) -> None:
+    from ec_hooks import hierarchical, hooks, transport
+
+    timers.wrap(ec_hooks, "error_feedback_hook", "hook (blocking part)")
+    timers.wrap(hooks, "_reduce", "flat path", future=True)
+    timers.wrap(ec_hooks.TopK, "compress_error_feedback_", "compression (top-k, memory)")
+    timers.wrap(transport.AllgatherSum, "start", "exchange (allgather)", future=True)
+    timers.wrap(hierarchical.NodeHierarchy, "reduce", "hierarchical reduce", future=True)
+    timers.wrap(hierarchical.NodeHierarchy, "_node_sum", "1 node sum (all of it)")
+    timers.wrap(hierarchical._NodeGroups, "_exchange", "1+3 exchanges inside the node")
+    timers.wrap(hierarchical.NodeHierarchy, "_gather_means", "3 node gather (all of it)")
+    timers.wrap(hierarchical.NodeHierarchy, "_finish", "3 finish (wait, gather, memory)")
+
+
+def _profile_rank(cfg: dict) -> list[dict]:
+    """Per method: the step time and where it goes, per stage (seconds per step, mean over ranks)."""
+    rank = dist.get_rank()
+    batches = slow_network._synthetic_batches(cfg, rank)
+    rows = []
+    for name in cfg["methods"]:
+        torch.manual_seed(0)
+        model = slow_network.wide_mlp(cfg["mlp_width"])
+        timers = StageTimers()
+        _install_stage_timers(timers)
+        try:
+            run = Run(name, model)
+            optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["lr"])
+            step_times, backward_times = [], []
+            for step in range(cfg["warmup"] + cfg["steps"]):
+                if step == cfg["warmup"]:
+                    timers.totals.clear()
+                dist.barrier()
+                x, y = batches[step % len(batches)]
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=False)
+                loss = F.cross_entropy(run.ddp(x), y)
+                t1 = time.perf_counter()
+                loss.backward()  # returns once every bucket's future is done
+                t2 = time.perf_counter()
+                optimizer.step()
+                run.after_step(step)
+                if step >= cfg["warmup"]:
+                    step_times.append(time.perf_counter() - t0)
+                    backward_times.append(t2 - t1)
+                    timers.add("forward", t1 - t0)
+                    timers.add("optimizer step", time.perf_counter() - t2)
+        finally:
+            timers.restore()
+        steps = cfg["steps"]
+        stages = {label: _sum_over_ranks(total / steps) / dist.get_world_size() for label, total in
+                  sorted(timers.totals.items())}
+        row = {"method": name, "label": METHODS[name],
+               "step_s": _sum_over_ranks(statistics.median(step_times)) / dist.get_world_size(),
+               "backward_s": _sum_over_ranks(statistics.median(backward_times)) / dist.get_world_size(),
+               "stages": stages, "loadavg_1m": os.getloadavg()[0]}
+        rows.append(row)
+        if rank == 0:
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: step {row['step_s']:.3f} s, backward {row['backward_s']:.3f} s, "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+        del run, model, optimizer
+    return rows
+
+
 def _accuracy_rank(cfg: dict) -> list[dict]:
     rank, n = dist.get_rank(), dist.get_world_size()
     x_train, y_train, x_val, y_val = slow_network._digits(cfg)
@@ -217,7 +323,7 @@ def _inner(config_path: str) -> None:
     torch.set_num_threads(cfg["threads"])
     dist.init_process_group("gloo")
     try:
-        rows = _step_time_rank(cfg) if cfg["mode"] == "step-time" else _accuracy_rank(cfg)
+        rows = {"step-time": _step_time_rank, "accuracy": _accuracy_rank, "profile": _profile_rank}[cfg["mode"]](cfg)
         if dist.get_rank() == 0:
             with open(job["result_path"], "w") as f:
                 json.dump(rows, f)
@@ -251,9 +357,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return args
     if args.mode not in MODES:
         raise ValueError(f"--mode must be one of {list(MODES)}, got {args.mode!r}")
-    step_time = args.mode == "step-time"
+    step_time = args.mode != "accuracy"
     if args.methods is None:
-        args.methods = list(DEFAULT_STEP_METHODS if step_time else DEFAULT_ACCURACY_METHODS)
+        args.methods = list({"step-time": DEFAULT_STEP_METHODS, "accuracy": DEFAULT_ACCURACY_METHODS,
+                             "profile": DEFAULT_PROFILE_METHODS}[args.mode])
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods must be among {list(METHODS)}, got {unknown}")
@@ -321,6 +428,23 @@ def accuracy_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_table(rows: Sequence[dict]) -> str:
+    """Seconds per step by stage (rows) and method (columns), per link rate."""
+    lines = []
+    for rate in dict.fromkeys(r["rate"] for r in rows):
+        subset = [r for r in rows if r["rate"] == rate]
+        labels = list(dict.fromkeys(k for r in subset for k in r["stages"]))
+        lines += [f"**{rate} between the nodes** (seconds per step, mean over the ranks)", "",
+                  "| | " + " | ".join(r["label"] for r in subset) + " |", "|---|" + "---:|" * len(subset)]
+        for key, title in (("step_s", "step (median)"), ("backward_s", "backward, until every bucket is done")):
+            lines.append(f"| {title} | " + " | ".join(f"{r[key]:.3f}" for r in subset) + " |")
+        for label in labels:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{r['stages'][label]:.3f}" if label in r["stages"] else "-" for r in subset) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot_step_time(rows: Sequence[dict], path: str) -> None:
     import matplotlib
 
@@ -371,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += run_rate(args, nodes, rate)
     stem = os.path.join(args.out, f"two_nodes_{args.mode.replace('-', '_')}")
     write_csv(rows, stem + ".csv")
-    table = step_time_table(rows) if args.mode == "step-time" else accuracy_table(rows)
+    table = {"step-time": step_time_table, "accuracy": accuracy_table, "profile": profile_table}[args.mode](rows)
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
     if args.mode == "step-time":

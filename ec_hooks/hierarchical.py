@@ -6,12 +6,16 @@ With ``ErrorFeedbackState(..., hierarchical=True)`` a bucket of ``P`` entries is
 stages over ``N`` nodes of ``L`` ranks each (:meth:`NodeHierarchy.reduce`):
 
 1. a dense reduce-scatter inside the node: local rank ``j`` owns shard ``j`` (``ceil(P / L)``
-   entries) of the node's mean gradient (on gloo an allreduce of which each rank keeps its
-   shard: gloo's allreduce is 2-3x faster than its reduce-scatter at these sizes);
+   entries) of the node's mean gradient.  On gloo each rank sends its gradient on shard ``j``
+   straight to local rank ``j`` (point to point: ``(L - 1) / L`` of the bucket per rank; gloo's
+   own reduce-scatter is 2-3x slower than its allreduce, which sends twice as much);
 2. on that shard, the flat Mem-SGD path (:func:`ec_hooks.hooks._reduce`, the same compressors,
    transports, dense fallback and overflow handling) with the local rank ``j`` of every other
    node: all ``L`` local ranks use the inter-node link at once, as rail-aligned NCCL rings do;
-3. a dense allgather of the averaged shards inside the node (on gloo, again an allreduce).
+3. an allgather of the averaged shards inside the node.  After a sparse compressor a shard
+   holds at most ``N k`` non-zeros: the owners send those (positions and values), not the
+   dense shard, whenever that is smaller; the dense shards otherwise (or when an owner has
+   more non-zeros than the compressor's ``entries_sent`` promised).
 
 Memories belong to the shard owner: a rank's memory (fp32, laid out like the bucket) is zero
 outside the shard it owns and holds, on it, what the node has not sent yet, in units of the
@@ -26,9 +30,12 @@ An overflow anywhere (an inf/NaN gradient on any rank) voids the step everywhere
 hook: no memory changes and every rank's result is NaN.  With one node nothing crosses a
 network: the bucket is allreduced dense and no memory is used.
 
-The first two stages are waited for inside the hook (gloo's asynchronous reduce-scatter has no
-future, and a collective started from a future's callback could reach the ranks in different
-orders); only the last one is left running while the backward pass goes on.
+Stage 2's exchange between nodes is left in flight: a bucket's stage 3 runs when the next
+bucket arrives, after that bucket's stages 1 and 2 were started (the last bucket's in
+:meth:`NodeHierarchy.flush`, which the hook calls after it).  The link then works while the
+backward pass and the next node sum go on, and every rank issues each group's collectives in
+the same order, all from the hook's thread (a collective started from a future's callback could
+reach the ranks in different orders).
 """
 
 from __future__ import annotations
@@ -36,11 +43,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ec_hooks import transport
+from ec_hooks import flat, transport
 
 __all__ = ["HierarchicalGossip", "NodeHierarchy", "node_layout"]
 
@@ -123,10 +131,17 @@ class _NodeGroups:
             group = dist.new_group([node[j] for node in self.nodes])
             if j == self.local_rank:
                 self.inter_group = group
-        # gloo's allreduce runs 2-3x faster than its reduce-scatter and allgather on buckets of
-        # megabytes (measured on 11M fp32 entries, 2 ranks: 0.08 s against 0.19 s and 0.18 s), so
-        # on gloo both node stages are allreduces of row-per-owner buffers.
-        self._rows_by_allreduce = dist.get_backend(self.intra_group) == dist.Backend.GLOO
+        # The rank in the node's group of each local rank (groups number their ranks in the
+        # order of the global ranks, a node may list its ranks in another order).
+        self._group_rank = [dist.get_group_rank(self.intra_group, r) for r in self.nodes[self.node_rank]]
+        # On gloo the node's collectives are point-to-point exchanges: each rank sends exactly
+        # what the others need, (L - 1) / L of a bucket.  gloo's reduce_scatter and allgather took
+        # 0.19 s and 0.18 s on 11M fp32 entries over 2 ranks, its allreduce (which sends a whole
+        # bucket per rank) 0.08 s.
+        self._point_to_point = dist.get_backend(self.intra_group) == dist.Backend.GLOO
+        # Buffers of the node stages, reused across steps: fresh megabyte buffers cost page faults
+        # on every step on the host.
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def describe(self) -> dict:
         return {"num_nodes": self.num_nodes, "local_world_size": self.local_world_size}
@@ -136,36 +151,89 @@ class _NodeGroups:
 
     def owned_slice(self, numel: int) -> slice:
         """The entries of a ``numel``-entry buffer this rank owns."""
+        return self.slice_of(self.local_rank, numel)
+
+    def slice_of(self, local_rank: int, numel: int) -> slice:
+        """The entries of a ``numel``-entry buffer local rank ``local_rank`` owns."""
         shard = self.shard_size(numel)
-        start = min(numel, self.local_rank * shard)
+        start = min(numel, local_rank * shard)
         return slice(start, min(numel, start + shard))
 
-    def sum_to_owner(self, rows: torch.Tensor) -> torch.Tensor:
-        """Sum ``rows`` (``(L, width)``, row ``j`` for local rank ``j``) over the node; return this
-        rank's row of the sum (a reduce-scatter; an allreduce on gloo, whose buffer it overwrites)."""
-        if self._rows_by_allreduce:
-            dist.all_reduce(rows, group=self.intra_group)
-            return rows[self.local_rank]
-        out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
-        _reduce_scatter(out, rows.reshape(-1), group=self.intra_group)
+    def buffer(self, name: str, owner, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """A reusable buffer (uninitialised), one per name, owner (a bucket's keys: the buffers
+        of a bucket still in flight are not those of the next one), shape, dtype and device."""
+        key = (name, owner, tuple(shape), dtype, torch.device(device))
+        out = self._buffers.get(key)
+        if out is None:
+            out = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return out
 
-    def gather_rows(self, row: torch.Tensor) -> torch.futures.Future:
-        """Every local rank's ``row``, as a future of ``(L, width)`` (an allgather; on gloo an
-        allreduce of a buffer that is zero outside this rank's row)."""
-        if not self._rows_by_allreduce:
-            return transport.allgather(row, self.intra_group)
-        rows = torch.zeros((self.local_world_size, row.numel()), dtype=row.dtype, device=row.device)
-        rows[self.local_rank].copy_(row)
-        work = dist.all_reduce(rows, group=self.intra_group, async_op=True)
-        return transport._resolve_to(work, rows)
+    def keep_buffers_of(self, owners) -> None:
+        """Drop the buffers of the buckets not in ``owners`` (layouts DDP no longer uses)."""
+        for key in [k for k in self._buffers if k[1] is not None and k[1] not in owners]:
+            del self._buffers[key]
 
-    def node_mean_shard(self, flat: torch.Tensor, out: torch.Tensor) -> None:
-        """``out`` = this rank's shard of the node's mean of the fp32 ``flat``."""
-        L, numel, shard = self.local_world_size, flat.numel(), out.numel()
-        rows = torch.zeros((L, shard), dtype=torch.float32, device=flat.device)
-        torch.mul(flat, 1 / L, out=rows.view(-1)[:numel])
+    def _exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> None:
+        """Point-to-point with the other local ranks (keys: local ranks); blocks until done."""
+        transport.exchange({self._group_rank[j]: t for j, t in sends.items()},
+                           {self._group_rank[j]: t for j, t in recvs.items()}, self.intra_group)
+
+    def sum_to_owner(self, rows: torch.Tensor, owner=None) -> torch.Tensor:
+        """Sum ``rows`` (``(L, width)``, row ``j`` for local rank ``j``) over the node; return this
+        rank's row of the sum, added in the order of the local ranks (a reduce-scatter; on gloo an
+        exchange of the rows, summed here).  May overwrite ``rows``."""
+        L, me, width = self.local_world_size, self.local_rank, rows.shape[1]
+        if L == 1:
+            return rows[0]
+        if not self._point_to_point:
+            out = torch.empty(width, dtype=rows.dtype, device=rows.device)
+            by_group_rank = sorted(range(L), key=self._group_rank.__getitem__)
+            _reduce_scatter(out, rows[by_group_rank].reshape(-1), group=self.intra_group)
+            return out
+        others = [j for j in range(L) if j != me]
+        received = self.buffer("received", owner, (L - 1, width), rows.dtype, rows.device)
+        self._exchange({j: rows[j] for j in others}, {j: received[i] for i, j in enumerate(others)})
+        total = None
+        for j in range(L):  # in place: the rows and the received buffer are scratch
+            term = rows[me] if j == me else received[others.index(j)]
+            total = term if total is None else total.add_(term)
+        return total
+
+    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """Every local rank's ``row``, as ``(L, width)`` in the order of the local ranks (an
+        allgather; on gloo an exchange).  Blocks until done."""
+        L, me = self.local_world_size, self.local_rank
+        if L > 1 and not self._point_to_point:
+            return transport.allgather(row, self.intra_group).wait()[self._group_rank]
+        out = torch.empty((L, row.numel()), dtype=row.dtype, device=row.device)
+        out[me].copy_(row)
+        if L == 1:
+            return out
+        others = [j for j in range(L) if j != me]
+        self._exchange({j: row for j in others}, {j: out[j] for j in others})
+        return out
+
+    def node_mean_shard(self, values: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = this rank's shard of the node's mean of the flat fp32 ``values``."""
+        L, numel, shard = self.local_world_size, values.numel(), out.numel()
+        rows = self.buffer("rows", None, (L, shard), torch.float32, values.device)
+        torch.mul(values, 1 / L, out=rows.view(-1)[:numel])
+        rows.view(-1)[numel:].zero_()
         out.copy_(self.sum_to_owner(rows))
+
+
+@dataclass
+class _InFlight:
+    """A bucket between steps 2 and 3 of :meth:`NodeHierarchy.reduce`."""
+
+    state: object
+    keys: tuple
+    grad: torch.Tensor
+    memory: torch.Tensor
+    scratch: torch.Tensor
+    exchange: torch.futures.Future
+    result: torch.futures.Future
+    cleared: bool
 
 
 class NodeHierarchy(_NodeGroups):
@@ -190,11 +258,24 @@ class NodeHierarchy(_NodeGroups):
         )
         self._shard_state.memory = _ShardMemory()
         self._shard_state.stats = state.stats
+        # The bucket whose exchange between nodes is in flight, finished by the next bucket's
+        # reduce or by :meth:`flush`.
+        self._in_flight: _InFlight | None = None
+        # Per bucket, the memory as step 3 left it: zero outside the owned shard.  While it is
+        # untouched since (its version counter), step 1 need not read it there, nor step 3
+        # clear it.
+        self._cleared: dict[tuple, tuple] = {}
 
     def reduce(
         self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
     ) -> torch.futures.Future[torch.Tensor]:
-        """The mean of ``grad`` over the world, dense in the node and compressed between nodes."""
+        """The mean of ``grad`` over the world, dense in the node and compressed between nodes.
+
+        Steps 1 and 2 start here; the bucket's step 3 runs when the next bucket comes (after
+        that bucket's steps 1 and 2), or in :meth:`flush` after the last bucket of the step: the
+        exchange between nodes overlaps with the rest of the backward pass and the next
+        bucket's node sum, and every rank still issues the collectives of each group in the same
+        order, all from the hook's thread."""
         from ec_hooks.hooks import _reduce
 
         if getattr(state, "momentum_correction", None) is not None:
@@ -203,60 +284,171 @@ class NodeHierarchy(_NodeGroups):
         bytes_dense = grad.numel() * grad.element_size()
         memory = state.memory.buffer_for(keys, numels, grad.device)
         if self.num_nodes == 1 or state.iteration < state.start_iter:
+            self.flush()
             state.stats.record(bytes_sent=bytes_dense if self.num_nodes > 1 else 0, bytes_dense=bytes_dense,
                                entries_sent=grad.numel(), entries=grad.numel())
             return transport.allreduce_mean(grad, state.process_group)
 
         L, numel = self.local_world_size, grad.numel()
         shard = self.shard_size(numel)
-        owned = self.owned_slice(numel)
-        # 1. sum over the node of (gradient / L + memory), one row per owner and a status column:
-        #    each owner learns the node's mean gradient on its shard plus every memory entry left
-        #    there, and how many ranks of the node had a non-finite gradient.
-        rows = torch.empty((L, shard + 1), dtype=torch.float32, device=grad.device)
-        for j in range(L):
-            lo, hi = min(numel, j * shard), min(numel, (j + 1) * shard)
-            torch.add(memory[lo:hi], grad[lo:hi], alpha=1 / L, out=rows[j, : hi - lo])
-            rows[j, hi - lo : shard] = 0
-        rows[:, shard] = (~torch.isfinite(grad).all()).float()
-        mine = self.sum_to_owner(rows)
-        acc, node_overflow = mine[:shard], mine[shard] > 0
-        # An overflow on any rank of the node voids the shard's exchange too (the flat path
-        # agrees on it with the other nodes through its status word).
-        acc[:1] = torch.where(node_overflow, float("nan"), acc[:1])
+        # 1. sum over the node of (gradient / L + memory): each owner learns the node's mean
+        #    gradient on its shard plus every memory entry left there.  An inf/NaN gradient entry
+        #    stays non-finite in its owner's sum, so the flat path of step 2 voids that owner's
+        #    exchange on every node, and step 3 the step on every rank.
+        cleared = self._cleared.get(keys) == self._fingerprint(memory)
+        acc = self._node_sum(keys, grad, memory, cleared)
 
-        # 2. the flat Mem-SGD step on the shard.  The wire keeps the gradient's dtype; the
-        #    rounding remainder starts the scratch memory, so that memory + gradient == acc.
+        # 2. the flat Mem-SGD step on the shard, left in flight.  The wire keeps the gradient's
+        #    dtype; the rounding remainder starts the scratch memory: memory + gradient == acc.
         shard_grad = acc.to(grad.dtype)
-        scratch = torch.zeros_like(acc) if shard_grad is acc else acc - shard_grad.float()
+        if shard_grad is acc:
+            scratch = self.buffer("scratch", keys, (shard,), torch.float32, grad.device).zero_()
+        else:
+            scratch = acc - shard_grad.float()
         sub = self._shard_state
         sub.memory.buffer = scratch
         sub.iteration = state.iteration
         shard_keys = (("node_shard", self.local_rank, L), *keys)
-        mean = _reduce(sub, shard_keys, [shard], shard_grad).wait()
+        exchange = _reduce(sub, shard_keys, [shard], shard_grad)
 
-        # 3. gather the averaged shards inside the node, each with its owner's "void" word.
-        void = (~torch.isfinite(mean).all()).to(grad.dtype).reshape(1)
-        fut = self.gather_rows(torch.cat([mean.to(grad.dtype), void]))
+        previous, result = self._in_flight, torch.futures.Future()
+        self._in_flight = _InFlight(state, keys, grad, memory, scratch, exchange, result, cleared)
+        if previous is not None:
+            try:
+                self._finish(previous)
+            except BaseException:
+                self._in_flight = None  # the step failed: nothing of it is carried into the next one
+                raise
+        return result
+
+    def _node_sum(self, keys: tuple, grad: torch.Tensor, memory: torch.Tensor, cleared: bool) -> torch.Tensor:
+        """Step 1: this rank's shard of ``sum_i (g_i / L + m_i)`` over the node, fp32, padded to
+        the shard size with zeros.  ``cleared``: this rank's memory is zero outside its shard."""
+        L, me, numel = self.local_world_size, self.local_rank, grad.numel()
+        shard = self.shard_size(numel)
+        if not self._point_to_point:
+            rows = self.buffer("rows", keys, (L, shard), torch.float32, grad.device)
+            for j in range(L):
+                part = self.slice_of(j, numel)
+                torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
+            rows.view(-1)[numel:].zero_()
+            return self.sum_to_owner(rows, keys)
+        # Each rank sends the owner its gradient there (the bucket's own slice when it is fp32 and
+        # the memory there is clear: no copy), plus L times the memory left there; the owner adds
+        # them in the order of the local ranks and scales the sum once.
+        sends = {}
+        for j in range(L):
+            part = self.slice_of(j, numel)
+            if j == me or part.stop == part.start:
+                continue
+            if cleared and grad.dtype == torch.float32:
+                sends[j] = grad[part]
+            else:
+                out = self.buffer(f"to{j}", keys, (part.stop - part.start,), torch.float32, grad.device)
+                sends[j] = out.copy_(grad[part]) if cleared else torch.add(grad[part], memory[part], alpha=L, out=out)
+        owned = self.owned_slice(numel)
         length = owned.stop - owned.start
+        others = [j for j in range(L) if j != me]
+        received = self.buffer("received", keys, (L - 1, length), torch.float32, grad.device)
+        self._exchange(sends, {j: received[i] for i, j in enumerate(others)} if length else {})
+        acc = self.buffer("acc", keys, (shard,), torch.float32, grad.device)
+        acc[length:].zero_()
+        total = acc[:length]
+        for j in range(L):
+            term = grad[owned] if j == me else received[others.index(j)]
+            if j == 0:
+                total.copy_(term)
+            else:
+                total.add_(term)
+        torch.add(memory[owned], total, alpha=1 / L, out=total)
+        return acc
 
-        def finish(fut: torch.futures.Future) -> torch.Tensor:
-            gathered = fut.value()
-            any_void = gathered[:, shard].sum() > 0
+    @staticmethod
+    def _fingerprint(memory: torch.Tensor) -> tuple:
+        return id(memory), memory.data_ptr(), memory._version
+
+    def flush(self) -> None:
+        """Finish the bucket in flight (step 3), if any: the hook calls it after a step's last bucket."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._finish(previous)
+            live = previous.state.memory.layouts()
+            self.keep_buffers_of(live)
+            self._cleared = {keys: mark for keys, mark in self._cleared.items() if keys in live}
+
+    def _finish(self, bucket: _InFlight) -> None:
+        try:
+            mean = bucket.exchange.wait()
+            # 3. every owner's averaged shard to every rank of the node, and whether a step was void.
+            void = self._gather_means(mean, bucket.grad, self._shard_state.compressor)
             # What this rank owns is what the node has not sent; elsewhere its memory is now
             # empty (it went into this step's sum).  A void step changes nothing.
-            keep = any_void.to(memory.dtype)
-            memory[: owned.start].mul_(keep)
-            memory[owned.stop :].mul_(keep)
-            memory[owned].copy_(torch.where(any_void, memory[owned], scratch[:length]))
-            state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
-            for j in range(L):
-                lo, hi = min(numel, j * shard), min(numel, (j + 1) * shard)
-                grad[lo:hi].copy_(gathered[j, : hi - lo])
-            return torch.where(any_void, float("nan"), grad) if grad.is_cuda else (
-                grad.fill_(float("nan")) if bool(any_void) else grad)
+            memory, owned = bucket.memory, self.owned_slice(bucket.grad.numel())
+            if not void:
+                if not bucket.cleared:
+                    memory[: owned.start].zero_()
+                    memory[owned.stop :].zero_()
+                memory[owned].copy_(bucket.scratch[: owned.stop - owned.start])
+                self._cleared[bucket.keys] = self._fingerprint(memory)
+            state = bucket.state
+            state.stats.set_residual(bucket.keys, memory, live_keys=state.memory.layouts())
+        except BaseException as exc:
+            bucket.result.set_exception(exc)
+            raise
+        bucket.result.set_result(bucket.grad.fill_(float("nan")) if void else bucket.grad)
 
-        return fut.then(finish)
+    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor) -> bool:
+        """Write every owner's shard of the mean into ``grad``; whether some owner's step was void.
+
+        After a sparse compressor the averaged shard holds at most ``N`` payloads' entries: the
+        owners then send their non-zeros (int32 positions and values) when that is smaller than
+        the dense shard, in one message of fixed size each.  An owner with more non-zeros than
+        the message holds says so, and the node then gathers the dense shards.  Every rank,
+        the owner included, writes the shards from the gathered messages, so the replicas stay
+        bit-identical."""
+        shard, numel = mean.numel(), grad.numel()
+        capacity = min(shard, self.num_nodes * compressor.entries_sent(shard))
+        value_bytes = mean.element_size()
+        if capacity * (4 + value_bytes) < shard * value_bytes and shard < 2**31:
+            gathered, headers = self._gather_nonzeros(mean, capacity)
+            if any(void for _, void in headers):
+                return True
+            if all(count >= 0 for count, _ in headers):
+                grad.zero_()
+                values_at = 8 + capacity * 4
+                for j, (count, _) in enumerate(headers):
+                    row = gathered[j]
+                    where = row[8 : 8 + count * 4].view(torch.int32).long()
+                    values = row[values_at : values_at + count * value_bytes].view(mean.dtype)
+                    grad[self.slice_of(j, numel)].index_copy_(0, where, values.to(grad.dtype))
+                return False
+        # dense: the shards themselves, each with its owner's void word
+        void = (~torch.isfinite(mean).all()).to(mean.dtype).reshape(1)
+        gathered = self.gather_rows(torch.cat([mean, void]))
+        if bool(gathered[:, shard].sum() > 0):
+            return True
+        for j in range(self.local_world_size):
+            part = self.slice_of(j, numel)
+            grad[part].copy_(gathered[j, : part.stop - part.start])
+        return False
+
+    def _gather_nonzeros(self, mean: torch.Tensor, capacity: int) -> tuple[torch.Tensor, list]:
+        """Every owner's message: an int32 header (its count of non-zeros, ``-1`` when they do
+        not fit; whether its step was void), ``capacity`` int32 positions, ``capacity`` values."""
+        where = mean.nonzero().view(-1)
+        values = mean[where]
+        count, void = where.numel(), not bool(torch.isfinite(values).all())
+        fits = count <= capacity and not void
+        value_bytes = mean.element_size()
+        size = 8 + capacity * 4 + capacity * value_bytes
+        message = torch.zeros(-(-size // 8) * 8, dtype=torch.uint8, device=mean.device)
+        message[:8] = torch.tensor([count if fits else -1, int(void)], dtype=torch.int32).view(torch.uint8)
+        if fits:
+            message[8 : 8 + count * 4] = where.to(torch.int32).view(torch.uint8)
+            values_at = 8 + capacity * 4
+            message[values_at : values_at + count * value_bytes] = values.view(torch.uint8)
+        gathered = self.gather_rows(message)
+        return gathered, gathered[:, :8].contiguous().view(torch.int32).tolist()
 
     def __getstate__(self):
         raise TypeError(
@@ -298,6 +490,7 @@ class HierarchicalGossip:
         self.numel = sum(p.numel() for p in self.params)
         self.world_size = transport.world_size()
         self.rank = transport.rank_in()
+        self.process_group = None  # the world: what the mean model is averaged over
         self._shard = torch.zeros(self.groups.shard_size(self.numel), dtype=torch.float32,
                                   device=self.params[0].device)
         self.inner = algorithm_class([self._shard], topology=topology, compressor=compressor,
@@ -328,18 +521,16 @@ class HierarchicalGossip:
         return self.inner.consensus_step
 
     def _flatten(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+        return flat.flatten(self.params)
 
     def step(self) -> None:
         """Average inside the node, gossip the owned shard between nodes, gather the node's model."""
         with torch.no_grad():
             self.groups.node_mean_shard(self._flatten(), self._shard)
             self.inner.step()
-            gathered = self.groups.gather_rows(self._shard).wait()
-            flat, offset = gathered.reshape(-1), 0
-            for p in self.params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+            gathered = self.groups.gather_rows(self._shard).view(-1)
+            for p, part in zip(self.params, flat.split(gathered, self.params)):
+                p.copy_(part)
         if self.watch_every and self.iteration % self.watch_every == 0:
             self.inner._watch(self.consensus_distance())
 
@@ -348,11 +539,15 @@ class HierarchicalGossip:
         with torch.no_grad():
             x = self._flatten()
             transport.allreduce_mean(x).wait()
-            out, offset = [], 0
-            for p in self.params:
-                out.append(x[offset : offset + p.numel()].view_as(p).to(p.dtype).clone())
-                offset += p.numel()
-        return out
+            return [part.to(p.dtype).clone() for p, part in zip(self.params, flat.split(x, self.params))]
+
+    def average_into(self, module: torch.nn.Module) -> None:
+        """Load the mean model into ``module`` (the model this gossip mixes, or a copy), floating
+        buffers averaged, integer ones kept: :meth:`ec_hooks.gossip.GossipAlgorithm.average_into`.
+        Collective."""
+        from ec_hooks.gossip import GossipAlgorithm
+
+        GossipAlgorithm.average_into(self, module)
 
     def consensus_distance(self) -> float:
         """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all ranks, fp64.  Collective."""

@@ -501,6 +501,8 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
         fut = reduce(state, keys, numels, grad) if live is None else _reduce_live(state, keys, numels, grad, live, reduce)
     else:
         fut = _reduce_by_layout(state, keys, numels, grad, units, reduce, live)
+    if state.hierarchy is not None and bucket.is_last():
+        state.hierarchy.flush()  # the last bucket's exchange between nodes is still in flight
     state._advance(bucket)
     return fut
 

@@ -79,6 +79,76 @@ def test_two_nodes_of_two_ranks_agree_conserve_mass_and_keep_memories_with_owner
                 assert to_reference > 1e-4, f"{name}: compression had no effect"
 
 
+class _Undercounting(ec_hooks.TopK):
+    """Top-k that claims to send one entry: the averaged shards overflow the sparse messages."""
+
+    def entries_sent(self, numel):
+        return 1
+
+
+class _Dense(ec_hooks.TopK):
+    """Top-k that claims to send every entry: the node gathers the dense shards directly."""
+
+    def entries_sent(self, numel):
+        return numel
+
+
+class _Counted:
+    def __init__(self, inner, calls, name):
+        self.inner, self.calls, self.name = inner, calls, name
+        calls[name] = 0
+
+    def __call__(self, *args):
+        self.calls[self.name] += 1
+        return self.inner(*args)
+
+
+def _gather_paths(rank, world_size):
+    results = {}
+    for name, build, nodes in (("sparse", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO),
+                               ("overflow", lambda: _Undercounting(0.1), TWO_BY_TWO),
+                               ("dense", lambda: _Dense(0.1), TWO_BY_TWO),
+                               ("unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]])):
+        model = DDP(make_model(), bucket_cap_mb=0.0005)
+        state = ErrorFeedbackState(compressor=build(), module=model, hierarchical=True, nodes=nodes)
+        calls = {}
+        for method, counter in (("_gather_nonzeros", "nonzeros"), ("gather_rows", "gathers")):
+            setattr(state.hierarchy, method, _Counted(getattr(state.hierarchy, method), calls, counter))
+        model.register_comm_hook(state, error_feedback_hook)
+        state.hierarchy.buffer("acc", ("a layout no longer in use",), (1000,), torch.float32, "cpu")
+        params = train(model, 5, rank)
+        memories = torch.cat([state.memory._buffers[layout] for layout in sorted(state.memory.layouts())])
+        # the node stages keep buffers for the bucket layouts in use only
+        owners = {key[1] for key in state.hierarchy._buffers}
+        calls["stale buffers"] = len(owners - state.memory.layouts())
+        calls["buffered buckets"] = len(owners)
+        results[name] = (torch.cat([p.reshape(-1) for p in params]), memories, calls)
+    return {name: (torch.equal(params, results["sparse"][0]), _gather([params]), memories, calls)
+            for name, (params, memories, calls) in results.items()}
+
+
+def test_node_gather_paths_and_node_orders_give_bit_identical_results():
+    """Step 3 sends the owners' non-zeros, or (when they overflow the message, or the dense
+    shard is smaller) the dense shards: the same bits either way; a node listing its ranks out
+    of order reduces the same way."""
+    per_rank = run_distributed(_gather_paths, 4)
+    for rank, results in enumerate(per_rank):
+        for name, (same_as_sparse, gathered, _, _) in results.items():
+            assert same_as_sparse, f"{name} differs from the sparse gather on rank {rank}"
+            assert all(torch.equal(gathered[0], g) for g in gathered), f"{name}: ranks diverged"
+        sparse, overflow, dense = (results[n][3] for n in ("sparse", "overflow", "dense"))
+        assert sparse["nonzeros"] > 0 and sparse["gathers"] == sparse["nonzeros"]
+        assert overflow["nonzeros"] > 0 and overflow["gathers"] == 2 * overflow["nonzeros"]
+        assert dense["nonzeros"] == 0 and dense["gathers"] > 0
+        for calls in (sparse, overflow, dense):
+            assert calls["stale buffers"] == 0 and calls["buffered buckets"] >= 1
+    # the owner of a shard keeps its memory: local rank 0 of [1, 0] is global rank 1 (to
+    # rounding: the memory a rank left on another's shard at DDP's rebuild is added in another order)
+    for a, b in ((0, 1), (2, 3)):
+        mine, swapped, other = per_rank[a]["sparse"][2], per_rank[b]["unsorted nodes"][2], per_rank[b]["sparse"][2]
+        assert float((mine - swapped).abs().max()) <= 1e-6 < float((other - swapped).abs().max())
+
+
 def _degenerate(rank, world_size):
     reference_model = DDP(make_model(), bucket_cap_mb=0.0005)
     reference_model.register_comm_hook(None, default_hooks.allreduce_hook)
@@ -262,6 +332,9 @@ def _gossip_two_by_two(rank, world_size):
             node_gap = max(node_gap, float((peers[0] - peers[1]).abs().max()), float((peers[2] - peers[3]).abs().max()))
         spread = float((peers[0] - peers[2]).abs().max())
         average = torch.cat([p.reshape(-1) for p in gossip.average_parameters()])
+        copy = make_model()
+        gossip.average_into(copy)
+        assert torch.equal(_flat_params(copy), average), f"{name}: average_into is not the mean model"
         report[name] = (drift, node_gap, spread, float((average.double() - _world_mean(after)).abs().max()),
                         gossip.stats.bytes_sent, gossip.consensus_distance(), gossip.iteration)
     # D-PSGD between two nodes (pair weights 1/2) is the exact mean of everything

@@ -76,3 +76,34 @@ def test_benchmark_arguments_and_tables():
     accuracy = bench.accuracy_table([{"method": "allreduce", "label": "DDP allreduce", "val_accuracy": v}
                                      for v in (0.99, 0.98)])
     assert "| DDP allreduce | 2 | 0.9900 0.9800 | 0.9850 |" in accuracy
+
+
+class _Commands:
+    """Stands in for subprocess.run: records the commands, fails the first one naming ``fail_on``."""
+
+    def __init__(self, fail_on: str):
+        self.commands: list[list[str]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, cmd, check=False, **_):
+        import subprocess
+
+        self.commands.append(list(cmd))
+        if self.fail_on in cmd and check:
+            raise subprocess.CalledProcessError(2, cmd, stderr="RTNETLINK answers: Operation not permitted")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+@pytest.mark.parametrize("fail_on, removed", [
+    ("veth", [["ip", "netns", "del", "ecf-a"], ["ip", "netns", "del", "ecf-b"]]),
+    ("tbf", [["ip", "netns", "del", "ecf-a"], ["ip", "netns", "del", "ecf-b"]]),
+])
+def test_failed_two_node_setup_says_what_failed_and_removes_what_it_created(monkeypatch, fail_on, removed):
+    monkeypatch.setattr(netns, "check_can_create", lambda: None)
+    run = _Commands(fail_on)
+    with pytest.raises(netns.NamespaceUnavailable, match=f"setting up two nodes failed: .*{fail_on}.*not permitted"):
+        with netns.TwoNodes(rate="100mbit", name="ecf", run=run):
+            pass
+    deleted = [c for c in run.commands if c[:3] == ["ip", "netns", "del"]]
+    assert deleted == removed
+    assert run.commands.index(deleted[0]) > next(i for i, c in enumerate(run.commands) if fail_on in c)
