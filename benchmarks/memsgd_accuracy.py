@@ -60,6 +60,9 @@ VARIANTS = {
     "mc": {},
     "mc_masking": {"momentum_masking": True},
     "mc_warmup": {"density_warmup_steps": WARMUP_STEPS},
+    # a ramp from 6.25% over the first half of the run (66 steps), and over the whole run
+    "mc_ramp": {"density_warmup_steps": 66, "density_warmup_start": 0.0625},
+    "mc_ramp_run": {"density_warmup_steps": 132, "density_warmup_start": 0.0625},
 }
 # the decisions' measurements: name -> (strategy, model overrides)
 ADAM = {"optimizer": "adam", "lr": 0.003}
