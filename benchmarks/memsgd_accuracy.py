@@ -63,6 +63,7 @@ VARIANTS = {
     # a ramp from 6.25% over the first half of the run (66 steps), and over the whole run
     "mc_ramp": {"density_warmup_steps": 66, "density_warmup_start": 0.0625},
     "mc_ramp_run": {"density_warmup_steps": 132, "density_warmup_start": 0.0625},
+    "mc_ramp16": {"density_warmup_steps": 66, "density_warmup_start": 0.015625},
 }
 # the decisions' measurements: name -> (strategy, model overrides)
 ADAM = {"optimizer": "adam", "lr": 0.003}
