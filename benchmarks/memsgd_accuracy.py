@@ -10,19 +10,23 @@ Two parts:
    strategies' own count, warm-up included).  Row names: ``<compressor>_<variant>`` with the
    variants ``ef`` (plain error feedback, SGD keeps its momentum: ``momentum_correction=False``),
    ``mc`` (momentum correction, the default), ``mc_masking`` (plus DGC's momentum factor
-   masking, top-1% only) and ``mc_warmup`` (plus the density warm-up over 33 steps).  The
+   masking, top-1% only), ``mc_warmup`` (plus DGC's density warm-up from 25% over 33 steps),
+   ``mc_ramp`` / ``mc_ramp_run`` (a ramp from 6.25% over 66 / 132 steps), ``mc_ramp16`` and
+   ``ef_ramp16`` (from 1.5625% over 66 steps, with and without momentum correction).  The
    decisions' rows: ``topk1_mc_wd_in_optimizer`` (weight decay left in the optimizer),
    ``ddp_nesterov`` / ``topk1_mc_nesterov`` and ``ddp_adam`` / ``topk1_adam`` (Adam, lr 0.003:
    plain error feedback).  Raw results per seed: ``<out_dir>/runs.json``.
 2. **Logistic regression** (``--logreg``): the dense problem of ``recipes.memsgd_paper``
    (epsilon-like, 2,000 features) trained through the DDP hook on 4 gloo ranks, batch 8 per
-   rank, constant step size: SGD through DDP's allreduce, top-k 1% with plain error feedback
-   (the hook's momentum-free path, unchanged by momentum correction), and momentum 0.9 in the
-   optimizer (allreduce) against momentum 0.9 in the hook (top-k 1%).  Printed: ``f - f*``.
+   rank, constant step size (``--logreg_lrs``, default 2.0): SGD through DDP's allreduce, top-k
+   1% with plain error feedback (the hook's momentum-free path, unchanged by momentum
+   correction), and momentum 0.9 in the optimizer (allreduce) against momentum 0.9 in the hook
+   (top-k 1%).  Printed: ``f - f*`` per step size.
 
     python benchmarks/memsgd_accuracy.py                                   # every row, 3 seeds
     python benchmarks/memsgd_accuracy.py --rows ddp topk1_ef topk1_mc --seeds 0 1
     python benchmarks/memsgd_accuracy.py --rows none --logreg             # the regression check only
+    python benchmarks/memsgd_accuracy.py --rows none --logreg --logreg_lrs 0.5 1 2
 """
 
 from __future__ import annotations
@@ -60,6 +64,13 @@ VARIANTS = {
     "mc": {},
     "mc_masking": {"momentum_masking": True},
     "mc_warmup": {"density_warmup_steps": WARMUP_STEPS},
+    # ramps that start lower and last longer: from 6.25% over the first half of the run (66
+    # steps) and over the whole run; from 1.5625% over the first half (the digits recipe's
+    # memsgd_topk1), also without momentum correction
+    "mc_ramp": {"density_warmup_steps": 66, "density_warmup_start": 0.0625},
+    "mc_ramp_run": {"density_warmup_steps": 132, "density_warmup_start": 0.0625},
+    "mc_ramp16": {"density_warmup_steps": 66, "density_warmup_start": 0.015625},
+    "ef_ramp16": {"momentum_correction": False, "density_warmup_steps": 66, "density_warmup_start": 0.015625},
 }
 # the decisions' measurements: name -> (strategy, model overrides)
 ADAM = {"optimizer": "adam", "lr": 0.003}
@@ -75,8 +86,8 @@ def rows() -> dict[str, tuple[dict, dict]]:
     for name, compressor in COMPRESSORS.items():
         for variant, extra in VARIANTS.items():
             if ("density_warmup_steps" in extra and "density" not in compressor) or (
-                    variant == "mc_masking" and name != "topk1"):
-                continue  # the warm-up ramps a density (sign has none); masking is measured on top-1%
+                    variant == "mc_masking" and name != "topk1") or ("ramp" in variant and "topk" not in name):
+                continue  # the warm-up ramps a density (sign has none); masking is measured on top-1%, ramps on top-k
             out[f"{name}_{variant}"] = ({"class_path": MEMSGD, "init_args": {**compressor, **extra}}, {})
     topk1 = {"class_path": MEMSGD, "init_args": COMPRESSORS["topk1"]}
     out["topk1_mc_wd_in_optimizer"] = ({"class_path": WEIGHT_DECAY_IN_OPTIMIZER, "init_args": COMPRESSORS["topk1"]},
@@ -236,6 +247,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--logreg", action="store_true", help="also run the logistic-regression check")
+    parser.add_argument("--logreg_lrs", nargs="+", type=float, default=[2.0],
+                        help="step sizes of the logistic-regression check (one column each; default 2.0)")
     parser.add_argument("--out_dir", default="runs/memsgd_accuracy")
     args = parser.parse_args()
     names = [] if args.rows == ["none"] else args.rows
@@ -248,12 +261,14 @@ def main() -> None:
         print(f"\ndigits, {args.devices} gloo ranks, seeds {args.seeds}, 132 steps "
               f"({time.perf_counter() - started:.0f} s)\n\n{table}\n", flush=True)
     if args.logreg:
-        losses = run_logreg()
-        f_star = losses.pop("f*")
-        print("logistic regression (dense, n=4,000, d=2,000), 4 gloo ranks, batch 8 per rank, 600 steps, "
-              f"lr 2.0; f* = {f_star:.5f}\n\n| method | f - f* |\n|---|---:|")
-        for name, value in losses.items():
-            print(f"| {name} | {value - f_star:.5f} |" if math.isfinite(value) else f"| {name} | diverged |")
+        by_lr = [run_logreg(lr=lr) for lr in args.logreg_lrs]
+        f_star = by_lr[0].pop("f*")
+        print("logistic regression (dense, n=4,000, d=2,000), 4 gloo ranks, batch 8 per rank, 600 steps; "
+              f"f* = {f_star:.5f}; f - f* at each step size\n\n| method | "
+              + " | ".join(f"lr {lr:g}" for lr in args.logreg_lrs) + " |\n|---|" + "---:|" * len(args.logreg_lrs))
+        for name in LOGREG_METHODS:
+            cells = [f"{losses[name] - f_star:.5f}" if math.isfinite(losses[name]) else "diverged" for losses in by_lr]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -91,8 +91,10 @@ class ErrorFeedbackState:
             ``torch.optim.SGD`` adds it before its momentum (then set the optimizer's to 0).
         clip_norm: clip each worker's bucket gradient to this L2 norm before it enters the
             velocity and the memory (DGC's local clipping).  ``None`` (default): no clipping.
-        density_warmup_steps: ramp the compressor's density from 25% down to its own, dividing
-            by 4 per stage, over this many compressed steps (DGC's warm-up; top-k and rand-k).
+        density_warmup_steps: ramp the compressor's density from ``density_warmup_start`` down
+            to its own, dividing by 4 per stage, over this many compressed steps (DGC's warm-up;
+            top-k and rand-k).
+        density_warmup_start: the ramp's first density (default 0.25, DGC's).
         momentum_masking: DGC's momentum factor masking: clear the velocity where the memory
             was sent (for compressors that send exact entries).  Default ``False``: the velocity
             is kept, so that every gradient gets its full momentum ``1 / (1 - mu)`` (measured
@@ -124,6 +126,7 @@ class ErrorFeedbackState:
         clip_norm: float | None = None,
         density_warmup_steps: int = 0,
         momentum_masking: bool = False,
+        density_warmup_start: float = 0.25,
         hierarchical: bool = False,
         nodes: Sequence[Sequence[int]] | None = None,
     ) -> None:
@@ -145,7 +148,7 @@ class ErrorFeedbackState:
         # None: plain error feedback, no velocity is kept
         self.momentum_correction = correction if (correction.momentum or correction.weight_decay or
                                                   correction.clip_norm is not None) else None
-        self.density_warmup = DensityWarmup(self.compressor, density_warmup_steps)
+        self.density_warmup = DensityWarmup(self.compressor, density_warmup_steps, density_warmup_start)
         #: the transports each bucket chooses from, by bytes on the wire (see ec_hooks.transport)
         self.transports: tuple[transport.Transport, ...] = (
             transport.SharedIndexAllreduce(), transport.AllreduceMean(), transport.AllgatherSum(),
@@ -389,6 +392,7 @@ class ErrorFeedbackState:
             "dense_fallback": self.dense_fallback,
             "momentum_correction": None if self.momentum_correction is None else self.momentum_correction.config(),
             "density_warmup_steps": self.density_warmup.steps,
+            "density_warmup_start": self.density_warmup.start,
             "transports": [type(t).__name__ for t in self.transports],
             "hierarchical": self.hierarchy is not None,
             "iteration": self.iteration,

@@ -14,7 +14,7 @@ from ec_hooks.compressors import Compressor
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook
 from ec_hooks.momentum import MomentumCorrection
 from ec_hooks.stats import CommStats
-from ec_hooks.validation import check_int
+from ec_hooks.validation import check_int, check_unit_interval
 from lightning_plugin.arguments import build_compressor, check_hierarchy, node_layout, reject_comm_hook_kwargs
 from lightning_plugin.worker_state import WorkerStateDDPStrategy
 
@@ -50,8 +50,9 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             error feedback with the optimizer's own momentum.  ``None`` (default): on, unless the
             compressor says it does better without (``prefers_momentum_correction = False``:
             :class:`~ec_hooks.CyclicTopK`, see ``docs/transports.md``).
-        density_warmup_steps: ramp the density from 25% to the compressor's over this many steps
-            (DGC's warm-up, top-k and rand-k; default 0, off).
+        density_warmup_steps: ramp the density from ``density_warmup_start`` to the compressor's
+            over this many steps (DGC's warm-up, top-k and rand-k; default 0, off).
+        density_warmup_start: the ramp's first density (default 0.25, DGC's).
         momentum_masking: DGC's momentum factor masking (default ``False``; see
             :class:`~ec_hooks.ErrorFeedbackState`).
         hierarchical: dense inside each node, compressed only between nodes
@@ -75,6 +76,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         momentum_correction: bool | None = None,
         density_warmup_steps: int = 0,
         momentum_masking: bool = False,
+        density_warmup_start: float = 0.25,
         hierarchical: bool = False,
         nodes: list[list[int]] | None = None,
         **kwargs: Any,
@@ -98,6 +100,8 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
                 rank_zero_info(f"{type(self).__name__}: {self.compressor!r} keeps plain error feedback with the "
                                "optimizer's own momentum (momentum_correction=True moves it into the hook)")
         self.density_warmup_steps = check_int("density_warmup_steps", density_warmup_steps, 0)
+        self.density_warmup_start = check_unit_interval("density_warmup_start", density_warmup_start,
+                                                        "the ramp's first density")
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
         self.momentum_masking = momentum_masking
@@ -128,6 +132,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             module=self.model,
             dense_fallback=self.dense_fallback,
             density_warmup_steps=self.density_warmup_steps,
+            density_warmup_start=self.density_warmup_start,
             hierarchical=self.hierarchical,
             nodes=node_layout(self, self.nodes) if self.hierarchical else None,
         )

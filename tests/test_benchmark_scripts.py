@@ -56,7 +56,8 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
 
     from recipes.train import main
 
-    names = ["ddp_adam", "topk1_ef", "topk1_mc_masking", "topk1_mc_warmup", "topk1_mc_wd_in_optimizer", "sign_mc"]
+    names = ["ddp_adam", "topk1_ef", "topk1_mc_masking", "topk1_mc_warmup", "topk01_mc_ramp", "topk1_mc_wd_in_optimizer",
+             "sign_mc"]
     memsgd_accuracy.write_configs(names, tmp_path)
     built = {name: main(["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"], run=False)
              for name in names}
@@ -64,6 +65,7 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
     assert built["topk1_ef"].trainer.strategy.momentum_correction is False
     assert built["topk1_mc_masking"].trainer.strategy.momentum_masking is True
     assert built["topk1_mc_warmup"].trainer.strategy.density_warmup_steps == memsgd_accuracy.WARMUP_STEPS
+    assert built["topk01_mc_ramp"].trainer.strategy.density_warmup_start == 0.0625
     assert type(built["topk1_mc_wd_in_optimizer"].trainer.strategy).__name__ == "WeightDecayInOptimizer"
     assert built["sign_mc"].trainer.strategy.compressor.name == "sign"
     assert "sign_mc_warmup" not in memsgd_accuracy.rows()  # sign has no density to ramp

@@ -172,6 +172,8 @@ def strategy_state(trainer) -> dict:
         out["hook_iteration"] = strategy.comm_state.iteration
         correction = strategy.comm_state.momentum_correction
         out["momentum_correction"] = None if correction is None else correction.config()
+        warmup = strategy.comm_state.density_warmup
+        out["density_warmup"] = [warmup.steps, warmup.start]
         out["stats"] = strategy.comm_state.stats.as_dict()
         out["memory_norm"] = strategy.comm_state.memory.norm()
     gossips = getattr(strategy, "gossips", None)
@@ -325,7 +327,8 @@ def scenario_variants(out: Path, devices: int) -> None:
 
     for name, make, kwargs in (
         ("memsgd_clip", MemSGDStrategy, {"gradient_clip_val": 0.5}),
-        ("memsgd_nocorr", lambda: MemSGDStrategy(momentum_correction=False), {"gradient_clip_val": 0.5}),
+        ("memsgd_nocorr", lambda: MemSGDStrategy(momentum_correction=False, density_warmup_steps=2,
+                                                 density_warmup_start=0.0625), {"gradient_clip_val": 0.5}),
         ("memsgd_adam", MemSGDStrategy, {"optimizer": "adam"}),
     ):
         result = fit_record(out, name, devices, make(), 1, val=False, **kwargs)
@@ -828,6 +831,7 @@ def test_memsgd_moves_sgd_momentum_weight_decay_and_clipping_into_the_hook(two):
         assert r["gradient_clip_val"] is None  # the aggregated step is no longer clipped by Lightning
     for r in load(two, "memsgd_nocorr")["ranks"]:
         assert r["strategy"]["momentum_correction"] is None
+        assert r["strategy"]["density_warmup"] == [2, 0.0625]  # the strategy's ramp reaches the hook
         assert [(g["momentum"], g["weight_decay"]) for g in r["optimizer_groups"]] == [(0.9, 1e-4)]
         assert r["gradient_clip_val"] == 0.5
     for r in load(two, "memsgd_adam")["ranks"]:

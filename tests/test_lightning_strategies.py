@@ -88,6 +88,7 @@ def test_defaults():
         (MemSGDStrategy, {"dense_fallback": "yes"}, "dense_fallback"),
         (MemSGDStrategy, {"momentum_correction": "yes"}, "momentum_correction"),
         (MemSGDStrategy, {"density_warmup_steps": -1}, "density_warmup_steps"),
+        (MemSGDStrategy, {"density_warmup_start": 0.0}, "density_warmup_start"),
         (MemSGDStrategy, {"momentum_masking": 1}, "momentum_masking"),
         (MemSGDStrategy, {"ddp_comm_hook": print}, "ddp_comm_hook"),
         (MemSGDStrategy, {"model_averaging_period": 4}, "model_averaging_period"),

@@ -296,6 +296,8 @@ def _bad_arguments(rank, world_size):
         "weight_decay": {"weight_decay": -1e-4}, "clip_zero": {"clip_norm": 0.0}, "clip_nan": {"clip_norm": float("nan")},
         "warmup_sign": {"compressor": ec_hooks.ScaledSign(), "density_warmup_steps": 10},
         "warmup_negative": {"density_warmup_steps": -1}, "masking": {"momentum": 0.9, "momentum_masking": "yes"},
+        "warmup_start_zero": {"density_warmup_steps": 10, "density_warmup_start": 0},
+        "warmup_start_above_one": {"density_warmup_start": 1.5},
     }
     for name, kwargs in cases.items():
         try:
@@ -308,7 +310,10 @@ def _bad_arguments(rank, world_size):
 def test_bad_momentum_arguments_raise_at_construction():
     errors = run_distributed(_bad_arguments, 1)[0]
     assert set(errors) == {"momentum_one", "momentum_negative", "momentum_str", "nesterov_no_momentum", "nesterov_int",
-                           "weight_decay", "clip_zero", "clip_nan", "warmup_sign", "warmup_negative", "masking"}
+                           "weight_decay", "clip_zero", "clip_nan", "warmup_sign", "warmup_negative", "masking",
+                           "warmup_start_zero", "warmup_start_above_one"}
+    assert "density_warmup_start must be a float in (0, 1]" in errors["warmup_start_zero"]
+    assert "1.5" in errors["warmup_start_above_one"]
     assert "momentum must be a float in [0, 1)" in errors["momentum_one"]
     assert "density_warmup_steps" in errors["warmup_sign"] and "ScaledSign" in errors["warmup_sign"]
     assert "clip_norm" in errors["clip_zero"] and "weight_decay" in errors["weight_decay"]
@@ -324,29 +329,42 @@ def test_warmup_density_ramp():
     ramp = DensityWarmup(ec_hooks.TopK(0.01, index_encoding="delta16"), 30)
     assert ramp.at(0).density == 0.25 and ramp.at(0).index_encoding == "delta16"
     assert ramp.at(0) is ramp.at(1) and ramp.at(30) is ramp.compressor and ramp.compressor.density == 0.01
+    # a ramp that starts at 6.25%: 6.25% -> 1.5625% -> 0.390625% over 66 steps for a 0.1% target
+    assert [warmup_density(t, 0.001, 66, start=0.0625) for t in (0, 21, 22, 43, 44, 65, 66)] == [
+        0.0625, 0.0625, 0.015625, 0.015625, 0.00390625, 0.00390625, 0.001]
+    assert warmup_density(0, 0.1, 66, start=0.0625) == 0.1  # the target is above the start: no ramp
+    assert DensityWarmup(ec_hooks.TopK(0.01), 30, start=0.0625).at(14).density == 0.0625
+    assert DensityWarmup(ec_hooks.TopK(0.01), 30, start=0.0625).at(15).density == 0.015625
 
 
 def _warmup_bytes(rank, world_size):
-    torch.manual_seed(0)
-    model = DDP(torch.nn.Linear(100, 100))  # one bucket of 10,100 entries
-    state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.01), module=model, momentum=0.9, density_warmup_steps=6)
-    model.register_comm_hook(state, error_feedback_hook)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sent = []
-    for step in range(8):
-        opt.zero_grad()
-        model(torch.randn(4, 100, generator=torch.Generator().manual_seed(step * 10 + rank))).pow(2).mean().backward()
-        opt.step()
-        sent.append(state.stats.last_bytes_sent)
-    return sent
+    out = []
+    for steps, start in ((6, 0.25), (4, 0.0625)):
+        torch.manual_seed(0)
+        model = DDP(torch.nn.Linear(100, 100))  # one bucket of 10,100 entries
+        state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.01), module=model, momentum=0.9,
+                                   density_warmup_steps=steps, density_warmup_start=start)
+        model.register_comm_hook(state, error_feedback_hook)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        sent = []
+        for step in range(8):
+            opt.zero_grad()
+            x = torch.randn(4, 100, generator=torch.Generator().manual_seed(step * 10 + rank))
+            model(x).pow(2).mean().backward()
+            opt.step()
+            sent.append(state.stats.last_bytes_sent)
+        out.append(sent)
+    return out
 
 
 def test_density_warmup_counts_its_bytes():
     d = 10_100
-    sent = run_distributed(_warmup_bytes, 2)[0]
+    dgc, from_6 = run_distributed(_warmup_bytes, 2)[0]
     # 3 stages (25%, 6.25%, 1.5625%) of 2 steps, then 1%; 8 bytes per entry plus the status word
-    ks = [2525, 632, 158, ec_hooks.TopK(0.01).k_for(d)]
-    assert sent == [8 * k + 4 for k in ks for _ in range(2)]
+    k = ec_hooks.TopK(0.01).k_for(d)
+    assert dgc == [8 * k + 4 for k in (2525, 632, 158, k) for _ in range(2)]
+    # from 6.25%: 2 stages (6.25%, 1.5625%) of 2 steps, then 1%
+    assert from_6 == [8 * k + 4 for k in (632, 632, 158, 158, k, k, k, k)]
 
 
 def test_sent_indices_capability():

@@ -55,6 +55,18 @@ def test_every_method_has_a_config_for_both_data_sets():
     assert set(STRATEGY) == set(DEFAULT_METHODS)
 
 
+def test_digits_topk_rows_ramp_their_density_over_the_first_half():
+    # measured choices (docs/momentum-correction.md): the cheapest ramp that meets each row's target
+    for method, start in (("memsgd_topk1", 0.015625), ("memsgd_topk01", 0.0625)):
+        cli = main(["--config", str(CONFIGS / f"digits_{method}.yaml"), "--trainer.logger", "false"], run=False)
+        strategy = cli.trainer.strategy
+        assert (strategy.density_warmup_steps, strategy.density_warmup_start) == (66, start)
+        assert strategy.density_warmup_steps * 2 == cli.trainer.max_epochs * 11  # 11 steps per epoch
+    nocorr = main(["--config", str(CONFIGS / "digits_memsgd_topk1_nocorr.yaml"), "--trainer.logger", "false"],
+                  run=False)
+    assert nocorr.trainer.strategy.density_warmup_steps == 0
+
+
 @pytest.mark.parametrize("dataset", ["digits", "resnet20_cifar10"])
 def test_configs_instantiate(dataset):
     for method, (strategy_class, expected) in STRATEGY.items():
