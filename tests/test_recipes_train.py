@@ -116,6 +116,13 @@ def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
         assert r.steps == 3 and 0.0 <= r.accuracy <= 1.0 and len(r.curve) >= 1
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [row["method"] for row in rows] == methods
+    # one validation, at the end of the first epoch (3 steps): the last point of every curve
+    curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
+    assert [(row["method"], row["epoch"], row["step"]) for row in curves] == [(m, "0", "3") for m in methods]
+    for row, r in zip(curves, results):
+        assert float(row["accuracy"]) == pytest.approx(r.accuracy)
+        assert float(row["bytes_sent"]) == pytest.approx(3 * r.bytes_per_step)
+    assert float(curves[0]["bytes_sent"]) == 3 * 4 * numel
     table = (tmp_path / "results.md").read_text()
     assert "| memsgd_topk1 |" in table and "compression vs allreduce" in table
     png = (tmp_path / "accuracy_vs_bytes.png").read_bytes()
