@@ -141,6 +141,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
     @override
     def _register_ddp_hooks(self) -> None:
         # On every device: the stock DDPStrategy registers hooks on CUDA only.
+        assert isinstance(self.model, DistributedDataParallel)
         self.model.register_comm_hook(None, local_hook)
 
     @override
@@ -150,6 +151,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
             return
         # DDP's constructor gave every worker rank 0's parameters, but not its buffers when
         # broadcast_buffers=False: every worker starts from rank 0's BatchNorm statistics too.
+        assert self.lightning_module is not None
         broadcast_buffers(self.lightning_module)
         self._remove_step_hooks()
         self._swap = ModelSwap()
@@ -173,13 +175,16 @@ class GossipStrategy(WorkerStateDDPStrategy):
             owned.update(id(p) for p in params)
             if not params:
                 continue
+            hierarchy: dict[str, Any] = (
+                {"hierarchical": True, "nodes": node_layout(self, self.nodes)} if self.hierarchical else {}
+            )
             gossip = self.algorithm_class(
                 params,
                 topology=self.topology,
                 compressor=self.compressor,
                 consensus_step=self.consensus_step,
                 watch_every=self.watch_every,
-                **({"hierarchical": True, "nodes": node_layout(self, self.nodes)} if self.hierarchical else {}),
+                **hierarchy,
             )
             gossips.append(gossip)
             self._gossip_optimizers.append(id(optimizer))
@@ -227,9 +232,11 @@ class GossipStrategy(WorkerStateDDPStrategy):
 
     def _swap_in(self) -> None:
         if self.gossips and self.world_size > 1:
+            assert self.lightning_module is not None
             self._swap.swap_in_average(self.lightning_module)
 
     def _swap_out(self) -> None:
+        assert self.lightning_module is not None
         self._swap.swap_back(self.lightning_module)
 
     @override
@@ -265,6 +272,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
+        assert module is not None
         if not self.gossips or self.world_size == 1 or self._swap.holding_average:
             return module.state_dict()
         return average_state_dict(module)
@@ -279,6 +287,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
     def worker_state(self) -> dict | None:
         if not self.gossips:
             return None
+        assert self.lightning_module is not None
         return {
             "model": self._swap.local_state_dict(self.lightning_module),
             "gossip": [gossip.state_dict() for gossip in self.gossips],
@@ -309,6 +318,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
                     f"the checkpoint's state of gossip group {i} (one group per optimizer) does not fit this run: "
                     f"{error}"
                 ) from error
+        assert self.lightning_module is not None
         self.lightning_module.load_state_dict(state["model"], strict=True)
         for gossip, gossip_state in zip(self.gossips, state["gossip"]):
             gossip.load_state_dict(gossip_state)
