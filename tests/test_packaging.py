@@ -10,12 +10,15 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 import ec_hooks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("ec_hooks", "lightning_plugin")
 
 
+@pytest.mark.slow
 def test_wheel_holds_the_packages_the_cuda_sources_and_py_typed_but_not_recipes(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],

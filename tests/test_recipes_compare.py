@@ -41,6 +41,7 @@ def _configs(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_method_that_hangs_or_fails_leaves_the_others_running(tmp_path):
     from recipes.compare import main
 

@@ -63,6 +63,7 @@ def _fit_every_method(rank, world_size, methods, root):
     return out
 
 
+@pytest.mark.slow
 def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
     results = run_distributed(_fit_every_method, 2, list(DEFAULT_METHODS), str(tmp_path), timeout=600)
     numel = results[0]["ddp"]["params"].numel()
@@ -95,6 +96,7 @@ def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
     assert r["dpsgd"]["last_sent"] == dense + 4
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
     from recipes.compare import main
 
@@ -139,6 +141,7 @@ def test_compare_rejects_unknown_methods(tmp_path):
         compare(methods=["ddp"], devices=0, out_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_command_line_entry_point_launches_two_ranks(tmp_path):
     args = _smoke_args("memsgd_topk1", 2, str(tmp_path), csv_logger=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))

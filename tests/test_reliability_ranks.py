@@ -244,7 +244,7 @@ def _subgroup(rank, world_size):
     return {"grad": model.w.grad.clone(), "group_is_ddps": state.process_group is mine, "refused": refused}
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_state_takes_the_ddp_process_group_and_refuses_another(world_size):
     results = run_distributed(_subgroup, world_size)
     expected = [0.5, 0.5, 2.0] if world_size == 3 else [0.0, 1.0]
