@@ -101,7 +101,6 @@ def hooks_runs(nodes, tmp_path_factory):
             "crossed": counters_after["a_to_b_bytes"] - counters_before["a_to_b_bytes"]}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", HOOK_METHODS)
 def test_two_nodes_of_two_train_bit_for_bit_like_one_node_of_four(hooks_runs, method):
     two, one = _load_result(hooks_runs["straight"], method), _load_result(hooks_runs["one"], method)
@@ -117,7 +116,6 @@ def test_two_nodes_of_two_train_bit_for_bit_like_one_node_of_four(hooks_runs, me
         assert all(torch.equal(r["final"], two["ranks"][0]["final"]) for r in two["ranks"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flat_method, hier_method", [("flat", "hier"), ("deepsqueeze", "deepsqueeze_hier")])
 def test_hierarchical_sends_less_between_nodes_than_flat(hooks_runs, flat_method, hier_method):
     flat = _load_result(hooks_runs["straight"], flat_method)
@@ -127,7 +125,6 @@ def test_hierarchical_sends_less_between_nodes_than_flat(hooks_runs, flat_method
     assert hooks_runs["crossed"] > 0  # the ranks of A and B did talk over the veth link
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", HOOK_METHODS)
 def test_checkpoint_of_one_launch_resumes_exactly_on_another_and_survives_a_killed_rank(hooks_runs, method):
     straight, resumed = _load_result(hooks_runs["straight"], method), _load_result(hooks_runs["resumed"], method)
@@ -155,7 +152,6 @@ def lightning_runs(nodes, tmp_path_factory):
     return {"full": full, "one": one, "resumed": resumed}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", LIGHTNING_METHODS)
 def test_lightning_num_nodes_two_trains_like_one_node_and_resumes_on_another_launch(lightning_runs, method):
     full, one = _load_result(lightning_runs["full"], method), _load_result(lightning_runs["one"], method)
@@ -169,7 +165,6 @@ def test_lightning_num_nodes_two_trains_like_one_node_and_resumes_on_another_lau
     assert all(torch.equal(r["final"], full["ranks"][0]["final"]) for r in full["ranks"])
 
 
-@pytest.mark.slow
 def test_two_nodes_set_up_and_tear_down_leave_nothing_behind(tmp_path):
     try:
         netns.check_can_create()
@@ -190,7 +185,6 @@ def test_two_nodes_set_up_and_tear_down_leave_nothing_behind(tmp_path):
     assert two.devices[0] not in links
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_two_nodes_are_removed_when_the_owner_is_interrupted(tmp_path, signum):
     try:
