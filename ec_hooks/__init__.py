@@ -34,7 +34,7 @@ from ec_hooks.memory import ErrorFeedbackMemory
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import TOPOLOGY_NAMES, Topology
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic version)
 
 __all__ = [
     "BF16",

@@ -56,7 +56,7 @@ class Frozen:
         self.values = None if mask is None else buffer[~mask]
 
     def restore(self) -> None:
-        if self.mask is not None:
+        if self.mask is not None and self.values is not None:
             self.buffer[~self.mask] = self.values
 
 

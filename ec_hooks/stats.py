@@ -110,8 +110,7 @@ class CommStats:
         if self._residuals:
             value = sum(float(t.double().pow(2).sum()) for t in list(self._residuals.values()))
         else:
-            value = self._residual_sq
-            value = float(value) if isinstance(value, torch.Tensor) else value
+            value = float(self._residual_sq)
         return math.sqrt(max(value, 0.0))
 
     def as_dict(self) -> dict[str, float]:

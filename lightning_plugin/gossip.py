@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from ec_hooks.compressors import Compressor
 from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze, GossipAlgorithm
@@ -137,16 +138,20 @@ class GossipStrategy(WorkerStateDDPStrategy):
 
     # ------------------------------------------------------------------ setup
 
+    @override
     def _register_ddp_hooks(self) -> None:
         # On every device: the stock DDPStrategy registers hooks on CUDA only.
+        assert isinstance(self.model, DistributedDataParallel)
         self.model.register_comm_hook(None, local_hook)
 
+    @override
     def setup(self, trainer) -> None:
         super().setup(trainer)
         if trainer.state.fn != TrainerFn.FITTING:
             return
         # DDP's constructor gave every worker rank 0's parameters, but not its buffers when
         # broadcast_buffers=False: every worker starts from rank 0's BatchNorm statistics too.
+        assert self.lightning_module is not None
         broadcast_buffers(self.lightning_module)
         self._remove_step_hooks()
         self._swap = ModelSwap()
@@ -170,13 +175,16 @@ class GossipStrategy(WorkerStateDDPStrategy):
             owned.update(id(p) for p in params)
             if not params:
                 continue
+            hierarchy: dict[str, Any] = (
+                {"hierarchical": True, "nodes": node_layout(self, self.nodes)} if self.hierarchical else {}
+            )
             gossip = self.algorithm_class(
                 params,
                 topology=self.topology,
                 compressor=self.compressor,
                 consensus_step=self.consensus_step,
                 watch_every=self.watch_every,
-                **({"hierarchical": True, "nodes": node_layout(self, self.nodes)} if self.hierarchical else {}),
+                **hierarchy,
             )
             gossips.append(gossip)
             self._gossip_optimizers.append(id(optimizer))
@@ -192,6 +200,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
 
     # ------------------------------------------------------------------ training
 
+    @override
     def optimizer_step(self, optimizer: Optimizer, closure, model=None, **kwargs: Any) -> Any:
         """The optimizer step, then gossip of that optimizer's parameters if it really stepped.
 
@@ -223,48 +232,62 @@ class GossipStrategy(WorkerStateDDPStrategy):
 
     def _swap_in(self) -> None:
         if self.gossips and self.world_size > 1:
+            assert self.lightning_module is not None
             self._swap.swap_in_average(self.lightning_module)
 
     def _swap_out(self) -> None:
+        assert self.lightning_module is not None
         self._swap.swap_back(self.lightning_module)
 
+    @override
     def on_validation_start(self) -> None:
         self._swap_in()
 
+    @override
     def on_validation_end(self) -> None:
         self._swap_out()
 
+    @override
     def on_test_start(self) -> None:
         self._swap_in()
 
+    @override
     def on_test_end(self) -> None:
         self._swap_out()
 
+    @override
     def on_predict_start(self) -> None:
         self._swap_in()
 
+    @override
     def on_predict_end(self) -> None:
         self._swap_out()
 
+    @override
     def on_train_end(self) -> None:
         # The model a user keeps (and evaluates next) is the average one.
         self._swap_in()
         self._swap.keep_average()
 
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
+        assert module is not None
         if not self.gossips or self.world_size == 1 or self._swap.holding_average:
             return module.state_dict()
         return average_state_dict(module)
 
     # ------------------------------------------------------------------ checkpoints
 
+    @override
     def has_worker_state(self) -> bool:
         return bool(self.gossips)
 
+    @override
     def worker_state(self) -> dict | None:
         if not self.gossips:
             return None
+        assert self.lightning_module is not None
         return {
             "model": self._swap.local_state_dict(self.lightning_module),
             "gossip": [gossip.state_dict() for gossip in self.gossips],
@@ -273,6 +296,7 @@ class GossipStrategy(WorkerStateDDPStrategy):
             "precision_plugin": self.precision_plugin.state_dict(),
         }
 
+    @override
     def load_worker_state(self, state: dict) -> None:
         if "gossip" not in state or "model" not in state:
             raise ValueError(
@@ -294,10 +318,12 @@ class GossipStrategy(WorkerStateDDPStrategy):
                     f"the checkpoint's state of gossip group {i} (one group per optimizer) does not fit this run: "
                     f"{error}"
                 ) from error
+        assert self.lightning_module is not None
         self.lightning_module.load_state_dict(state["model"], strict=True)
         for gossip, gossip_state in zip(self.gossips, state["gossip"]):
             gossip.load_state_dict(gossip_state)
 
+    @override
     def teardown(self) -> None:
         self._remove_step_hooks()
         super().teardown()
@@ -324,6 +350,7 @@ class DeepSqueezeStrategy(GossipStrategy):
     algorithm_class = DeepSqueeze
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry) -> None:
         cls._register(strategy_registry, "deepsqueeze", "DeepSqueeze decentralized training (compressed gossip)")
 
@@ -334,6 +361,7 @@ class ChocoStrategy(GossipStrategy):
     algorithm_class = ChocoSGD
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry) -> None:
         cls._register(strategy_registry, "choco", "CHOCO-SGD decentralized training (compressed differences)")
 
@@ -344,5 +372,6 @@ class DPSGDStrategy(GossipStrategy):
     algorithm_class = DPSGD
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry) -> None:
         cls._register(strategy_registry, "dpsgd", "D-PSGD decentralized training (uncompressed gossip)")

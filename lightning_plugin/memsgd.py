@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from ec_hooks.compressors import Compressor
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook
@@ -122,6 +123,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         """Communication statistics of this worker (empty before setup and on one device)."""
         return [] if self.comm_state is None else [self.comm_state.stats]
 
+    @override
     def _register_ddp_hooks(self) -> None:
         if self.world_size == 1:
             rank_zero_info(f"{type(self).__name__}: one device, nothing to communicate; gradients are not compressed")
@@ -145,6 +147,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         self.comm_state = state
         self.model.register_comm_hook(state, error_feedback_hook)
 
+    @override
     def setup_optimizers(self, trainer) -> None:
         super().setup_optimizers(trainer)
         if self.comm_state is None or not self.momentum_correction:
@@ -183,15 +186,18 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             # the hook sees loss-scaled gradients; rescale_memories() keeps the threshold in step
             self.comm_state.momentum_correction.clip_scale = float(scaler.get_scale())
 
+    @override
     def has_worker_state(self) -> bool:
         return self.comm_state is not None
 
+    @override
     def worker_state(self) -> dict | None:
         if self.comm_state is None:
             return None
         # Parameters and optimizer states are identical on every worker; the memories are not.
         return {"error_feedback": self.comm_state.state_dict()}
 
+    @override
     def load_worker_state(self, state: dict) -> None:
         if self.comm_state is None:
             raise ValueError("the checkpoint carries error-feedback memories but this run has no Mem-SGD hook")
@@ -208,6 +214,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             raise ValueError(f"{exc}. A checkpoint written without momentum correction resumes with "
                              "MemSGDStrategy(momentum_correction=False)") from exc
 
+    @override
     def optimizer_step(self, optimizer: Optimizer, closure, model=None, **kwargs: Any) -> Any:
         """The optimizer step; with a GradScaler, the memories follow changes of the loss scale.
 
@@ -227,6 +234,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         return output
 
     @classmethod
+    @override
     def register_strategies(cls, strategy_registry) -> None:
         for name, start_method in (("memsgd", "popen"), ("memsgd_spawn", "spawn")):
             strategy_registry.register(

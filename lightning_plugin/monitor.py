@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from ec_hooks.stats import CommStats
 
@@ -67,6 +68,7 @@ class CompressionMonitor(Callback):
         self._last_step: int | None = None
         self._active = False
 
+    @override
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
         stats = _strategy_stats(trainer.strategy)
@@ -79,6 +81,7 @@ class CompressionMonitor(Callback):
         elif not stats:
             rank_zero_info("CompressionMonitor: nothing is communicated on one device; nothing will be logged")
 
+    @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self._active or step == self._last_step:  # accumulation micro-step: no optimizer step

@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
+from typing_extensions import override
 
 __all__ = ["CHECKPOINT_KEY", "WorkerStateDDPStrategy", "gather_to_rank_zero"]
 
@@ -90,6 +91,7 @@ class WorkerStateDDPStrategy(DDPStrategy):
 
     # -- Lightning hooks ---------------------------------------------------------------------
     @property
+    @override
     def restore_checkpoint_after_setup(self) -> bool:
         # DDP's constructor broadcasts rank 0's weights: worker states go in after it.
         return True
@@ -99,6 +101,7 @@ class WorkerStateDDPStrategy(DDPStrategy):
         trainer = getattr(module, "_trainer", None) if module is not None else None
         return trainer is not None and trainer.state.fn == TrainerFn.FITTING
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         # Weights-only checkpoints (no optimizer states) get no worker state: they cannot resume.
         if "optimizer_states" in checkpoint:
@@ -131,6 +134,7 @@ class WorkerStateDDPStrategy(DDPStrategy):
             if tmp.exists():
                 tmp.unlink()
 
+    @override
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._restored_worker_state = None
@@ -160,6 +164,7 @@ class WorkerStateDDPStrategy(DDPStrategy):
         self._restored_worker_state = state
         return checkpoint
 
+    @override
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         super().load_model_state_dict(checkpoint, strict=strict)
         if self._restored_worker_state is not None:

@@ -33,12 +33,14 @@ the P and Q memories of warm start, the step counter, the random generator) in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from ec_hooks import CommStats
 from ec_hooks.layouts import SavedLayouts
@@ -93,7 +95,7 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
                 raise ValueError(f"TorchHookDDPStrategy chooses the hook itself: pass hook=..., not {name}")
         super().__init__(**kwargs)
         self.hook = hook
-        self.powersgd_options = dict(
+        self.powersgd_options: dict[str, Any] = dict(
             matrix_approximation_rank=matrix_approximation_rank,
             start_powerSGD_iter=start_powerSGD_iter,
             min_compression_rate=min_compression_rate,
@@ -111,6 +113,9 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
 
     def _register_ddp_hooks(self) -> None:
         # Unlike DDPStrategy, on every device: gloo runs these hooks as well as NCCL does.
+        assert isinstance(self.model, DistributedDataParallel)
+        inner_state: Any
+        inner_hook: Callable[..., torch.futures.Future[torch.Tensor]]
         if self.hook == "allreduce":
             inner_state, inner_hook = None, default_hooks.allreduce_hook
         elif self.hook == "fp16":
@@ -134,6 +139,7 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
     def worker_state(self) -> dict | None:
         if not self.has_worker_state():
             return None
+        assert self._counting_state is not None
         return {"powersgd": {"state": powersgd_state_dict(self.hook_state),
                              "layouts": [list(layout) for layout in self._counting_state.layouts]}}
 
@@ -148,6 +154,7 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
                              "'powersgd'")
         entry = state["powersgd"]
         load_powersgd_state_dict(self.hook_state, entry["state"], self.root_device)
+        assert self._counting_state is not None
         self._counting_state.expect_layouts([tuple(layout) for layout in entry["layouts"]])
 
 
@@ -165,7 +172,9 @@ def powersgd_state_dict(state: powerSGD_hook.PowerSGDState) -> dict:
     The numpy generator is stored as its MT19937 state in a tensor, so the checkpoint loads
     with ``torch.load(weights_only=True)``.
     """
-    kind, keys, pos, has_gauss, cached_gaussian = state.rng.get_state()
+    rng_state = state.rng.get_state()
+    assert isinstance(rng_state, tuple)  # the legacy form, the default
+    kind, keys, pos, has_gauss, cached_gaussian = rng_state
     return {
         "options": {name: getattr(state, name) for name in _POWERSGD_OPTIONS},
         "counters": {name: int(getattr(state, name)) for name in _POWERSGD_COUNTERS},

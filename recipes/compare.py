@@ -13,8 +13,11 @@ the machine's start-up cost is paid once.  Written to ``out_dir`` (default ``run
   keeps: the average model for the gossip methods), bytes one worker sends per optimizer step
   (mean over the run and the workers), compression ratio against DDP's allreduce of the same
   model (``4 * parameters`` bytes per step for fp32), training wall time;
-* ``accuracy_vs_bytes.png``: validation accuracy after each epoch against the bytes sent so
-  far (log scale), one curve per method, and final accuracy against bytes per step.
+* ``curves.csv``: every validation of every method (after each epoch): method, epoch
+  (Lightning's 0-based index of the epoch just trained), optimizer step, validation accuracy and
+  the bytes one worker has sent so far (mean over the workers);
+* ``accuracy_vs_bytes.png``: those curves, accuracy against bytes sent so far (log scale), and
+  final accuracy against bytes per step.
 
 The byte figures are the strategies' own counts (:class:`ec_hooks.CommStats`): the payloads a
 worker puts into the collectives, or sends to its neighbours for gossip.
@@ -34,13 +37,15 @@ import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.multiprocessing as mp
 
 from ec_hooks.validation import check_int
 
-__all__ = ["DEFAULT_METHODS", "MethodResult", "compare", "format_table", "main", "plot"]
+__all__ = ["DEFAULT_METHODS", "CurvePoint", "MethodResult", "compare", "format_table", "main", "plot",
+           "write_csv", "write_curves_csv"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,15 @@ DEFAULT_METHODS = (
 )
 
 
+class CurvePoint(NamedTuple):
+    """One validation during training: accuracy against the bytes a worker has sent so far."""
+
+    bytes_sent: float
+    accuracy: float
+    epoch: int
+    step: int
+
+
 @dataclass
 class MethodResult:
     """One row of the comparison."""
@@ -78,7 +92,7 @@ class MethodResult:
     compression_ratio: float = float("nan")
     steps: int = 0
     seconds: float = float("nan")
-    curve: list[tuple[float, float]] = field(default_factory=list)  # (bytes sent so far, val accuracy)
+    curve: list[CurvePoint] = field(default_factory=list)
     error: str = ""
 
 
@@ -122,7 +136,7 @@ def _recorder():
         """Validation accuracy against the bytes this worker has sent, after every validation."""
 
         def __init__(self) -> None:
-            self.curve: list[tuple[float, float]] = []
+            self.curve: list[CurvePoint] = []
 
         def on_validation_end(self, trainer, pl_module) -> None:
             if trainer.sanity_checking or "val/acc" not in trainer.callback_metrics:
@@ -130,7 +144,8 @@ def _recorder():
             sent = _comm_bytes(trainer.strategy)
             sent = 0.0 if math.isnan(sent) else sent
             (sent,) = _mean_over_workers([sent])
-            self.curve.append((sent, float(trainer.callback_metrics["val/acc"])))
+            accuracy = float(trainer.callback_metrics["val/acc"])
+            self.curve.append(CurvePoint(sent, accuracy, trainer.current_epoch, trainer.global_step))
 
     return _Recorder()
 
@@ -148,7 +163,7 @@ def _run_method(name: str, config: Path, devices: int, accelerator: str, overrid
             "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false", *overrides]
     cli = cli_main(args, run=False)
     recorder = _recorder()
-    cli.trainer.callbacks.append(recorder)
+    cli.trainer.callbacks.append(recorder)  # type: ignore[attr-defined]  # set by Lightning's connector
     started = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - started
@@ -296,7 +311,7 @@ def compare(
     done: dict[int, MethodResult] = {}
 
     def on_result(index: int, result: MethodResult) -> None:
-        result.curve = [tuple(c) for c in result.curve]
+        result.curve = [CurvePoint(*point) for point in result.curve]
         done[index] = result
         print(_progress_line(result), flush=True)
 
@@ -344,25 +359,58 @@ def write_csv(results: list[MethodResult], path: Path) -> None:
             writer.writerow(asdict(r))
 
 
-def plot(results: list[MethodResult], path: Path, title: str = "") -> None:
-    """Accuracy against bytes sent: curves over the run (left), final points (right)."""
+def write_curves_csv(results: list[MethodResult], path: Path) -> None:
+    """Every method's validations during training, one row each (the points the plot draws)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "epoch", "step", "accuracy", "bytes_sent"])
+        for r in results:
+            for point in r.curve:
+                writer.writerow([r.method, point.epoch, point.step, point.accuracy, point.bytes_sent])
+
+
+def spread_labels(heights: list[float], gap: float, low: float = 0.0, high: float = 1.0) -> list[float]:
+    """Label heights as close as possible to ``heights``, each at least ``gap`` from the next.
+
+    The order of the labels is the order of the heights, so a leader line from each label to its
+    point never crosses another.  Heights and result are in the same units (axes fraction).
+    """
+    if gap * (len(heights) - 1) > high - low:
+        raise ValueError(f"gap: {len(heights)} labels {gap:g} apart do not fit between {low:g} and {high:g}")
+    order = sorted(range(len(heights)), key=lambda i: heights[i])
+    placed = [min(max(heights[i], low), high) for i in order]
+    for j in range(1, len(placed)):  # push up what sits too close above the one below
+        placed[j] = max(placed[j], placed[j - 1] + gap)
+    if placed and placed[-1] > high:  # then down from the top, if the column ran over it
+        placed[-1] = high
+        for j in range(len(placed) - 2, -1, -1):
+            placed[j] = min(placed[j], placed[j + 1] - gap)
+    out = [0.0] * len(heights)
+    for j, i in enumerate(order):
+        out[i] = placed[j]
+    return out
+
+
+def figure(results: list[MethodResult], title: str = ""):
+    """The comparison figure (a matplotlib ``Figure``): see :func:`plot`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     ok = [r for r in results if not r.error]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6))
     colors = plt.get_cmap("tab20")
+    points = []  # (method, color, marker, bytes per step, accuracy) of the right panel
     for i, r in enumerate(ok):
         color = colors((2 * i) % 20 + (2 * i) // 20)
         marker = "os^vDP*Xhp<>"[i % 12]
         if r.curve:
-            sent, acc = zip(*[(max(s, 1.0), a) for s, a in r.curve])
+            sent, acc = zip(*[(max(p.bytes_sent, 1.0), p.accuracy) for p in r.curve])
             left.plot(sent, acc, marker=marker, color=color, label=r.method, markersize=4)
-        right.scatter([r.bytes_per_step], [r.accuracy], color=color, marker=marker, label=r.method)
-        right.annotate(r.method, (r.bytes_per_step, r.accuracy), textcoords="offset points",
-                       xytext=(5, 4 if i % 2 else -10), fontsize=8)
+        if r.bytes_per_step > 0 and math.isfinite(r.bytes_per_step) and math.isfinite(r.accuracy):
+            right.scatter([r.bytes_per_step], [r.accuracy], color=color, marker=marker, zorder=3)
+            points.append((r.method, color, marker, r.bytes_per_step, r.accuracy))
     left.set_xscale("log")
     left.set_xlabel("bytes sent per worker so far")
     left.set_ylabel("validation accuracy")
@@ -374,10 +422,32 @@ def plot(results: list[MethodResult], path: Path, title: str = "") -> None:
     right.set_ylabel("final validation accuracy")
     right.set_title("final accuracy")
     right.grid(True, which="both", alpha=0.3)
+    if points:
+        # Methods of similar bytes and accuracy sit on top of each other: their names go in a column
+        # beside the panel, in the order of their accuracy, each joined to its point by a line.
+        right.margins(y=0.08)
+        fig.canvas.draw()  # fixes the limits, so that points can be placed in axes fractions
+        to_axes = right.transData + right.transAxes.inverted()
+        heights = [float(to_axes.transform((x, y))[1]) for _, _, _, x, y in points]
+        gap = min(0.05, 1.0 / max(len(points) - 1, 1))
+        for (method, color, marker, x, y), height in zip(points, spread_labels(heights, gap)):
+            right.annotate("", xy=(x, y), xycoords="data", xytext=(1.04, height), textcoords="axes fraction",
+                           arrowprops={"arrowstyle": "-", "color": color, "lw": 0.7, "alpha": 0.6,
+                                       "shrinkA": 0, "shrinkB": 4})
+            right.scatter([1.04], [height], transform=right.transAxes, color=color, marker=marker, s=22,
+                          clip_on=False, zorder=3)
+            right.annotate(method, xy=(1.07, height), xycoords="axes fraction", va="center", fontsize=8.5)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot(results: list[MethodResult], path: Path, title: str = "") -> None:
+    """Accuracy against bytes sent: curves over the run (left), final points (right), as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -417,9 +487,10 @@ def main(
     with open(out / "results.md", "w") as f:
         f.write(f"{header}\n\n{table}\n")
     write_csv(results, out / "results.csv")
+    write_curves_csv(results, out / "curves.csv")
     plot(results, out / "accuracy_vs_bytes.png", title=header)
     print(f"\n{header}\n\n{table}\n\nwritten: {out / 'results.md'}, {out / 'results.csv'}, "
-          f"{out / 'accuracy_vs_bytes.png'}", flush=True)
+          f"{out / 'curves.csv'}, {out / 'accuracy_vs_bytes.png'}", flush=True)
     return results
 
 

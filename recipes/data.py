@@ -289,9 +289,9 @@ class TensorDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
         trainer = getattr(self, "trainer", None)
-        num_replicas = trainer.world_size if trainer is not None else 1
-        if num_replicas == 1:
+        if trainer is None or trainer.world_size == 1:
             return self._loader(dataset, shuffle=False)
+        num_replicas = trainer.world_size
         if len(dataset) < num_replicas:
             raise ValueError(f"the evaluation set has {len(dataset)} samples, fewer than the {num_replicas} ranks: "
                              "every rank needs one at least")
@@ -409,14 +409,14 @@ class DigitsDataModule(TensorDataModule):
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1)
         labels = torch.as_tensor(digits.target, dtype=torch.int64)
         generator = torch.Generator().manual_seed(self.split_seed)
-        train_idx, val_idx = [], []
+        train_parts, val_parts = [], []
         for c in range(self.num_classes):
             members = torch.nonzero(labels == c).flatten()
             members = members[torch.randperm(len(members), generator=generator)]
             n_val = round(self.val_fraction * len(members))
-            val_idx.append(members[:n_val])
-            train_idx.append(members[n_val:])
-        train_idx, val_idx = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+            val_parts.append(members[:n_val])
+            train_parts.append(members[n_val:])
+        train_idx, val_idx = torch.cat(train_parts).sort().values, torch.cat(val_parts).sort().values
         self.mean = images[train_idx].mean().reshape(1)
         self.std = images[train_idx].std().reshape(1)
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])

@@ -3,6 +3,11 @@
 Functions must be importable (defined at module level in a test module).  Each process calls
 ``fn(rank, world_size, *args)`` after ``init_process_group``; what it returns is sent back to
 the test through a queue.  A failure in any rank fails the test with that rank's traceback.
+
+The ranks are forked from one server process per test session that has imported torch and
+ec_hooks once (``forkserver`` with a preload), instead of each rank importing them again
+(``spawn``): on two loaded cores that import is most of a short test's time.  The server runs no
+test code, so every rank still starts from the state those imports leave.
 """
 
 from __future__ import annotations
@@ -41,9 +46,19 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+PRELOAD = ["torch", "torch.distributed", "torch.nn.parallel", "ec_hooks", "tests.distributed"]
+
+
+def context():
+    """The multiprocessing context of the ranks: forked from a server that preloaded ``PRELOAD``."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> list:
     """Run ``fn`` on ``world_size`` gloo ranks; return the list of per-rank results."""
-    ctx = mp.get_context("spawn")
+    ctx = context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ec_hooks import TopK
@@ -94,6 +95,7 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
     assert type(built["topk1_sparse_allreduce"]).__name__ == "WithSparseAllreduce"
 
 
+@pytest.mark.slow
 def test_gossip_bf16_reports_every_case_and_the_master_copy_mixes_in_fp32():
     rows = _table(_run("gossip_bf16.py", "--workers", "3", "--numel", "200", "--steps", "300"))
     assert [(r[0], r[1], r[2]) for r in rows] == [

@@ -230,6 +230,7 @@ def test_csv_ratios_and_table(tmp_path):
 # ------------------------------------------------------------------------------------ a real run
 
 
+@pytest.mark.slow
 def test_plain_loopback_run_writes_csv_plot_and_bytes_that_match_the_compressors(tmp_path, capsys):
     import ec_hooks
 
@@ -268,6 +269,7 @@ def test_plain_loopback_run_writes_csv_plot_and_bytes_that_match_the_compressors
     assert "| unlimited | DDP allreduce |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_run_on_plain_loopback(tmp_path):
     out = tmp_path / "tta"
     code = slow.main(["--mode", "time-to-accuracy", "--no-netns", "--world-size", "2", "--tta-steps", "12",
@@ -320,6 +322,7 @@ def _namespaces() -> list[str]:
 @pytest.mark.skipif(not _can_create_namespaces(), reason="needs root and iproute2")
 @pytest.mark.parametrize("sig, background", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["ctrl-c", "ctrl-c-from-background", "sigterm"])
+@pytest.mark.slow
 def test_interrupted_run_stops_its_ranks_and_removes_the_namespace(tmp_path, sig, background):
     command = [sys.executable, os.path.join(BENCHMARKS, "slow_network.py"), "--world-size", "2", "--mlp-width", "32",
                "--steps", "1000", "--min-steps", "1000", "--methods", "allreduce", "--out", str(tmp_path)]

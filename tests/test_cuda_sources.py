@@ -28,6 +28,7 @@ def test_loader_ships_every_source():
     assert {p.name for p in SOURCES} == set(SOURCE_FILES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_source_compiles(source, target, tmp_path):

@@ -254,6 +254,7 @@ def four_ranks():
     return run_distributed(four_rank_suite, 4, timeout=400)
 
 
+@pytest.mark.slow
 def test_average_model_invariant_every_algorithm_and_compressor_4_ranks(four_ranks):
     labels = {label for label, *_ in configurations(["ring", "one_peer_exponential"])}
     for per_rank in four_ranks:
@@ -263,6 +264,7 @@ def test_average_model_invariant_every_algorithm_and_compressor_4_ranks(four_ran
             assert iterations == 4
 
 
+@pytest.mark.slow
 def test_bytes_on_the_wire_shrink_with_the_payload(four_ranks):
     sent = four_ranks[0]["invariant"]
     # ring of 4: two neighbours; 17 entries; top-k 25%: 5 (int32, fp32) pairs; every message ends
@@ -281,6 +283,7 @@ def test_bytes_on_the_wire_shrink_with_the_payload(four_ranks):
     assert stats["residual_norm"] > 0
 
 
+@pytest.mark.slow
 def test_zero_learning_rate_reaches_consensus(four_ranks):
     for per_rank in four_ranks:
         c = per_rank["consensus"]
@@ -296,11 +299,13 @@ def test_zero_learning_rate_reaches_consensus(four_ranks):
         assert c["DeepSqueeze/sign"][1] < 0.5 * c["DeepSqueeze/sign"][0]
 
 
+@pytest.mark.slow
 def test_deepsqueeze_identity_step_one_equals_dpsgd_exactly(four_ranks):
     for per_rank in four_ranks:
         assert per_rank["deepsqueeze_identity_is_dpsgd"] == {"ring": True, "one_peer_exponential": True}
 
 
+@pytest.mark.slow
 def test_one_peer_exponential_averages_in_log2_n_steps_over_4_ranks(four_ranks):
     for after_one, after_two, off_mean in (r["one_peer"] for r in four_ranks):
         assert after_one > 0.1
@@ -308,6 +313,7 @@ def test_one_peer_exponential_averages_in_log2_n_steps_over_4_ranks(four_ranks):
         assert off_mean < 1e-6
 
 
+@pytest.mark.slow
 def test_state_dict_round_trip_resumes_exactly(four_ranks):
     for per_rank in four_ranks:
         for label, (difference, iteration, steps, same_watch) in per_rank["resume"].items():
@@ -316,6 +322,7 @@ def test_state_dict_round_trip_resumes_exactly(four_ranks):
             assert same_watch, label
 
 
+@pytest.mark.slow
 def test_average_parameters_and_consensus_distance(four_ranks):
     for mean_error, distance, expected, new_tensors in (r["collectives"] for r in four_ranks):
         assert mean_error < 1e-6
@@ -323,6 +330,7 @@ def test_average_parameters_and_consensus_distance(four_ranks):
         assert new_tensors
 
 
+@pytest.mark.slow
 def test_divergence_watch_warns_with_the_fix(four_ranks):
     for per_rank in four_ranks:
         messages = per_rank["watch"]["DeepSqueeze"]
@@ -332,6 +340,7 @@ def test_divergence_watch_warns_with_the_fix(four_ranks):
         assert per_rank["watch"]["DPSGD"] == []
 
 
+@pytest.mark.slow
 def test_bad_topologies_in_a_group(four_ranks):
     errors = four_ranks[1]["errors"]
     assert "3 workers but the process group has 4" in errors["size"]
@@ -339,6 +348,7 @@ def test_bad_topologies_in_a_group(four_ranks):
     assert "one of ['ring'" in errors["name"]
 
 
+@pytest.mark.slow
 def test_logistic_regression_matches_allreduce_sgd_within_one_percent(four_ranks):
     results = dict(four_ranks[0]["logreg"])
     reference = results.pop("allreduce")
@@ -362,6 +372,7 @@ def three_rank_suite(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_average_model_invariant_odd_world_size_and_asymmetric_peers():
     labels = {label for label, *_ in configurations(["ring", "one_peer_exponential", "torus"])}
     for per_rank in run_distributed(three_rank_suite, 3):

@@ -61,7 +61,8 @@ def _average_into(rank, world_size, cls_name):
     return out
 
 
-@pytest.mark.parametrize(("cls_name", "world_size"), [("DeepSqueeze", 2), ("DeepSqueeze", 3), ("ChocoSGD", 2)])
+@pytest.mark.parametrize(("cls_name", "world_size"),
+                         [("DeepSqueeze", 2), pytest.param("DeepSqueeze", 3, marks=pytest.mark.slow), ("ChocoSGD", 2)])
 def test_average_into_loads_the_mean_model_with_buffers(cls_name, world_size):
     results = run_distributed(_average_into, world_size, cls_name)
     for rank, out in enumerate(results):

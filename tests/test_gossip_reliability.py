@@ -124,7 +124,7 @@ def _poisoned_runs(rank, world_size, poisoned_rank, at_step):
     return out
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_nan_on_one_rank_stops_every_neighbour_at_that_step_with_nothing_mixed(world_size):
     # a ring of 2 or 3: every rank is a neighbour of rank 1
     results = run_distributed(_poisoned_runs, world_size, 1, 2)
@@ -216,6 +216,7 @@ def _replaced(rank, world_size, replacing_ranks):
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replacing", [(0, 1), (1,)], ids=["both", "one"])
 def test_replaced_parameters_stop_every_rank_at_the_next_step(replacing):
     for rank, result in enumerate(run_distributed(_replaced, 2, set(replacing))):
@@ -309,6 +310,7 @@ def _bf16_gloo(rank, world_size):
             "average": torch.cat([m.reshape(-1) for m in gossip.average_parameters()]), "params": flat(params)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bf16_gossip_on_gloo_reaches_consensus_through_the_master_copy(world_size):
     results = run_distributed(_bf16_gloo, world_size)

@@ -173,6 +173,7 @@ def _degenerate(rank, world_size):
     )
 
 
+@pytest.mark.slow
 def test_nodes_of_one_rank_are_flat_mem_sgd_and_one_node_is_plain_allreduce():
     for flat_gap, allreduce_gap, memory_norm, bytes_between_nodes in run_distributed(_degenerate, 3):
         assert flat_gap == 0.0
@@ -386,6 +387,7 @@ def _gossip_two_by_two(rank, world_size):
     return report
 
 
+@pytest.mark.slow
 def test_hierarchical_gossip_averages_nodes_exactly_keeps_the_mean_and_resumes_exactly():
     for per_rank in run_distributed(_gossip_two_by_two, 4):
         flat_bytes, hier_bytes = per_rank.pop("bytes")

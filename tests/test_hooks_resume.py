@@ -113,7 +113,7 @@ def _resumed(rank, world_size, directory, configs, edit=None):
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow)], ids=["2ranks", "3ranks"])
 def uninterrupted(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"resume{request.param}")
     results = run_distributed(_uninterrupted, request.param, str(directory), list(CONFIGS))

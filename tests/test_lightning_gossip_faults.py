@@ -35,6 +35,9 @@ from tests.test_lightning_distributed import (  # noqa: E402
     trainer_for,
 )
 
+# Every test here trains with Lightning in launched processes.
+pytestmark = pytest.mark.slow
+
 POISONED_RANK, POISONED_STEP = 1, 3
 
 

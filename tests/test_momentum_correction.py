@@ -72,6 +72,7 @@ def _train_plain(model, rank, opt, steps=6):
     return [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_dense_momentum_correction_is_momentum_sgd(world_size):
     # Identity sends every entry approximately-free and masks nothing: the mean of the
@@ -138,6 +139,7 @@ def _all(t):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_topk_matches_a_transcription_of_dgc(world_size):
     for case, (nesterov, masking) in enumerate(((False, True), (True, False))):
@@ -213,6 +215,7 @@ def _overflow(rank, world_size):
     return velocities, memories, outputs
 
 
+@pytest.mark.slow
 def test_overflow_step_leaves_velocity_and_memory_untouched_on_every_rank():
     for velocities, memories, outputs in run_distributed(_overflow, 3):
         assert torch.isnan(outputs[2]).all() and torch.isfinite(outputs[3]).all()
@@ -245,6 +248,7 @@ def _loss_scaled(rank, world_size, scales):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+@pytest.mark.slow
 def test_loss_scale_changes_are_exact_with_rescaled_velocities_and_clip():
     plain = run_distributed(_loss_scaled, 2, [1.0] * 6)
     scaled = run_distributed(_loss_scaled, 2, [1024.0, 1024.0, 512.0, 512.0, 2048.0, 2048.0])

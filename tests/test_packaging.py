@@ -1,14 +1,25 @@
-"""The built wheel carries the CUDA sources and every package."""
+"""The built wheel: every module of the two packages, the CUDA sources, the type marker, one version.
 
+``recipes/`` is run from a checkout (``python -m recipes.compare``) and is not in the wheel: a
+top-level ``recipes`` package in site-packages could shadow another distribution's.
+"""
+
+import email
 import pathlib
 import subprocess
 import sys
 import zipfile
 
+import pytest
+
+import ec_hooks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("ec_hooks", "lightning_plugin")
 
 
-def test_wheel_contains_cuda_sources_and_packages(tmp_path):
+@pytest.mark.slow
+def test_wheel_holds_the_packages_the_cuda_sources_and_py_typed_but_not_recipes(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True,
@@ -20,6 +31,16 @@ def test_wheel_contains_cuda_sources_and_packages(tmp_path):
     assert sources, "no CUDA sources in cuda/"
     for name in sources:
         assert f"ec_hooks/_cuda/{name}" in names
-    for module in ("ec_hooks/__init__.py", "ec_hooks/hooks.py", "ec_hooks/kernels/__init__.py",
-                   "lightning_plugin/__init__.py", "recipes/__init__.py"):
-        assert module in names, module
+    # every module of the checkout, so that a new subpackage missing from pyproject's list fails here
+    modules = [p.relative_to(ROOT).as_posix() for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+    assert "ec_hooks/kernels/__init__.py" in modules
+    missing = sorted(m for m in modules if m not in names)
+    assert not missing, f"not in the wheel (add the subpackage to [tool.setuptools] packages): {missing}"
+    for package in PACKAGES:
+        assert f"{package}/py.typed" in names
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level == {*PACKAGES, f"ec_hooks-{ec_hooks.__version__}.dist-info"}, top_level
+
+    (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+    version = email.message_from_bytes(zipfile.ZipFile(wheel).read(metadata))["Version"]
+    assert version == ec_hooks.__version__

@@ -71,6 +71,7 @@ def _full_and_resumed(rank, world_size, root, warm_start):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("world_size", "warm_start"), [(2, True), (3, False)])
 def test_powersgd_resume_is_bit_identical(tmp_path, world_size, warm_start):
     results = run_distributed(_full_and_resumed, world_size, str(tmp_path), warm_start, timeout=400)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import tarfile
 import time
 
+import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.distributed import context
 from tests.test_recipes_data import make_cifar_archive, md5
 
 PROCESSES = 3
@@ -37,9 +38,10 @@ def _load_after_barrier(root, archive_md5, barrier, queue):
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+@pytest.mark.slow
 def test_concurrent_extractions_use_one_whole_folder(tmp_path):
     archive, batches = make_cifar_archive(tmp_path)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     barrier, queue = ctx.Barrier(PROCESSES), ctx.Queue()
     procs = [ctx.Process(target=_load_after_barrier, args=(str(tmp_path), md5(archive), barrier, queue))
              for _ in range(PROCESSES)]

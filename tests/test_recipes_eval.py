@@ -60,6 +60,7 @@ def _evaluate(world_size, root, strategy_name):
             "batches": batches, "logits": logits, "labels": data.val_set.tensors[1]}
 
 
+@pytest.mark.slow
 def test_eval_metrics_count_every_sample_once_on_three_ranks(tmp_path):
     strategies = ["ddp", "dpsgd"]  # dpsgd evaluates the average model, swapped in at validation start
     per_rank = run_distributed(_evaluate_each, 3, str(tmp_path), strategies, timeout=300)

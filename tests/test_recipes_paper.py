@@ -16,6 +16,7 @@ def quick(tmp_path_factory):
     return memsgd_paper.main(dataset="both", quick=True, out_dir=str(out)), out
 
 
+@pytest.mark.slow
 def test_top_k_with_memory_matches_sgd_and_without_memory_fails(quick):
     results, _ = quick
     dense = {r.method.name: r for r in results["dense (epsilon-like)"]}
@@ -31,6 +32,7 @@ def test_top_k_with_memory_matches_sgd_and_without_memory_fails(quick):
     assert dense["rand-3"].losses[-1] < dense["rand-1"].losses[-1]
 
 
+@pytest.mark.slow
 def test_bits_per_update_are_the_compressors_wire_sizes(quick):
     results, _ = quick
     dense = {r.method.name: r for r in results["dense (epsilon-like)"]}
@@ -47,6 +49,7 @@ def test_bits_per_update_are_the_compressors_wire_sizes(quick):
         assert all(torch.isfinite(torch.tensor(r.losses)))
 
 
+@pytest.mark.slow
 def test_tables_are_written(quick):
     _, out = quick
     text = (out / "memsgd_paper.md").read_text()

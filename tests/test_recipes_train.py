@@ -63,6 +63,7 @@ def _fit_every_method(rank, world_size, methods, root):
     return out
 
 
+@pytest.mark.slow
 def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
     results = run_distributed(_fit_every_method, 2, list(DEFAULT_METHODS), str(tmp_path), timeout=600)
     numel = results[0]["ddp"]["params"].numel()
@@ -95,6 +96,7 @@ def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
     assert r["dpsgd"]["last_sent"] == dense + 4
 
 
+@pytest.mark.slow
 def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
     from recipes.compare import main
 
@@ -116,6 +118,15 @@ def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
         assert r.steps == 3 and 0.0 <= r.accuracy <= 1.0 and len(r.curve) >= 1
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [row["method"] for row in rows] == methods
+    # 64 samples on 3 ranks, whole batches of 8: 2 steps per epoch.  One validation, after epoch 0
+    # (step 2); max_steps=3 ends training inside epoch 1, before its validation.  Every method
+    # sends the same bytes at each step, so 2 steps' worth by then.
+    curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
+    assert [(row["method"], row["epoch"], row["step"]) for row in curves] == [(m, "0", "2") for m in methods]
+    for row, r in zip(curves, results):
+        assert float(row["accuracy"]) == pytest.approx(r.accuracy)
+        assert float(row["bytes_sent"]) == pytest.approx(2 * r.bytes_per_step)
+    assert float(curves[0]["bytes_sent"]) == 2 * 4 * numel
     table = (tmp_path / "results.md").read_text()
     assert "| memsgd_topk1 |" in table and "compression vs allreduce" in table
     png = (tmp_path / "accuracy_vs_bytes.png").read_bytes()
@@ -132,6 +143,7 @@ def test_compare_rejects_unknown_methods(tmp_path):
         compare(methods=["ddp"], devices=0, out_dir=tmp_path)
 
 
+@pytest.mark.slow
 def test_command_line_entry_point_launches_two_ranks(tmp_path):
     args = _smoke_args("memsgd_topk1", 2, str(tmp_path), csv_logger=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -54,6 +54,7 @@ def _checkpoint(step):
     return {"step": step, "state_dict": {"w": torch.full((50000,), float(step))}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [MemSGDStrategy, DeepSqueezeStrategy])
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, cls):
     path = tmp_path / "checkpoints" / "last.ckpt"

@@ -27,10 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ec_hooks
-from tests.distributed import free_port
+from tests.distributed import context, free_port
 
 ALGORITHMS = ("memsgd", "deepsqueeze")
 STEPS = 12
@@ -131,7 +130,7 @@ def _worker(rank, world_size, port, algorithms, checkpoint_dir, kill_at, queue):
 
 def launch(algorithms, checkpoint_dir=None, kill_at=None, timeout=120.0):
     """Run ``train`` on ``WORLD_SIZE`` gloo ranks; per-rank (status, value, time) and exit codes."""
-    ctx = mp.get_context("spawn")
+    ctx = context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, WORLD_SIZE, port, algorithms, checkpoint_dir, kill_at, queue))
@@ -169,6 +168,7 @@ def uninterrupted():
     return {rank: value for rank, (status, value, _) in reports.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact(tmp_path, uninterrupted,
                                                                                    algorithm):
@@ -200,6 +200,7 @@ def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact
         assert _same(value[algorithm], uninterrupted[rank][algorithm]), f"rank {rank} differs after the relaunch"
 
 
+@pytest.mark.slow
 def test_relaunch_under_torchrun_max_restarts_is_exact(tmp_path, uninterrupted):
     for algorithm in ALGORITHMS:
         out = tmp_path / algorithm

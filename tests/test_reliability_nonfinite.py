@@ -82,6 +82,7 @@ def _nonfinite_runs(rank, world_size):
     }
 
 
+@pytest.mark.slow
 def test_nan_and_inf_gradients_never_enter_memory_with_and_without_grad_scaler():
     results = run_distributed(_nonfinite_runs, 3)
     for key in results[0]:

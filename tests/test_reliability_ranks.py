@@ -244,7 +244,7 @@ def _subgroup(rank, world_size):
     return {"grad": model.w.grad.clone(), "group_is_ddps": state.process_group is mine, "refused": refused}
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_state_takes_the_ddp_process_group_and_refuses_another(world_size):
     results = run_distributed(_subgroup, world_size)
     expected = [0.5, 0.5, 2.0] if world_size == 3 else [0.0, 1.0]
@@ -324,6 +324,7 @@ def _fp64_and_limits(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_fp64_is_supported_and_sparse_gradients_and_the_python_reducer_are_refused_clearly():
     for r in run_distributed(_fp64_and_limits, 2):
         assert r["identity_equals_ddp"]
@@ -371,6 +372,7 @@ def _zero_grad_and_clipping(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_zero_grad_cannot_discard_what_the_hook_took_and_clipping_acts_after_compression():
     for r in run_distributed(_zero_grad_and_clipping, 2):
         assert torch.equal(r["ddp"], torch.zeros(4))

@@ -17,6 +17,7 @@ STEPS = 240
 RSS_GROWTH_MIB = 30  # allocator noise; a leak per step (tensors kept in stats, payloads) would be far more
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", soak.ALGORITHMS)
 def test_short_soak_stays_bounded(algorithm):
     result = soak.run(algorithm, steps=STEPS, world_size=3, every=20, timeout=240)

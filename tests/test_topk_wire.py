@@ -473,7 +473,7 @@ def _gloo_compact_format(rank, world_size):
     return out
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_hook_and_gossip_on_gloo_give_the_int32_results_with_fewer_bytes(world_size):
     for out in run_distributed(_gloo_compact_format, world_size):
         assert out["params_identical"] and out["memories_identical"]

@@ -209,6 +209,7 @@ def _one_bucket_bytes(rank, world_size):
     return state.stats.last_bytes_sent, state._layout_seed(("weight",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_shared_index_bytes_every_worker_its_values_the_leader_its_indices(world_size):
     results = run_distributed(_one_bucket_bytes, world_size)
@@ -268,6 +269,7 @@ def _sparse(rank, world_size):
             "nonzero": [int((o != 0).sum()) for _, o in outputs], "own_sent": state.stats.bytes_sent}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_sparse_allreduce_keeps_ranks_identical_and_returns_drops_to_the_senders(world_size):
     result = run_distributed(_sparse, world_size)[0]

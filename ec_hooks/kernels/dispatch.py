@@ -65,7 +65,7 @@ def _check_backend(backend) -> None:
 
 
 def _check_k(k, numel: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= numel:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= int(k) <= numel:
         raise ValueError(f"k must be an integer in [0, {numel}] (the number of entries selected), got {k!r}")
     return int(k)
 
