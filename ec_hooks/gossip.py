@@ -69,21 +69,23 @@ experiments such as ``benchmarks/consensus_step.py``.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import time
-import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ec_hooks import agreement, checkpoints, flat, transport
+from ec_hooks import agreement, transport
 from ec_hooks.compressors import Compressor, Identity, Payload, TopK, make_compressor
+from ec_hooks.divergence import DivergenceWatch
+from ec_hooks.gossip_average import ModelAverage
+from ec_hooks.gossip_checkpoint import GossipCheckpoint
+from ec_hooks.gossip_flat import FlatModel, collect_params
+from ec_hooks.gossip_simulation import simulate_step, simulated_consensus_distance
+from ec_hooks.gossip_status import GossipRefusedError, StatusChecks, watch_replacements, without_status
 from ec_hooks.stats import CommStats
 from ec_hooks.topology import Topology
-from ec_hooks.validation import check_int, check_unit_interval
+from ec_hooks.validation import check_unit_interval
 
 __all__ = [
     "GossipAlgorithm",
@@ -99,28 +101,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Bits of the status word every message ends with: why it must not be mixed (0: it may).
-_MODEL_NOT_FINITE = 1
-_MESSAGE_NOT_FINITE = 2
-_PARAMETERS_REPLACED = 4
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class GossipRefusedError(RuntimeError):
-    """A gossip step was refused: a worker's model or message is not finite, or its parameters
-    were replaced.  Raised on that worker and on every neighbour that received its message,
-    before anything is mixed or any buffer changes.
-
-    Attributes:
-        step: the step (``iteration``) that was refused.
-        workers: ``{rank: reason}`` of the workers whose messages were refused.
-    """
-
-    def __init__(self, message: str, step: int, workers: dict[int, str]) -> None:
-        super().__init__(message)
-        self.step = step
-        self.workers = workers
-
+# The name ec_hooks.hierarchical imports.
+_collect_params = collect_params
 
 def default_consensus_step(algorithm: str, compressor: Compressor) -> float:
     """The consensus step used when ``consensus_step=None``.
@@ -169,78 +151,16 @@ def contraction_scale(compressor: Compressor, numel: int) -> float:
     return compressor.contraction_scale(numel)
 
 
-def _collect_params(params) -> list[torch.Tensor]:
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    out: list[torch.Tensor] = []
-    for item in params:
-        if isinstance(item, dict):  # optimizer param groups
-            out.extend(item["params"])
-        else:
-            out.append(item)
-    if not out:
-        raise ValueError("params is empty: pass model.parameters() (or a list of tensors) to gossip")
-    seen = set()
-    for i, p in enumerate(out):
-        if not isinstance(p, torch.Tensor):
-            raise ValueError(f"params must be tensors, item {i} is a {type(p).__name__}")
-        if not p.is_floating_point():
-            raise ValueError(f"params must be floating-point tensors, item {i} has dtype {p.dtype}")
-        if id(p) in seen:
-            raise ValueError(f"params lists the same tensor twice (item {i})")
-        seen.add(id(p))
-        if p.device != out[0].device:
-            raise ValueError(f"params must all be on one device: item 0 is on {out[0].device}, item {i} on {p.device}")
-    return out
+class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
+    """Base class: the gossip step (compress, exchange with neighbours, mix) and its statistics.
 
-
-def _all_finite(x: torch.Tensor) -> torch.Tensor:
-    """Whether every entry of ``x`` is finite, as a tensor (no host sync): NaN propagates into
-    the extremes and an infinity is one, so one pass without a mask (about 15 times faster on
-    CPU than ``isfinite(x).all()``, and exact, unlike a sum, which can overflow)."""
-    if x.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=x.device)
-    low, high = torch.aminmax(x)
-    return torch.isfinite(low) & torch.isfinite(high)
-
-
-def _status_word(message: torch.Tensor) -> torch.Tensor:
-    """The status word at the end of a message, as an fp32 scalar."""
-    if message.dtype == torch.uint8:
-        return message[-4:].clone().view(torch.float32)[0]
-    return message[-1].float()
-
-
-def _without_status(message: torch.Tensor) -> torch.Tensor:
-    return message[:-4] if message.dtype == torch.uint8 else message[:-1]
-
-
-def _low_precision_slices(params: Sequence[torch.Tensor]) -> list[tuple[int, int, torch.dtype]]:
-    """``(start, stop, dtype)`` of the 16-bit parameters in the flattened model."""
-    return [(start, stop, p.dtype) for p, (start, stop) in zip(params, flat.spans(p.numel() for p in params))
-            if p.dtype in _LOW_PRECISION]
-
-
-def _watch_replacements(gossip: GossipAlgorithm) -> None:
-    """Note in ``gossip._replaced`` each module parameter slot whose tensor, one of the gossip's,
-    is replaced by another (``load_state_dict(assign=True)`` or an assignment).
-
-    The hook holds the gossip weakly and is removed when the gossip is collected.
-    """
-    mine = {id(p) for p in gossip.params}
-    ref = weakref.ref(gossip)
-
-    def on_register(module: torch.nn.Module, name: str, param) -> None:
-        owner, old = ref(), module._parameters.get(name)
-        if owner is not None and old is not None and old is not param and id(old) in mine:
-            owner._replaced.append(f"{name!r} of {type(module).__name__}")
-
-    handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_register)
-    weakref.finalize(gossip, handle.remove)
-
-
-class GossipAlgorithm:
-    """Base class: flattening, neighbour exchange, statistics, the divergence watch, state dicts.
+    The other jobs live in their own units: the flat model and its master copy
+    (:class:`~ec_hooks.gossip_flat.FlatModel`), the status words and refusals
+    (:class:`~ec_hooks.gossip_status.StatusChecks`), the mean model
+    (:class:`~ec_hooks.gossip_average.ModelAverage`), state dicts
+    (:class:`~ec_hooks.gossip_checkpoint.GossipCheckpoint`), the divergence watch
+    (:class:`~ec_hooks.divergence.DivergenceWatch`) and the single-process simulation
+    (:mod:`ec_hooks.gossip_simulation`).
 
     Args:
         params: the model's parameters (an iterable of tensors, or optimizer param groups).
@@ -341,7 +261,7 @@ class GossipAlgorithm:
 
     def _setup(self, params, topology, compressor, consensus_step, process_group, rank, world_size,
                watch_every, watch_patience, watch_growth) -> None:
-        self.params = _collect_params(params)
+        self._setup_flat(params)
         self.process_group = process_group
         self.rank, self.world_size = rank, world_size
         self.topology = Topology.make(topology, world_size)
@@ -356,31 +276,39 @@ class GossipAlgorithm:
         self.consensus_step = check_unit_interval(
             "consensus_step", consensus_step, "the eta of W_eff = (1 - eta) I + eta W"
         )
-        self.watch_every = check_int("watch_every", watch_every, 0)
-        self.watch_patience = check_int("watch_patience", watch_patience, 1)
-        if isinstance(watch_growth, bool) or not isinstance(watch_growth, numbers.Real) or not watch_growth > 1:
-            raise ValueError(f"watch_growth must be a float > 1, got {watch_growth!r}")
-        self.watch_growth = float(watch_growth)
+        #: the divergence watch (:class:`~ec_hooks.divergence.DivergenceWatch`)
+        self.watch = DivergenceWatch(watch_every, watch_patience, watch_growth, self.watch_min_relative)
         self._check_topology()
-
-        self.numel = sum(p.numel() for p in self.params)
-        self.device = self.params[0].device
-        dtypes = {p.dtype for p in self.params}
-        # Values travel in the model's dtype (a bf16 model sends bf16 values); mixed models in fp32.
-        self.wire_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        self.bytes_dense = sum(p.numel() * p.element_size() for p in self.params)
         self._decode_scale = contraction_scale(self.compressor, self.numel)
         self.iteration = 0
         self.stats = CommStats()
-        self.last_consensus_distance: float | None = None
-        self._mean_norm = 0.0
-        self._watch_history: list[float] = []
-        self._warned = False
-        self._scratch_buffers: dict[str, torch.Tensor] = {}
-        self._low_precision_slices = _low_precision_slices(self.params)
-        self._master: torch.Tensor | None = None
         self._replaced: list[str] = []
-        _watch_replacements(self)
+        watch_replacements(self)
+
+    @property
+    def watch_every(self) -> int:
+        return self.watch.every
+
+    @property
+    def watch_patience(self) -> int:
+        return self.watch.patience
+
+    @property
+    def watch_growth(self) -> float:
+        return self.watch.growth
+
+    @property
+    def last_consensus_distance(self) -> float | None:
+        """The consensus distance measured last (by :meth:`consensus_distance`), or ``None``."""
+        return self.watch.last_distance
+
+    @property
+    def _mean_norm(self) -> float:
+        return self.watch.mean_norm
+
+    @_mean_norm.setter
+    def _mean_norm(self, value: float) -> None:
+        self.watch.mean_norm = value
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -427,7 +355,7 @@ class GossipAlgorithm:
         agreement.check_gossip(self)  # at the first step and after a load: do the ranks agree?
         with torch.no_grad():
             self._complete(*self._post())
-        if self.watch_every and self.iteration % self.watch_every == 0:
+        if self.watch.due(self.iteration):
             self._watch(self.consensus_distance())
 
     def _post(self) -> tuple[torch.Tensor, Payload, torch.Tensor]:
@@ -450,69 +378,6 @@ class GossipAlgorithm:
         self._compress_seconds = time.perf_counter() - started
         return self._with_status(payload, x, sent), sent
 
-    def _with_status(self, payload: Payload, x: torch.Tensor, sent: torch.Tensor) -> Payload:
-        """``payload`` with this worker's status word appended (see the module docstring)."""
-        status = ((~_all_finite(x)).float() * _MODEL_NOT_FINITE
-                  + (~_all_finite(sent)).float() * _MESSAGE_NOT_FINITE
-                  + (_PARAMETERS_REPLACED if self._replaced else 0)).reshape(1)
-        data = payload.data.reshape(-1)
-        # As in the DDP hook: one element of a numeric payload, an fp32 word after a byte payload
-        # (which keeps its 4-byte alignment).
-        word = status.view(torch.uint8) if data.dtype == torch.uint8 else status.to(data.dtype)
-        return payload.with_data(torch.cat([data, word]))
-
-    def _refuse(self, payload: Payload, recvs: dict[int, torch.Tensor]) -> None:
-        """Raise :class:`GossipRefusedError` unless this worker's status word and every received
-        one are 0.  Nothing has been mixed or changed yet when it raises."""
-        ranks = [self.rank, *sorted(recvs)]
-        words = torch.stack([_status_word(payload.data), *(_status_word(recvs[peer]) for peer in ranks[1:])])
-        codes = [int(code) for code in words.tolist()]  # one host sync for all of them
-        refused = {rank: code for rank, code in zip(ranks, codes) if code}
-        if not refused:
-            return
-        name = type(self).__name__
-        reasons = {rank: self._refusal_reason(rank, code) for rank, code in refused.items()}
-        if self.rank in refused and refused[self.rank] & _PARAMETERS_REPLACED:
-            raise GossipRefusedError(self._replaced_message(), self.iteration, reasons)
-        told = "; ".join(f"worker {rank}: {reason}" for rank, reason in reasons.items())
-        raise GossipRefusedError(
-            f"{name} step {self.iteration} refused on worker {self.rank}, nothing mixed: {told}. Non-finite values "
-            "would spread to every worker within a few steps. A model does not recover by itself: restore every "
-            "worker from the last checkpoint (a lower learning rate, gradient clipping or a GradScaler keep "
-            "inf/NaN out of the optimizer step).",
-            self.iteration, reasons,
-        )
-
-    def _refusal_reason(self, rank: int, code: int) -> str:
-        if code & _PARAMETERS_REPLACED:
-            return ("its parameters were replaced after its gossip was built (load_state_dict(..., assign=True)?); "
-                    "it would mix stale tensors")
-        if code & _MODEL_NOT_FINITE:
-            where = ""
-            if rank == self.rank:
-                bad = next((i for i, p in enumerate(self.params) if not bool(torch.isfinite(p).all())), None)
-                if bad is not None:
-                    where = f" (parameter {bad}, shape {tuple(self.params[bad].shape)})"
-            return f"its model has inf/NaN entries after the optimizer step{where}"
-        return (f"its compressed message has inf/NaN entries while its model is finite (its buffers "
-                f"{sorted(self._buffers())} are not)")
-
-    def _replaced_message(self) -> str:
-        name = type(self).__name__
-        return (
-            f"{name}: parameter {', '.join(self._replaced)} was replaced by another tensor after this {name} was built "
-            "(model.load_state_dict(..., assign=True) does this, as does assigning a new nn.Parameter). The "
-            f"{name} still holds the old tensors and would mix them instead of the model's (so would an optimizer "
-            f"built before). Build the optimizer and the {name} again from model.parameters() after loading "
-            f"(new.load_state_dict(old.state_dict()) carries the gossip state over), or load without assign=True, "
-            "which copies into the existing tensors."
-        )
-
-    def _raise_if_replaced(self) -> None:
-        if self._replaced:
-            raise GossipRefusedError(self._replaced_message(), self.iteration,
-                                     {self.rank: self._refusal_reason(self.rank, _PARAMETERS_REPLACED)})
-
     def _finish(self, x, payload: Payload, sent: torch.Tensor, recvs: dict[int, torch.Tensor], n_sends: int) -> None:
         self._refuse(payload, recvs)
         weights = self.topology.weights(self.rank, self.iteration)
@@ -525,7 +390,7 @@ class GossipAlgorithm:
         else:
             mixed.copy_(sent).mul_(weights.get(self.rank, 0.0))
         for peer in sorted(recvs):
-            received = self._decode(payload.with_data(_without_status(recvs[peer])))
+            received = self._decode(payload.with_data(without_status(recvs[peer])))
             if received.dtype != self._mix_dtype:
                 received = self._scratch("received", self._mix_dtype).copy_(received)
             mixed.add_(received, alpha=weights[peer])
@@ -544,240 +409,14 @@ class GossipAlgorithm:
         dense = self.compressor.decompress(payload).reshape(-1)
         return dense if self._decode_scale == 1.0 else dense.mul_(self._decode_scale)
 
-    def _flatten(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """This worker's model, flat, in fp32: the parameters, except that 16-bit ones are read
-        from the master copy plus what the optimizer changed since the last write-back."""
-        x = flat.flatten(self.params, torch.float32, out=out)
-        if self._master is not None:
-            for start, stop, dtype in self._low_precision_slices:
-                master = self._master[start:stop]
-                # both terms of the difference are 16-bit values: it is exact in fp32
-                x[start:stop].sub_(master.to(dtype)).add_(master)
-        return x
-
-    def _scratch(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """A flat buffer of the model's size, allocated once and reused by every step (a
-        working buffer, not state: nothing in it outlives the step that fills it, except the
-        residual that :attr:`stats` points at)."""
-        buffer = self._scratch_buffers.get(name)
-        if buffer is None or buffer.dtype != dtype:
-            buffer = self._scratch_buffers[name] = torch.empty(self.numel, dtype=dtype, device=self.device)
-        return buffer
-
-    def _write_back(self, x: torch.Tensor) -> None:
-        if self._low_precision_slices:
-            if self._master is None:
-                self._master = x.clone()
-            else:
-                self._master.copy_(x)
-        for p, part in zip(self.params, flat.split(x, self.params)):
-            p.copy_(part)
-
-    # ------------------------------------------------------------------ collectives for evaluation
-
-    def average_parameters(self) -> list[torch.Tensor]:
-        """The mean model ``x_bar`` (one allreduce of one flat fp32 buffer), as new tensors in
-        the order and dtypes of ``params``.  Local parameters are not modified.  Collective."""
-        self._raise_if_replaced()
-        with torch.no_grad():
-            x = self._flatten()
-            if self.world_size > 1:
-                transport.allreduce_mean(x, self.process_group).wait()
-            return [part.to(p.dtype).clone() for p, part in zip(self.params, flat.split(x, self.params))]
-
-    def average_into(self, module: torch.nn.Module) -> None:
-        """Load the mean model ``x_bar`` into ``module``, in place.  Collective: every rank calls it.
-
-        ``module`` is the model this gossip mixes (its parameters, in the order of
-        ``module.parameters()``, are ``params``), or a copy of it (``copy.deepcopy(model)``, for
-        an evaluation model that leaves the local one as it is):
-
-        1. Parameters receive :meth:`average_parameters` (16-bit ones through the fp32 master copy),
-           copied into the existing tensors, so that optimizers and DDP keep pointing at them.
-        2. Floating-point buffers (BatchNorm running mean and variance) are averaged across the
-           ranks in fp32 (one allreduce of one flat buffer) and written back in their dtype.
-        3. Integer buffers (BatchNorm's ``num_batches_tracked``) are left as they are: every worker
-           counted the same batches.
-
-        To evaluate the mean model and go on training the local one, average into a copy.  Raises
-        ValueError when ``module``'s parameters do not match ``params`` in number and shapes.
-        """
-        mine = list(module.parameters())
-        shapes = [tuple(p.shape) for p in mine]
-        if shapes != [tuple(p.shape) for p in self.params]:
-            raise ValueError(
-                f"module must be the model this {type(self).__name__} mixes, or a copy of it: it has "
-                f"{len(shapes)} parameters, the gossip {len(self.params)}"
-                + ("" if len(shapes) != len(self.params) else " of other shapes")
-            )
-        average = self.average_parameters()
-        with torch.no_grad():
-            for p, avg in zip(mine, average):
-                p.copy_(avg)
-            floating = [b for b in module.buffers() if b.is_floating_point()]
-            if floating and self.world_size > 1:
-                buffer = flat.flatten(floating, torch.float32)
-                transport.allreduce_mean(buffer, self.process_group).wait()
-                for b, part in zip(floating, flat.split(buffer, floating)):
-                    b.copy_(part)
-
-    def consensus_distance(self) -> float:
-        """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all parameters, in fp64.  Collective:
-        every rank must call it; every rank gets the same value (0 for one worker)."""
-        self._raise_if_replaced()
-        if self.world_size == 1:
-            self.last_consensus_distance = 0.0
-            return 0.0
-        with torch.no_grad():
-            x = self._model_fp64()
-            mean = x.clone()
-            dist.all_reduce(mean, group=self.process_group)
-            mean.div_(self.world_size)
-            spread = (x - mean).pow(2).sum().reshape(1)
-            dist.all_reduce(spread, group=self.process_group)
-            self._mean_norm = float(mean.norm())
-        self.last_consensus_distance = math.sqrt(float(spread) / self.world_size)
-        return self.last_consensus_distance
-
-    def _model_fp64(self) -> torch.Tensor:
-        """This worker's model, flat, in fp64 (16-bit parameters through the master copy)."""
-        if self._master is None:
-            return flat.flatten(self.params, torch.float64)
-        return self._flatten().to(torch.float64)
-
-    # ------------------------------------------------------------------ divergence watch
-
     def _watch(self, distance: float) -> None:
-        history = self._watch_history
-        history.append(distance)
-        del history[: -(self.watch_patience + 1)]
-        if not math.isfinite(distance):
-            growing, trail = True, f"{distance}"
-        else:
-            growing = (
-                len(history) == self.watch_patience + 1
-                and all(b > self.watch_growth * a for a, b in zip(history, history[1:]))
-                and distance >= self.watch_min_relative * self._mean_norm
-            )
-            trail = " -> ".join(f"{d:.3g}" for d in history)
-        if growing and not self._warned:
-            message = (
-                f"{type(self).__name__}: the consensus distance keeps growing ({trail}, checked every "
-                f"{self.watch_every} steps, now at step {self.iteration}): the workers' models are drifting "
-                f"apart. With compressor {self.compressor!r} and consensus_step={self.consensus_step:g}, "
-                f"{self._divergence_advice()}."
-            )
-            logger.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-        self._warned = growing
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict:
-        """Step counter, this worker's buffers, the watch and the statistics; not the parameters
-        (save those, or :meth:`average_parameters`, with the model)."""
-        return {
-            "algorithm": type(self).__name__,
-            "iteration": self.iteration,
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "numel": self.numel,
-            "shapes": [list(p.shape) for p in self.params],
-            "dtypes": [str(p.dtype).removeprefix("torch.") for p in self.params],
-            "topology": {"name": self.topology.name, "size": self.topology.size,
-                         "weights": self.topology.weights(self.rank, 0), "period": self.topology.period},
-            "compressor": self.compressor.config(),
-            "consensus_step": self.consensus_step,
-            "buffers": {k: None if v is None else v.detach().cpu().clone() for k, v in self._buffers().items()},
-            # fp32 master copy of a 16-bit model (None otherwise, or before the first step)
-            "master": None if self._master is None else self._master.detach().cpu().clone(),
-            "watch": {"history": list(self._watch_history), "warned": self._warned,
-                      "last_consensus_distance": self.last_consensus_distance, "mean_norm": self._mean_norm},
-            "stats": self.stats.state_dict(),
-        }
-
-    def check_state_dict(self, state_dict: dict) -> None:
-        """Raise ValueError when :meth:`load_state_dict` would refuse ``state_dict`` (another
-        algorithm, world size, rank, model or, for ChocoSGD, topology); changes nothing.
-
-        The model is checked parameter by parameter (shape and dtype, in order) against the
-        ``"shapes"`` and ``"dtypes"`` the state dict carries; one saved without them (by an
-        earlier version) is checked by its total number of entries only."""
-        name = type(self).__name__
-        checkpoints.check_state_dict(state_dict, kind="a gossip state dict", required=("algorithm", "buffers"),
-                                     owner=name, world_size=self.world_size, rank=self.rank,
-                                     why_world_size="the state belongs to another run",
-                                     why_rank="load each worker's own state")
-        if state_dict["algorithm"] != name:
-            raise ValueError(f"state_dict was saved by {state_dict['algorithm']}, this is {name}")
-        mismatch = self._parameter_mismatch(state_dict)
-        if state_dict.get("numel") != self.numel:
-            raise ValueError(
-                f"state_dict was saved with numel={state_dict.get('numel')}, this {name} has {self.numel} parameter "
-                f"entries: the state belongs to another model" + (f" ({mismatch})" if mismatch else "")
-            )
-        if mismatch:
-            raise ValueError(f"state_dict does not fit this {name}'s parameters: {mismatch}")
-        self._check_loaded_topology(state_dict.get("topology", {}))
-        buffers = self._buffers()
-        saved = state_dict["buffers"]
-        if set(saved) != set(buffers):
-            raise ValueError(f"state_dict has buffers {sorted(saved)}, {name} expects {sorted(buffers)}")
-        for key, tensor in {**saved, "master": state_dict.get("master")}.items():
-            if tensor is not None and torch.as_tensor(tensor).numel() != self.numel:
-                raise ValueError(f"state_dict buffer {key!r} has {torch.as_tensor(tensor).numel()} entries, "
-                                 f"the model has {self.numel}")
-
-    def _parameter_mismatch(self, state_dict: dict) -> str | None:
-        """How the saved parameters differ from ``params`` (the first difference), or ``None``."""
-        shapes, dtypes = state_dict.get("shapes"), state_dict.get("dtypes")
-        if shapes is None:
-            return None
-        if len(shapes) != len(self.params):
-            return (f"it was saved for {len(shapes)} parameter tensors, this one gossips {len(self.params)}")
-        if dtypes is None or len(dtypes) != len(shapes):
-            dtypes = [None] * len(shapes)
-        for i, (p, shape, dtype) in enumerate(zip(self.params, shapes, dtypes)):
-            if tuple(shape) != tuple(p.shape):
-                return (f"parameter {i} was saved with shape {tuple(shape)}, here it has shape {tuple(p.shape)} "
-                        "(another model, or the parameters come in another order)")
-            mine = str(p.dtype).removeprefix("torch.")
-            # The dtype sets what travels (values in the model's dtype), so the saved buffers
-            # describe another computation.
-            if dtype is not None and dtype != mine:
-                return f"parameter {i} was saved with dtype {dtype}, here it has dtype {mine}"
-        return None
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Restore what :meth:`state_dict` saved, after :meth:`check_state_dict`."""
-        self.check_state_dict(state_dict)
-        name = type(self).__name__
-        saved = state_dict["buffers"]
-        checkpoints.warn_if_compressor_changed(logger, state_dict.get("compressor"), self.compressor,
-                                               f"a {name} state")
-        for key, tensor in saved.items():
-            dtype = self._buffer_dtypes.get(key, torch.float32)
-            setattr(self, f"_{key}", None if tensor is None else
-                    torch.as_tensor(tensor).to(self.device, dtype).reshape(-1).clone())
-        master = state_dict.get("master")
-        # A state saved without one (an fp32 model, or an earlier version) leaves the parameters
-        # as they are: the master copy starts from them at the next step.
-        self._master = (None if master is None or not self._low_precision_slices else
-                        torch.as_tensor(master).to(self.device, torch.float32).reshape(-1).clone())
-        self.iteration = int(state_dict["iteration"])
-        agreement.expect_gossip_check(self)
-        watch = state_dict.get("watch", {})
-        self._watch_history = [float(d) for d in watch.get("history", [])]
-        self._warned = bool(watch.get("warned", False))
-        self.last_consensus_distance = watch.get("last_consensus_distance")
-        self._mean_norm = float(watch.get("mean_norm", 0.0))
-        if "stats" in state_dict:
-            self.stats.load_state_dict(state_dict["stats"])
-
-    def _check_loaded_topology(self, saved: dict) -> None:
-        if saved and (saved.get("name"), saved.get("size")) != (self.topology.name, self.topology.size):
-            logger.warning("loading a %s state saved on topology %s into one on %s", type(self).__name__,
-                           saved.get("name"), self.topology.name)
+        """Feed a measured distance to the divergence watch (it warns when the distance keeps growing)."""
+        self.watch.observe(distance, lambda trail: (
+            f"{type(self).__name__}: the consensus distance keeps growing ({trail}, checked every "
+            f"{self.watch.every} steps, now at step {self.iteration}): the workers' models are drifting "
+            f"apart. With compressor {self.compressor!r} and consensus_step={self.consensus_step:g}, "
+            f"{self._divergence_advice()}."
+        ), stacklevel=3)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(numel={self.numel}, topology={self.topology.name!r}, "
@@ -926,27 +565,3 @@ class ChocoSGD(GossipAlgorithm):
             )
 
 
-# ---------------------------------------------------------------------- single-process simulation
-
-
-def simulate_step(workers: Sequence[GossipAlgorithm]) -> None:
-    """One gossip step of every worker of :meth:`GossipAlgorithm.simulated` (in rank order).
-
-    Same code path as :meth:`GossipAlgorithm.step`; messages go through the workers' shared
-    :class:`~ec_hooks.transport.InMemoryExchange`: every worker posts, then every worker collects.
-    """
-    if not workers or any(not w._simulated for w in workers):
-        raise ValueError("workers must be the list returned by GossipAlgorithm.simulated(...)")
-    if len(workers) == 1:
-        workers[0].iteration += 1
-        return
-    with torch.no_grad():
-        posted = [w._post() for w in workers]
-        for w, message in zip(workers, posted):
-            w._complete(*message)
-
-
-def simulated_consensus_distance(workers: Sequence[GossipAlgorithm]) -> float:
-    """:meth:`GossipAlgorithm.consensus_distance` for simulated workers."""
-    flats = torch.stack([w._model_fp64() for w in workers])
-    return math.sqrt(float((flats - flats.mean(dim=0)).pow(2).sum()) / len(workers))

@@ -161,7 +161,7 @@ class ErrorFeedbackState:
         self.stats = CommStats()
         self._param_keys: dict[int, Hashable] = {}
         self._params: dict[Hashable, torch.Tensor] = {}  # for weight decay in the hook
-        self._module_names: set[str] | None = None
+        self._module_names: set[Hashable] | None = None
         self._shapes: dict[Hashable, int] = {}
         # Bucket layouts of the checkpoint last loaded (see the module docstring).
         self._saved_layouts = SavedLayouts()

@@ -53,7 +53,7 @@ class Frozen:
 
     def __init__(self, buffer: torch.Tensor, mask: torch.Tensor | None) -> None:
         self.buffer, self.mask = buffer, mask
-        self.values = None if mask is None else buffer[~mask]
+        self.values: torch.Tensor | None = None if mask is None else buffer[~mask]
 
     def restore(self) -> None:
         if self.mask is not None and self.values is not None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection
+from typing import Literal, TypeVar, overload
+
+_T = TypeVar("_T")
 
 __all__ = ["check_choice", "check_density", "check_int", "check_size", "check_unit_interval"]
 
@@ -27,6 +30,15 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
 def check_size(name: str, value: object, low: int = 1) -> int:
     """A count of things (workers, rows, columns): an integer ``>= low``."""
     return check_int(name, value, low)
+
+
+@overload
+def check_unit_interval(name: str, value: object, meaning: str | None = None, *,
+                        allow_none: Literal[False] = False) -> float: ...
+
+
+@overload
+def check_unit_interval(name: str, value: object, meaning: str | None = None, *, allow_none: bool) -> float | None: ...
 
 
 def check_unit_interval(name: str, value: object, meaning: str | None = None, *, allow_none: bool = False
@@ -50,7 +62,7 @@ def check_density(density: object, name: str = "density") -> float:
     return density
 
 
-def check_choice(name: str, value: object, choices: Collection[object]) -> object:
+def check_choice(name: str, value: _T, choices: Collection[_T]) -> _T:
     """One of ``choices`` (listed in the message in their own order)."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

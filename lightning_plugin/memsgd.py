@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from ec_hooks.compressors import Compressor
+from ec_hooks.compressors.factory import compressor_arguments
 from ec_hooks.hooks import ErrorFeedbackState, error_feedback_hook
 from ec_hooks.momentum import MomentumCorrection
 from ec_hooks.stats import CommStats
@@ -85,7 +86,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         reject_comm_hook_kwargs(type(self).__name__, kwargs)
         if compressor is None:
             raise ValueError("compressor must be a Compressor or a compressor name, got None")
-        if density is None and isinstance(compressor, str) and compressor.lower() in ("topk", "randk", "cyclic_topk"):
+        if density is None and isinstance(compressor, str) and "density" in compressor_arguments(compressor):
             density = 0.01
         self.compressor = build_compressor(compressor, density)
         self.start_iter = check_int("start_iter", start_iter, 0)

@@ -3,17 +3,14 @@ checkpoints of earlier versions, which carry the compressor's repr, still load."
 
 from __future__ import annotations
 
-import datetime
 import io
 import logging
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from ec_hooks import BF16, QSGD, DeepSqueeze, ErrorFeedbackState, TopK
 from ec_hooks.gossip import simulate_step
-from tests.distributed import free_port
 
 
 def _workers(compressor, n=3):
@@ -70,16 +67,6 @@ def test_gossip_state_records_the_config_and_loads_old_repr_states(caplog):
     assert len(messages) == 2
     assert "density 0.5 (saved), 0.25 (here)" in messages[0]
     assert "TopK(density=0.5, backend='auto') (saved)" in messages[1]
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_hook_state_records_the_config_and_loads_old_repr_states(one_rank_group, caplog):

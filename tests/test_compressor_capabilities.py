@@ -83,3 +83,13 @@ def test_transports_read_the_declared_capabilities():
     memory = torch.zeros(4)
     payload, finite = Compressor.compress_error_feedback_(CyclicTopK(0.5), memory, torch.ones(4))
     assert payload is None and bool(finite) and memory.tolist() == [1.0] * 4
+
+
+def test_the_factory_says_which_names_take_a_density():
+    from ec_hooks.compressors import COMPRESSOR_NAMES, compressor_arguments, make_compressor
+
+    takes_density = {name for name in COMPRESSOR_NAMES if "density" in compressor_arguments(name)}
+    assert takes_density == {"topk", "randk", "cyclic_topk"}
+    assert compressor_arguments("TopK") == compressor_arguments("topk") and compressor_arguments("zip") == ()
+    for name in takes_density:
+        assert make_compressor(name, density=0.25).density == 0.25

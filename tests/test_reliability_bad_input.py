@@ -11,19 +11,16 @@ Constructors that need a process group run inside a one-rank gloo group (``one_r
 from __future__ import annotations
 
 import ast
-import datetime
 import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ec_hooks
 from ec_hooks import DPSGD, QSGD, ChocoSGD, DeepSqueeze, ErrorFeedbackState, RandK, TopK, Topology
 from ec_hooks.gossip import simulate_step
 from lightning_plugin import DeepSqueezeStrategy, MemSGDStrategy
-from tests.distributed import free_port
 
 NAN = float("nan")
 NOT_DOUBLY_STOCHASTIC = [[0.5, 0.5, 0.0], [0.2, 0.6, 0.2], [0.0, 0.5, 0.5]]  # rows sum to 1, columns do not
@@ -37,17 +34,6 @@ def _params(seed=0, sizes=(5, 3)):
 def _model(width=4):
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, 2))
-
-
-@pytest.fixture
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------ single-process rows

@@ -8,7 +8,6 @@ started (each start imports torch).
 from __future__ import annotations
 
 import copy
-import datetime
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from ec_hooks import (
     TopK,
     error_feedback_hook,
 )
-from tests.distributed import free_port, run_distributed
+from tests.distributed import run_distributed
 
 S_GRAD = torch.tensor([1.0, 2.0, 3.0, 4.0])
 
@@ -383,16 +382,6 @@ def test_zero_grad_cannot_discard_what_the_hook_took_and_clipping_acts_after_com
 
 
 # ------------------------------------------------------------------ 8. checkpoint checks; weights_only loads
-
-
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class Shaped(nn.Module):

@@ -23,7 +23,7 @@ One module per compressor (:mod:`~ec_hooks.compressors.topk`, ``randk``, ``sign`
 
 from ec_hooks.compressors.base import Compressor, Payload, seed_from
 from ec_hooks.compressors.dense import BF16, FP16, Cast, Identity
-from ec_hooks.compressors.factory import COMPRESSOR_NAMES, make_compressor
+from ec_hooks.compressors.factory import COMPRESSOR_NAMES, compressor_arguments, make_compressor
 from ec_hooks.compressors.qsgd import QSGD
 from ec_hooks.compressors.randk import RandK
 from ec_hooks.compressors.sign import ScaledSign
@@ -44,6 +44,7 @@ __all__ = [
     "FP16",
     "BF16",
     "make_compressor",
+    "compressor_arguments",
     "COMPRESSOR_NAMES",
     "pack_bits",
     "unpack_bits",

@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import Any
 
 from ec_hooks.compressors.base import Compressor
-from ec_hooks.compressors.dense import Cast, Identity
+from ec_hooks.compressors.dense import BF16, FP16, Identity
 from ec_hooks.compressors.qsgd import QSGD
 from ec_hooks.compressors.randk import RandK
 from ec_hooks.compressors.sign import ScaledSign
 from ec_hooks.compressors.topk import TopK
 
-__all__ = ["COMPRESSOR_NAMES", "make_compressor"]
+__all__ = ["COMPRESSOR_NAMES", "compressor_arguments", "make_compressor"]
 
 
-COMPRESSOR_NAMES = ("topk", "randk", "sign", "qsgd", "identity", "fp16", "bf16", "cyclic_topk")
+def _cyclic_topk(**kwargs: Any) -> Compressor:
+    from ec_hooks.cyclic import CyclicTopK  # it builds on this package
+
+    return CyclicTopK(**kwargs)
 
 
-def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compressor:
+# name -> (constructor, the arguments it takes)
+_BY_NAME: dict[str, tuple[Callable[..., Compressor], tuple[str, ...]]] = {
+    "topk": (TopK, ("density", "backend", "index_encoding", "value_dtype")),
+    "randk": (RandK, ("density", "seed")),
+    "sign": (ScaledSign, ()),
+    "qsgd": (QSGD, ("levels", "seed")),
+    "identity": (Identity, ()),
+    "fp16": (FP16, ()),
+    "bf16": (BF16, ()),
+    "cyclic_topk": (_cyclic_topk, ("density", "value_dtype", "memory_filter", "backend")),
+}
+COMPRESSOR_NAMES = tuple(_BY_NAME)
+_ALLOWED = ("density", "backend", "index_encoding", "value_dtype", "seed", "levels", "memory_filter")
+
+
+def compressor_arguments(name: str) -> tuple[str, ...]:
+    """The arguments the compressor called ``name`` takes (none for a name it does not know)."""
+    return _BY_NAME.get(name.lower(), (None, ()))[1]
+
+
+def make_compressor(compressor: str | Compressor = "topk", **kwargs: Any) -> Compressor:
     """Build a compressor from a name (``COMPRESSOR_NAMES``) and its arguments, or pass one through.
 
     ``density`` (and top-k's ``index_encoding`` and ``value_dtype``) is ignored by compressors
@@ -27,24 +51,8 @@ def make_compressor(compressor: str | Compressor = "topk", **kwargs) -> Compress
         return compressor
     if not isinstance(compressor, str) or compressor.lower() not in COMPRESSOR_NAMES:
         raise ValueError(f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}")
-    name = compressor.lower()
-    allowed = ("density", "backend", "index_encoding", "value_dtype", "seed", "levels", "memory_filter")
-    unknown = sorted(set(kwargs) - set(allowed))
+    unknown = sorted(set(kwargs) - set(_ALLOWED))
     if unknown:
-        raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: {', '.join(allowed)}")
-    if name == "topk":
-        return TopK(**{k: v for k, v in kwargs.items() if k in ("density", "backend", "index_encoding", "value_dtype")})
-    if name == "cyclic_topk":
-        from ec_hooks.cyclic import CyclicTopK  # it builds on this module
-
-        return CyclicTopK(**{k: v for k, v in kwargs.items() if k in ("density", "value_dtype", "memory_filter",
-                                                                      "backend")})
-    if name == "randk":
-        return RandK(**{k: v for k, v in kwargs.items() if k in ("density", "seed")})
-    if name == "sign":
-        return ScaledSign()
-    if name == "qsgd":
-        return QSGD(**{k: v for k, v in kwargs.items() if k in ("levels", "seed")})
-    if name == "identity":
-        return Identity()
-    return Cast(torch.float16 if name == "fp16" else torch.bfloat16)
+        raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: {', '.join(_ALLOWED)}")
+    build, takes = _BY_NAME[compressor.lower()]
+    return build(**{k: v for k, v in kwargs.items() if k in takes})
