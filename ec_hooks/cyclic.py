@@ -177,7 +177,7 @@ class CyclicTopK(Compressor):
 
     def subtract_sent_(self, acc, payload, scale=None):
         # The rounded values are subtracted, so the rounding of bf16 values stays in memory.
-        values = payload.data.float()
+        values = payload.data.to(acc.dtype)
         acc.view(-1).index_add_(0, payload.indices, values if scale is None else values * scale, alpha=-1)
 
     def update_memory_(self, memory: torch.Tensor, payload: Payload, grad: torch.Tensor,
@@ -190,7 +190,7 @@ class CyclicTopK(Compressor):
             return
         self.subtract_sent_(memory, payload, beta if scale is None else scale * beta)
         g = grad.reshape(-1)
-        dropped = torch.where(torch.isfinite(g), g, 0).float().mul_(1.0 - beta)
+        dropped = torch.where(torch.isfinite(g), g, 0).to(memory.dtype).mul_(1.0 - beta)
         memory.view(-1).sub_(dropped if scale is None else dropped * scale)
 
     def wire_bytes(self, numel, dtype=torch.float32):

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ec_hooks import (
     BF16,
     FP16,
+    CyclicTopK,
     DeepSqueeze,
     ErrorFeedbackState,
     Identity,
@@ -267,15 +268,17 @@ class Embedder(nn.Module):
 
 def _fp64_and_limits(rank, world_size):
     out = {}
-    # fp64: Identity reproduces DDP's default allreduce bit for bit; TopK works and loses nothing.
+    # fp64: Identity reproduces DDP's default allreduce bit for bit; the sparsifiers work in fp64.
     finals = {}
-    for name in ("ddp", "identity", "topk"):
+    compressors = {"identity": lambda: Identity(), "topk": lambda: TopK(0.25),
+                   "cyclic": lambda: CyclicTopK(0.25), "cyclic_filter": lambda: CyclicTopK(0.25, memory_filter=0.9)}
+    for name in ("ddp", *compressors):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
         ddp = DDP(model)
         state = None
         if name != "ddp":
-            state = ErrorFeedbackState(compressor=Identity() if name == "identity" else TopK(0.25), module=ddp)
+            state = ErrorFeedbackState(compressor=compressors[name](), module=ddp)
             ddp.register_comm_hook(state, error_feedback_hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for step in range(4):
@@ -287,7 +290,8 @@ def _fp64_and_limits(rank, world_size):
         if state is not None:
             out[f"{name}_memory_dtypes"] = {str(m.dtype) for m in state.memory.state_dict().values()}
     out["identity_equals_ddp"] = torch.equal(finals["identity"], finals["ddp"])
-    out["topk_finite"] = bool(torch.isfinite(finals["topk"]).all())
+    for name in ("topk", "cyclic", "cyclic_filter"):
+        out[f"{name}_finite"] = bool(torch.isfinite(finals[name]).all())
     # Sparse gradients: refused at construction when the module is known, and in the hook otherwise.
     ddp = DDP(Embedder(sparse=True))
     try:
@@ -327,8 +331,9 @@ def _fp64_and_limits(rank, world_size):
 def test_fp64_is_supported_and_sparse_gradients_and_the_python_reducer_are_refused_clearly():
     for r in run_distributed(_fp64_and_limits, 2):
         assert r["identity_equals_ddp"]
-        assert r["identity_memory_dtypes"] == {"torch.float64"} and r["topk_memory_dtypes"] == {"torch.float64"}
-        assert r["topk_finite"]
+        for name in ("identity", "topk", "cyclic", "cyclic_filter"):
+            assert r[f"{name}_memory_dtypes"] == {"torch.float64"}, name
+        assert r["topk_finite"] and r["cyclic_finite"] and r["cyclic_filter_finite"]
         assert "sparse=True" in r["sparse_construction"] and "sparse=False" in r["sparse_construction"]
         kind, message = r["sparse_hook"]
         assert "sparse" in message and "sparse=False" in message, message
