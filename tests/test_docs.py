@@ -19,14 +19,18 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def pages() -> set[str]:
-    return {p.relative_to(DOCS).with_suffix("").as_posix() for p in DOCS.rglob("*.md") if "_build" not in p.parts}
+    return {
+        p.relative_to(DOCS).with_suffix("").as_posix() for p in DOCS.rglob("*.md") if "_build" not in p.parts
+    }
 
 
 def toctree_entries(page: str) -> list[str]:
     text = (DOCS / f"{page}.md").read_text()
     entries = []
     for block in TOCTREE.findall(text):
-        entries += [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith(":")]
+        entries += [
+            line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith(":")
+        ]
     return entries
 
 
@@ -37,7 +41,7 @@ def slug(heading: str) -> str:
 
 
 def anchors(path: Path) -> set[str]:
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)   # no headings inside code
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # no headings inside code
     return {slug(m.group(2)) for m in re.finditer(r"^(#{1,3}) (.+)$", text, re.M)}
 
 
@@ -82,8 +86,12 @@ def test_readme_names_the_main_job_and_the_test_commands_ci_runs():
     assert 'pip install -e ".[dev]" && python -m pytest -q' in commands
     assert 'python -m pytest -q -m "not slow"' in commands
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r"^python3? -m pytest -q\b", ci, re.M), ".ci/run no longer runs the README's test command"
-    assert re.search(r"^python3? -m sphinx -W\b.* docs ", ci, re.M), ".ci/run no longer builds the docs with -W"
+    assert re.search(r"^python3? -m pytest -q\b", ci, re.M), (
+        ".ci/run no longer runs the README's test command"
+    )
+    assert re.search(r"^python3? -m sphinx -W\b.* docs ", ci, re.M), (
+        ".ci/run no longer builds the docs with -W"
+    )
 
 
 def test_the_wandb_snippets_run_offline_and_name_the_extra():
