@@ -42,6 +42,18 @@ autodoc_class_signature = "separated"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
+
+def _drop_builtin_type_docstrings(app, what, name, obj, options, lines):
+    """A tuple of names has no docstring of its own; autodoc would show ``tuple``'s instead."""
+    doc = type(obj).__doc__ or ""
+    if what == "data" and type(obj).__module__ == "builtins" and lines and doc.startswith(lines[0]):
+        lines.clear()
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_builtin_type_docstrings)
+
+
 try:
     import furo  # noqa: F401
 
