@@ -109,7 +109,7 @@ def default_consensus_step(algorithm: str, compressor: Compressor) -> float:
 
     Measured with ``benchmarks/consensus_step.py`` (8 simulated workers on a ring and on the
     exponential graph) and ``benchmarks/gossip_logreg.py`` (8 gloo workers, logistic regression on
-    heterogeneous shards); the figures are in the README.  A step qualifies when, on both graphs,
+    heterogeneous shards); the figures are in ``docs/consensus-step.md``.  A step qualifies when, on both graphs,
     the steady-state consensus distance under per-step noise stays below that of no gossip at all,
     independent random models contract (final/initial < 0.5 after 1000 steps), and it is at most
     half the smallest step that diverged in any of the runs.  DeepSqueeze takes the largest

@@ -444,19 +444,19 @@ def _check_module(module: torch.nn.Module) -> None:
 def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Mem-SGD for one DDP bucket (Stich, Cordonnier, Jaggi, 2018).
 
-    With gradient ``g``, this worker's fp32 memory ``m`` and the compressor ``C``:
+    With gradient ``g``, this worker's fp32 memory ``m`` and the compressor ``C``.  With momentum
+    correction (``momentum``, ``weight_decay`` or ``clip_norm`` set, see
+    :class:`~ec_hooks.momentum.MomentumCorrection`), ``g <- clip(g + wd p)``,
+    ``u_new = mu u + g``, and the velocity ``s = u_new`` (Nesterov: ``g + mu u_new``) takes the
+    place of ``g`` in steps 1-5; without it, ``s = g``.
 
-    1. During warm-up (``iteration < start_iter``): DDP's plain allreduce; memory untouched.
-       (With momentum correction, of the velocity ``s`` of 2a, which is then kept unmasked.)
-    2a. With momentum correction (``momentum``, ``weight_decay`` or ``clip_norm`` set, see
-       :class:`~ec_hooks.momentum.MomentumCorrection`): ``g <- clip(g + wd p)``,
-       ``u_new = mu u + g``, and ``s = u_new`` (Nesterov: ``g + mu u_new``) takes the place of
-       ``g`` in steps 2-5.  Without it, ``s = g``.
+    1. During warm-up (``iteration < start_iter``): DDP's plain allreduce of ``s``; memory
+       untouched (with momentum correction, the velocity is then kept unmasked).
     2. ``acc = m + g`` in place in ``m``; inf/NaN gradient entries (an AMP overflow step) are
        not added, so they never enter memory.
     3. ``payload = C(acc)``, values in the gradient's dtype unless the compressor sets its own
        (top-k's ``value_dtype``); for top-k, 2 and 3 are one fused pass
-       (:meth:`~ec_hooks.compressors.TopK.compress_error_feedback_`).
+       (:meth:`~ec_hooks.TopK.compress_error_feedback_`).
     4. Transport (:mod:`ec_hooks.transport`), with each worker's "non-finite" status word
        appended, by the transport of ``state.transports`` that accepts the compressor and puts
        the fewest bytes on the wire for this bucket: summable payloads are averaged by one
@@ -470,7 +470,7 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
        result is NaN, so that a GradScaler sees the overflow on every rank and skips the step.
        With momentum correction, ``u = u_new`` when the step stands (else ``u`` is untouched);
        with ``momentum_masking``, ``u`` is then cleared where the compressor sent exact
-       entries (top-k, rand-k; :meth:`~ec_hooks.compressors.Compressor.sent_indices`).
+       entries (top-k, rand-k; :meth:`~ec_hooks.Compressor.sent_indices`).
     6. Return the mean ``(1/n) sum_i C_i`` in the bucket's dtype.
 
     Invariant: ``sum_t s_t = sum_t C(acc_t) + m_T`` on every worker, to float rounding, where
