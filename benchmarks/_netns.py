@@ -90,8 +90,9 @@ def _closed_on_failure(owner, what: str):
         yield
     except subprocess.CalledProcessError as exc:
         owner.close()
-        raise NamespaceUnavailable(f"setting up {what} failed: {' '.join(exc.cmd)}: "
-                                   f"{(exc.stderr or '').strip()}") from exc
+        raise NamespaceUnavailable(
+            f"setting up {what} failed: {' '.join(exc.cmd)}: {(exc.stderr or '').strip()}"
+        ) from exc
     except BaseException:
         owner.close()
         raise
@@ -108,7 +109,8 @@ def check_can_create(euid: int | None = None, which=shutil.which) -> None:
         problems.append(f"{' and '.join(missing)} not found: install iproute2 (apt-get install iproute2)")
     if problems:
         raise NamespaceUnavailable(
-            "cannot create the rate-limited network namespace: " + "; ".join(problems)
+            "cannot create the rate-limited network namespace: "
+            + "; ".join(problems)
             + ". Pass --no-netns to run on the plain (unlimited) loopback instead."
         )
 
@@ -125,7 +127,12 @@ def loopback_counters(proc_net_dev: str = "/proc/net/dev") -> dict[str, int]:
             name, _, rest = line.partition(":")
             if name.strip() == "lo":
                 fields = [int(v) for v in rest.split()]
-                return {"rx_bytes": fields[0], "rx_packets": fields[1], "tx_bytes": fields[8], "tx_packets": fields[9]}
+                return {
+                    "rx_bytes": fields[0],
+                    "rx_packets": fields[1],
+                    "tx_bytes": fields[8],
+                    "tx_packets": fields[9],
+                }
     raise RuntimeError(f"no 'lo' device in {proc_net_dev}")
 
 
@@ -140,16 +147,25 @@ class RateLimitedNamespace:
         name: namespace name (default ``ecb-<pid>``).
     """
 
-    def __init__(self, rate: str = "100mbit", mtu: int = 9000, burst: int | None = None, latency: str = "50ms",
-                 name: str | None = None, run=subprocess.run) -> None:
+    def __init__(
+        self,
+        rate: str = "100mbit",
+        mtu: int = 9000,
+        burst: int | None = None,
+        latency: str = "50ms",
+        name: str | None = None,
+        run=subprocess.run,
+    ) -> None:
         self.rate_bits = parse_rate(rate)
         if isinstance(mtu, bool) or not isinstance(mtu, int) or not 1280 <= mtu <= 65536:
             raise ValueError(f"mtu must be an integer in [1280, 65536], got {mtu!r}")
         self.mtu = mtu
         self.burst = default_burst_bytes(self.rate_bits, mtu) if burst is None else burst
         if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst <= mtu:
-            raise ValueError(f"burst must be an integer number of bytes larger than the MTU ({mtu}): tbf drops "
-                             f"packets larger than its bucket, got {burst!r}")
+            raise ValueError(
+                f"burst must be an integer number of bytes larger than the MTU ({mtu}): tbf drops "
+                f"packets larger than its bucket, got {burst!r}"
+            )
         if not re.fullmatch(r"\d+(\.\d+)?(us|ms|s)", str(latency)):
             raise ValueError(f"latency must be a tc time such as '50ms', '200us' or '1s', got {latency!r}")
         self.latency = latency
@@ -170,8 +186,10 @@ class RateLimitedNamespace:
         return ["ip", "netns", "exec", self.name]
 
     def describe(self) -> str:
-        return (f"netns {self.name}: lo mtu {self.mtu}, tc tbf rate {self.rate} burst {self.burst}b "
-                f"latency {self.latency}")
+        return (
+            f"netns {self.name}: lo mtu {self.mtu}, tc tbf rate {self.rate} burst {self.burst}b "
+            f"latency {self.latency}"
+        )
 
     def set_rate(self, rate: str, burst: int | None = None) -> None:
         """Change the shaping in place (``tc qdisc replace``)."""
@@ -182,8 +200,21 @@ class RateLimitedNamespace:
             self._shape("replace")
 
     def _shape(self, verb: str) -> None:
-        self._in_ns("tc", "qdisc", verb, "dev", "lo", "root", "tbf", "rate", self.rate,
-                    "burst", f"{self.burst}b", "latency", self.latency)
+        self._in_ns(
+            "tc",
+            "qdisc",
+            verb,
+            "dev",
+            "lo",
+            "root",
+            "tbf",
+            "rate",
+            self.rate,
+            "burst",
+            f"{self.burst}b",
+            "latency",
+            self.latency,
+        )
 
     def __enter__(self) -> RateLimitedNamespace:
         check_can_create()
@@ -203,7 +234,9 @@ class RateLimitedNamespace:
         """Delete the namespace (idempotent) and restore the signal handlers."""
         try:
             if self._created:
-                result = self._run(["ip", "netns", "del", self.name], check=False, capture_output=True, text=True)
+                result = self._run(
+                    ["ip", "netns", "del", self.name], check=False, capture_output=True, text=True
+                )
                 if result.returncode != 0:
                     logger.warning("could not delete netns %s: %s", self.name, (result.stderr or "").strip())
                 else:
@@ -243,7 +276,12 @@ def parse_interface_counters(proc_net_dev_text: str, device: str) -> dict[str, i
         name, sep, rest = line.partition(":")
         if sep and name.strip() == device:
             fields = [int(v) for v in rest.split()]
-            return {"rx_bytes": fields[0], "rx_packets": fields[1], "tx_bytes": fields[8], "tx_packets": fields[9]}
+            return {
+                "rx_bytes": fields[0],
+                "rx_packets": fields[1],
+                "tx_bytes": fields[8],
+                "tx_packets": fields[9],
+            }
     raise RuntimeError(f"no {device!r} device in /proc/net/dev")
 
 
@@ -273,8 +311,16 @@ class TwoNodes:
 
     SUBNET = "10.231.0"
 
-    def __init__(self, rate: str = "1gbit", delay: str | None = None, mtu: int = 9000, burst: int | None = None,
-                 latency: str = "50ms", name: str | None = None, run=subprocess.run) -> None:
+    def __init__(
+        self,
+        rate: str = "1gbit",
+        delay: str | None = None,
+        mtu: int = 9000,
+        burst: int | None = None,
+        latency: str = "50ms",
+        name: str | None = None,
+        run=subprocess.run,
+    ) -> None:
         self.rate_bits = parse_rate(rate)
         self.rate = rate
         if isinstance(mtu, bool) or not isinstance(mtu, int) or not 1280 <= mtu <= 65536:
@@ -283,7 +329,9 @@ class TwoNodes:
         self._burst_arg = burst
         self.burst = default_burst_bytes(self.rate_bits, mtu) if burst is None else burst
         if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst <= mtu:
-            raise ValueError(f"burst must be an integer number of bytes larger than the MTU ({mtu}), got {burst!r}")
+            raise ValueError(
+                f"burst must be an integer number of bytes larger than the MTU ({mtu}), got {burst!r}"
+            )
         for label, value in (("latency", latency), ("delay", delay)):
             if value is not None and not re.fullmatch(r"\d+(\.\d+)?(us|ms|s)", str(value)):
                 raise ValueError(f"{label} must be a tc time such as '50ms', '200us' or '1s', got {value!r}")
@@ -336,10 +384,39 @@ class TwoNodes:
             if self.delay is None:
                 self._cmd("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", device, "root", *tbf)
             else:
-                self._cmd("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", device, "root", "handle", "1:",
-                          "netem", "delay", self.delay)
-                self._cmd("ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", device, "parent", "1:1",
-                          "handle", "10:", *tbf)
+                self._cmd(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    verb,
+                    "dev",
+                    device,
+                    "root",
+                    "handle",
+                    "1:",
+                    "netem",
+                    "delay",
+                    self.delay,
+                )
+                self._cmd(
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "tc",
+                    "qdisc",
+                    verb,
+                    "dev",
+                    device,
+                    "parent",
+                    "1:1",
+                    "handle",
+                    "10:",
+                    *tbf,
+                )
 
     def set_rate(self, rate: str, burst: int | None = None) -> None:
         """Change the rate of the link in place (``tc qdisc replace``)."""
@@ -351,9 +428,11 @@ class TwoNodes:
 
     def describe(self) -> str:
         delay = f", netem delay {self.delay}" if self.delay else ""
-        return (f"two nodes {self.namespaces[0]} ({self.addresses[0]}) and {self.namespaces[1]} ({self.addresses[1]}): "
-                f"veth mtu {self.mtu}, tc tbf rate {self.rate} each way, burst {self.burst}b, latency "
-                f"{self.latency}{delay}; loopback inside each node unshaped")
+        return (
+            f"two nodes {self.namespaces[0]} ({self.addresses[0]}) and {self.namespaces[1]} ({self.addresses[1]}): "
+            f"veth mtu {self.mtu}, tc tbf rate {self.rate} each way, burst {self.burst}b, latency "
+            f"{self.latency}{delay}; loopback inside each node unshaped"
+        )
 
     def close(self) -> None:
         """Stop every process left in the namespaces, delete them (idempotent), restore signals."""
@@ -384,7 +463,9 @@ class TwoNodes:
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and (self._pids_inside() or any(p.poll() is None for p in self._processes)):
+            while time.monotonic() < deadline and (
+                self._pids_inside() or any(p.poll() is None for p in self._processes)
+            ):
                 time.sleep(0.1)
         self._processes.clear()
 
@@ -414,35 +495,75 @@ class TwoNodes:
         """What a process on this node needs in its environment: gloo binds to the veth address."""
         return {"GLOO_SOCKET_IFNAME": self.devices[node_rank]}
 
-    def torchrun_command(self, node_rank: int, nproc_per_node: int, script: Sequence[str], port: int = 29400,
-                         max_restarts: int = 0, monitor_interval: float | None = None) -> list[str]:
+    def torchrun_command(
+        self,
+        node_rank: int,
+        nproc_per_node: int,
+        script: Sequence[str],
+        port: int = 29400,
+        max_restarts: int = 0,
+        monitor_interval: float | None = None,
+    ) -> list[str]:
         """``torchrun`` for one node, c10d rendezvous on node A's address."""
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
-                   str(nproc_per_node), "--node-rank", str(node_rank), "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", f"{self.addresses[0]}:{port}", "--local-addr", self.addresses[node_rank],
-                   "--rdzv-conf", f"is_host={'true' if node_rank == 0 else 'false'}",
-                   "--max-restarts", str(max_restarts)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            str(nproc_per_node),
+            "--node-rank",
+            str(node_rank),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{self.addresses[0]}:{port}",
+            "--local-addr",
+            self.addresses[node_rank],
+            "--rdzv-conf",
+            f"is_host={'true' if node_rank == 0 else 'false'}",
+            "--max-restarts",
+            str(max_restarts),
+        ]
         if monitor_interval is not None:
             command += ["--monitor-interval", str(monitor_interval)]
         return self.exec_prefix(node_rank) + command + list(script)
 
-    def start(self, node_rank: int, command: Sequence[str], env: dict[str, str] | None = None,
-              log: str | None = None) -> subprocess.Popen:
+    def start(
+        self,
+        node_rank: int,
+        command: Sequence[str],
+        env: dict[str, str] | None = None,
+        log: str | None = None,
+    ) -> subprocess.Popen:
         """Start ``command`` on a node (prefix it with :meth:`exec_prefix` yourself, or use
         :meth:`torchrun_command`); it is stopped by :meth:`close` if still running."""
         environment = {**os.environ, **(env or {}), **self.environment(node_rank)}
         handle = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
         try:
-            process = subprocess.Popen(list(command), env=environment, stdout=handle, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                list(command),
+                env=environment,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             if log:
                 handle.close()
         self._processes.append(process)
         return process
 
-    def run_torchrun(self, nproc_per_node: int, script: Sequence[str], env: dict[str, str] | None = None,
-                     logs: str | None = None, timeout_s: float = 600.0, **options) -> list[int]:
+    def run_torchrun(
+        self,
+        nproc_per_node: int,
+        script: Sequence[str],
+        env: dict[str, str] | None = None,
+        logs: str | None = None,
+        timeout_s: float = 600.0,
+        **options,
+    ) -> list[int]:
         """Launch torchrun on both nodes and wait; the exit codes of node A's and node B's launcher.
 
         On a timeout everything still running in the namespaces is stopped and ``TimeoutError``
@@ -451,8 +572,14 @@ class TwoNodes:
         processes = []
         for node_rank in (0, 1):
             log = os.path.join(logs, f"node{node_rank}.log") if logs else None
-            processes.append(self.start(node_rank, self.torchrun_command(node_rank, nproc_per_node, script, **options),
-                                        env=env, log=log))
+            processes.append(
+                self.start(
+                    node_rank,
+                    self.torchrun_command(node_rank, nproc_per_node, script, **options),
+                    env=env,
+                    log=log,
+                )
+            )
         deadline = time.monotonic() + timeout_s
         try:
             return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in processes]
@@ -468,10 +595,16 @@ class TwoNodes:
     def link_counters(self) -> dict[str, int]:
         """Bytes (headers included) sent each way across the link: the veth ``tx`` counters."""
         out = {}
-        for label, ns, device in (("a_to_b", self.namespaces[0], self.devices[0]),
-                                  ("b_to_a", self.namespaces[1], self.devices[1])):
-            text = self._run(["ip", "netns", "exec", ns, "cat", "/proc/net/dev"], check=True, capture_output=True,
-                             text=True).stdout
+        for label, ns, device in (
+            ("a_to_b", self.namespaces[0], self.devices[0]),
+            ("b_to_a", self.namespaces[1], self.devices[1]),
+        ):
+            text = self._run(
+                ["ip", "netns", "exec", ns, "cat", "/proc/net/dev"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             counters = parse_interface_counters(text, device)
             out[f"{label}_bytes"] = counters["tx_bytes"]
             out[f"{label}_packets"] = counters["tx_packets"]

@@ -89,8 +89,10 @@ def run_one(args) -> tuple:
 
 
 def table(results, algorithm, setting, grid) -> str:
-    lines = ["| compressor | " + " | ".join(f"eta={e:g}" for e in grid) + " | best | default |",
-             "|---" * (len(grid) + 3) + "|"]
+    lines = [
+        "| compressor | " + " | ".join(f"eta={e:g}" for e in grid) + " | best | default |",
+        "|---" * (len(grid) + 3) + "|",
+    ]
     baseline = results[("none", "", 0, setting)]
     lines.append(f"| (no gossip) | {baseline:.3g} |" + " |" * (len(grid) + 1))
     for name, build in COMPRESSORS.items():
@@ -98,12 +100,18 @@ def table(results, algorithm, setting, grid) -> str:
         best = min(range(len(grid)), key=lambda i: row[i])
         cells = [("**%.3g**" if i == best else "%.3g") % v for i, v in enumerate(row)]
         key = "choco" if algorithm == "ChocoSGD" else "deepsqueeze"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {grid[best]:g} | {default_consensus_step(key, build()):g} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {grid[best]:g} | {default_consensus_step(key, build()):g} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--dim", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1000)
@@ -112,19 +120,33 @@ def main() -> None:
     parser.add_argument("--settings", default="drift,consensus")
     args = parser.parse_args()
     settings = args.settings.split(",")
-    jobs = [(a, c, e, s, args.workers, args.dim, args.steps, args.topology)
-            for s in settings for a in ALGORITHMS for c in COMPRESSORS for e in STEPS_GRID]
-    jobs += [("DeepSqueeze", "fp16", 0, s, args.workers, args.dim, args.steps, args.topology) for s in settings]
+    jobs = [
+        (a, c, e, s, args.workers, args.dim, args.steps, args.topology)
+        for s in settings
+        for a in ALGORITHMS
+        for c in COMPRESSORS
+        for e in STEPS_GRID
+    ]
+    jobs += [
+        ("DeepSqueeze", "fp16", 0, s, args.workers, args.dim, args.steps, args.topology) for s in settings
+    ]
     started = time.perf_counter()
     with mp.get_context("spawn").Pool(args.processes) as pool:
-        results = {(a, c, e, s) if e else ("none", "", 0, s): v
-                   for (a, c, e, s, *_), v in pool.imap_unordered(run_one, jobs)}
+        results = {
+            (a, c, e, s) if e else ("none", "", 0, s): v
+            for (a, c, e, s, *_), v in pool.imap_unordered(run_one, jobs)
+        }
     topo = ec_hooks.Topology.make(args.topology, args.workers)
-    print(f"{args.workers} workers, topology {topo}, dim {args.dim}, {args.steps} steps, "
-          f"{time.perf_counter() - started:.0f} s\n")
+    print(
+        f"{args.workers} workers, topology {topo}, dim {args.dim}, {args.steps} steps, "
+        f"{time.perf_counter() - started:.0f} s\n"
+    )
     for setting in settings:
-        what = ("steady-state consensus distance / (sigma sqrt(dim)), lower is better" if setting == "drift"
-                else "final / initial consensus distance")
+        what = (
+            "steady-state consensus distance / (sigma sqrt(dim)), lower is better"
+            if setting == "drift"
+            else "final / initial consensus distance"
+        )
         for algorithm in ALGORITHMS:
             print(f"### {algorithm}, {setting}: {what}\n")
             print(table(results, algorithm, setting, STEPS_GRID) + "\n")

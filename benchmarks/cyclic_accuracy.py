@@ -118,10 +118,19 @@ def _first_phase_strategy():
         then the configured one; the memories carry over.  ``first_private``: ordinary
         (allgathered) top-k; ``first_density``: that density (default: the compressor's)."""
 
-        def __init__(self, first_steps: int = 33, first_density: float | None = None, first_private: bool = False,
-                     **kwargs):
+        def __init__(
+            self,
+            first_steps: int = 33,
+            first_density: float | None = None,
+            first_private: bool = False,
+            **kwargs,
+        ):
             super().__init__(**kwargs)
-            self.first_steps, self.first_density, self.first_private = first_steps, first_density, first_private
+            self.first_steps, self.first_density, self.first_private = (
+                first_steps,
+                first_density,
+                first_private,
+            )
 
         def _register_ddp_hooks(self) -> None:
             super()._register_ddp_hooks()
@@ -154,31 +163,54 @@ ROWS: dict[str, dict] = {
     "cyclic1": {"compressor": "cyclic_topk", "density": 0.01},  # the strategy's default
     "cyclic1_mc": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True},
     "cyclic1_ef": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": False},
-    "cyclic1_mc_masking": {"compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True,
-                           "momentum_masking": True},
+    "cyclic1_mc_masking": {
+        "compressor": "cyclic_topk",
+        "density": 0.01,
+        "momentum_correction": True,
+        "momentum_masking": True,
+    },
     "cyclic1_mc_filter0.9": {"compressor": _cyclic(memory_filter=0.9), "momentum_correction": True},
     "cyclic1_ef_filter0.9": {"compressor": _cyclic(memory_filter=0.9), "momentum_correction": False},
     "cyclic2_mc": {"compressor": "cyclic_topk", "density": 0.02, "momentum_correction": True},
     "cyclic2_ef": {"compressor": "cyclic_topk", "density": 0.02, "momentum_correction": False},
     "cyclic2_bf16": {"compressor": _cyclic(density=0.02, value_dtype="bf16")},
-    "cyclic1_history_mc": {"compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK"),
-                           "momentum_correction": True},
-    "cyclic1_history_ef": {"compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK"),
-                           "momentum_correction": False},
-    "cyclic1_global_oracle_mc": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
-                                 "momentum_correction": True},
-    "cyclic1_global_oracle_ef": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
-                                 "momentum_correction": False},
-    "cyclic1_ef_private33": ("cyclic_accuracy.FirstPhase", {"first_private": True, "compressor": "cyclic_topk",
-                                                            "density": 0.01, "momentum_correction": False}),
-    "cyclic1_mc_private33": ("cyclic_accuracy.FirstPhase", {"first_private": True, "compressor": "cyclic_topk",
-                                                            "density": 0.01, "momentum_correction": True}),
+    "cyclic1_history_mc": {
+        "compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK"),
+        "momentum_correction": True,
+    },
+    "cyclic1_history_ef": {
+        "compressor": _cyclic("cyclic_accuracy.HistoryInformedCyclicTopK"),
+        "momentum_correction": False,
+    },
+    "cyclic1_global_oracle_mc": {
+        "compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
+        "momentum_correction": True,
+    },
+    "cyclic1_global_oracle_ef": {
+        "compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"),
+        "momentum_correction": False,
+    },
+    "cyclic1_ef_private33": (
+        "cyclic_accuracy.FirstPhase",
+        {"first_private": True, "compressor": "cyclic_topk", "density": 0.01, "momentum_correction": False},
+    ),
+    "cyclic1_mc_private33": (
+        "cyclic_accuracy.FirstPhase",
+        {"first_private": True, "compressor": "cyclic_topk", "density": 0.01, "momentum_correction": True},
+    ),
     # the density warm-up of the topk1 recipe (1.5625% for the first half of the run, then 1%)
-    "topk1_ramp66": ("cyclic_accuracy.FirstPhase", {"first_steps": 66, "first_density": 0.015625,
-                                                    "compressor": "topk", "density": 0.01}),
-    "cyclic1_ef_ramp66": ("cyclic_accuracy.FirstPhase", {"first_steps": 66, "first_density": 0.015625,
-                                                         "compressor": "cyclic_topk", "density": 0.01}),
-    "topk1_sparse_allreduce": ("cyclic_accuracy.WithSparseAllreduce", {"compressor": "topk", "density": 0.01}),
+    "topk1_ramp66": (
+        "cyclic_accuracy.FirstPhase",
+        {"first_steps": 66, "first_density": 0.015625, "compressor": "topk", "density": 0.01},
+    ),
+    "cyclic1_ef_ramp66": (
+        "cyclic_accuracy.FirstPhase",
+        {"first_steps": 66, "first_density": 0.015625, "compressor": "cyclic_topk", "density": 0.01},
+    ),
+    "topk1_sparse_allreduce": (
+        "cyclic_accuracy.WithSparseAllreduce",
+        {"compressor": "topk", "density": 0.01},
+    ),
 }
 
 
@@ -199,8 +231,14 @@ def run(names: list[str], seeds: list[int], devices: int, out_dir: Path) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         write_configs(names, Path(tmp))
         for seed in seeds:
-            for r in compare(names, "digits", devices, overrides=["--seed_everything", str(seed)], config_dir=tmp,
-                             out_dir=out_dir / f"seed{seed}"):
+            for r in compare(
+                names,
+                "digits",
+                devices,
+                overrides=["--seed_everything", str(seed)],
+                config_dir=tmp,
+                out_dir=out_dir / f"seed{seed}",
+            ):
                 if r.error:
                     raise RuntimeError(f"{r.method} (seed {seed}) failed: {r.error}")
                 results[r.method].append(r)
@@ -210,7 +248,9 @@ def run(names: list[str], seeds: list[int], devices: int, out_dir: Path) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help=f"rows; default: all of {list(ROWS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--devices", type=int, default=4)
@@ -221,8 +261,11 @@ def main() -> None:
         parser.error(f"--rows: unknown {unknown}; rows: {list(ROWS)}")
     started = time.perf_counter()
     table = digits_table(run(args.rows, args.seeds, args.devices, Path(args.out_dir)))
-    print(f"\ndigits, {args.devices} gloo ranks, seeds {args.seeds}, 132 steps "
-          f"({time.perf_counter() - started:.0f} s)\n\n{table}\n", flush=True)
+    print(
+        f"\ndigits, {args.devices} gloo ranks, seeds {args.seeds}, 132 steps "
+        f"({time.perf_counter() - started:.0f} s)\n\n{table}\n",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import ec_hooks  # noqa: E402
 from ec_hooks.gossip import DPSGD, ChocoSGD, DeepSqueeze, simulate_step  # noqa: E402
 
-CASES = (("ChocoSGD", ChocoSGD, lambda: ec_hooks.TopK(0.1)), ("DeepSqueeze", DeepSqueeze, lambda: ec_hooks.TopK(0.1)),
-         ("DPSGD", DPSGD, lambda: None))
+CASES = (
+    ("ChocoSGD", ChocoSGD, lambda: ec_hooks.TopK(0.1)),
+    ("DeepSqueeze", DeepSqueeze, lambda: ec_hooks.TopK(0.1)),
+    ("DPSGD", DPSGD, lambda: None),
+)
 
 
 def distance(models: torch.Tensor) -> float:
@@ -51,9 +54,12 @@ def run(cls, compressor, dtype, noise: float, workers: int, numel: int, steps: i
         simulate_step(gossips)
     stored = torch.stack([p[0].double() for p in params])
     mixed = torch.stack([g._flatten().double() for g in gossips])  # the master copy where there is one
-    return {"distance_params": distance(stored), "distance_mixed": distance(mixed),
-            "drift_params": float((stored.mean(dim=0) - expected).abs().max()),
-            "drift_mixed": float((mixed.mean(dim=0) - expected).abs().max())}
+    return {
+        "distance_params": distance(stored),
+        "distance_mixed": distance(mixed),
+        "drift_params": float((stored.mean(dim=0) - expected).abs().max()),
+        "drift_mixed": float((mixed.mean(dim=0) - expected).abs().max()),
+    }
 
 
 def main(argv=None) -> None:
@@ -63,18 +69,25 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"{args.workers} workers on a ring, {args.numel} entries, {args.steps} steps; distance = consensus "
-          "distance, drift = max |mean model - where the local steps put it|\n")
-    print("| algorithm | dtype | local steps | distance (parameters) | distance (mixed model) "
-          "| drift (parameters) | drift (mixed model) |")
+    print(
+        f"{args.workers} workers on a ring, {args.numel} entries, {args.steps} steps; distance = consensus "
+        "distance, drift = max |mean model - where the local steps put it|\n"
+    )
+    print(
+        "| algorithm | dtype | local steps | distance (parameters) | distance (mixed model) "
+        "| drift (parameters) | drift (mixed model) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, cls, compressor in CASES:
         for noise in (0.0, 0.01):
             for dtype in (torch.float32, torch.bfloat16):
                 r = run(cls, compressor(), dtype, noise, args.workers, args.numel, args.steps)
-                print(f"| {name} | {str(dtype).removeprefix('torch.')} | {'yes' if noise else 'no'} "
-                      f"| {r['distance_params']:.3g} | {r['distance_mixed']:.3g} | {r['drift_params']:.3g} "
-                      f"| {r['drift_mixed']:.3g} |", flush=True)
+                print(
+                    f"| {name} | {str(dtype).removeprefix('torch.')} | {'yes' if noise else 'no'} "
+                    f"| {r['distance_params']:.3g} | {r['distance_mixed']:.3g} | {r['drift_params']:.3g} "
+                    f"| {r['drift_mixed']:.3g} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,9 @@ def make_shard(rank: int, world_size: int, dim: int, samples: int):
 
 
 def loss_fn(w, b, features, labels, l2):
-    return (torch.nn.functional.binary_cross_entropy_with_logits(features @ w + b, labels)
-            + 0.5 * l2 * (w.pow(2).sum() + b.pow(2).sum()))
+    return torch.nn.functional.binary_cross_entropy_with_logits(features @ w + b, labels) + 0.5 * l2 * (
+        w.pow(2).sum() + b.pow(2).sum()
+    )
 
 
 def _worker(rank, world_size, port, args, queue):
@@ -122,15 +123,27 @@ def _worker(rank, world_size, port, args, queue):
             final = loss_fn(mean[0], mean[1], features, labels, l2).reshape(1)
         dist.all_reduce(final)
         name = "allreduce SGD" if cls is None else cls.__name__
-        rows.append((name, compressor_name, eta if gossip is None or eta is not None else gossip.consensus_step,
-                     float(final) / world_size, distance, bytes_per_step, dense, seconds))
+        rows.append(
+            (
+                name,
+                compressor_name,
+                eta if gossip is None or eta is not None else gossip.consensus_step,
+                float(final) / world_size,
+                distance,
+                bytes_per_step,
+                dense,
+                seconds,
+            )
+        )
     if rank == 0:
         queue.put(rows)
     dist.destroy_process_group()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument("--topology", default="ring")
     parser.add_argument("--dim", type=int, default=2000)
@@ -141,8 +154,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default consensus steps only")
     parser.add_argument("--algorithms", default="DeepSqueeze,ChocoSGD")
     parser.add_argument("--compressors", default="", help=f"comma-separated subset of {list(COMPRESSORS)}")
-    parser.add_argument("--consensus-steps", default="",
-                        help="comma-separated steps to try (default: the default, 4x and 1/4 of it)")
+    parser.add_argument(
+        "--consensus-steps",
+        default="",
+        help="comma-separated steps to try (default: the default, 4x and 1/4 of it)",
+    )
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,22 +166,31 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     started = time.perf_counter()
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue)) for r in range(args.world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, args.world_size, port, args, queue))
+        for r in range(args.world_size)
+    ]
     for p in procs:
         p.start()
     rows = queue.get()
     for p in procs:
         p.join()
     topology = ec_hooks.Topology.make(args.topology, args.world_size)
-    print(f"{args.world_size} workers, {topology}, dim {args.dim}, {args.samples} samples per worker, batch "
-          f"{args.batch_size}, lr {args.lr}, {args.steps} steps ({time.perf_counter() - started:.0f} s)\n")
+    print(
+        f"{args.world_size} workers, {topology}, dim {args.dim}, {args.samples} samples per worker, batch "
+        f"{args.batch_size}, lr {args.lr}, {args.steps} steps ({time.perf_counter() - started:.0f} s)\n"
+    )
     reference = rows[0][3]
-    print("| algorithm | compressor | consensus step | final loss | vs allreduce | consensus distance "
-          "| bytes/step/worker | vs dense allreduce |")
+    print(
+        "| algorithm | compressor | consensus step | final loss | vs allreduce | consensus distance "
+        "| bytes/step/worker | vs dense allreduce |"
+    )
     print("|---|---|---|---|---|---|---|---|")
-    defaults = {(cls.__name__, name): default_consensus_step(key, build())
-                for cls, key in ((ec_hooks.DeepSqueeze, "deepsqueeze"), (ec_hooks.ChocoSGD, "choco"))
-                for name, build in COMPRESSORS.items()}
+    defaults = {
+        (cls.__name__, name): default_consensus_step(key, build())
+        for cls, key in ((ec_hooks.DeepSqueeze, "deepsqueeze"), (ec_hooks.ChocoSGD, "choco"))
+        for name, build in COMPRESSORS.items()
+    }
     for name, compressor, eta, loss, distance, sent, dense, _ in rows:
         step = "-" if eta is None else f"{eta:g}"
         if defaults.get((name, compressor)) == eta:
@@ -174,7 +199,9 @@ def main() -> None:
             result = f"{loss:.4f} | {100 * (loss - reference) / reference:+.2f}%"
         else:
             result = "diverged | -"
-        print(f"| {name} | {compressor} | {step} | {result} | {distance:.3g} | {sent:,.0f} | {sent / dense:.3g}x |")
+        print(
+            f"| {name} | {compressor} | {step} | {result} | {distance:.3g} | {sent:,.0f} | {sent / dense:.3g}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,13 +32,23 @@ sys.path.insert(0, ROOT)
 import ec_hooks  # noqa: E402
 from ec_hooks import gossip as current  # noqa: E402
 
-COMPRESSORS = {"topk": lambda: ec_hooks.TopK(0.01), "identity": ec_hooks.Identity, "sign": ec_hooks.ScaledSign}
+COMPRESSORS = {
+    "topk": lambda: ec_hooks.TopK(0.01),
+    "identity": ec_hooks.Identity,
+    "sign": ec_hooks.ScaledSign,
+}
 
 
 def _module_at(revision: str):
-    source = subprocess.run(["git", "-C", ROOT, "show", f"{revision}:ec_hooks/gossip.py"], capture_output=True,
-                            text=True, check=True).stdout
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"gossip_{revision}", loader=None))
+    source = subprocess.run(
+        ["git", "-C", ROOT, "show", f"{revision}:ec_hooks/gossip.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_loader(f"gossip_{revision}", loader=None)
+    )
     exec(compile(source, f"gossip@{revision}", "exec"), module.__dict__)
     return module
 
@@ -69,8 +79,10 @@ def _measure(module, algorithm: str, compressor, workers: int, numel: int, steps
         times.append(time.perf_counter() - started)
     with _quiet_stdout(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         module.simulate_step(group)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
     live = peak = allocated = big = 0
     for event in events:
         live += event.nbytes()
@@ -87,30 +99,43 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=10_000_000)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--algorithms", nargs="+", default=["ChocoSGD", "DeepSqueeze"],
-                        choices=["ChocoSGD", "DeepSqueeze", "DPSGD"])
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=["ChocoSGD", "DeepSqueeze"],
+        choices=["ChocoSGD", "DeepSqueeze", "DPSGD"],
+    )
     parser.add_argument("--compressors", nargs="+", default=["topk", "identity"], choices=sorted(COMPRESSORS))
-    parser.add_argument("--against", default=None, help="a git revision whose ec_hooks/gossip.py to compare with")
+    parser.add_argument(
+        "--against", default=None, help="a git revision whose ec_hooks/gossip.py to compare with"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     versions = [("this checkout", current)]
     if args.against:
         versions.insert(0, (args.against, _module_at(args.against)))
-    print(f"{args.workers} simulated workers on a ring, {args.numel:,} fp32 parameters each, "
-          f"{args.threads} threads; per step of all workers\n")
-    print("| algorithm | compressor | version | step (ms) | peak extra (MiB) | allocated / step (MiB) | allocations >= 1 MiB |")
+    print(
+        f"{args.workers} simulated workers on a ring, {args.numel:,} fp32 parameters each, "
+        f"{args.threads} threads; per step of all workers\n"
+    )
+    print(
+        "| algorithm | compressor | version | step (ms) | peak extra (MiB) | allocated / step (MiB) | allocations >= 1 MiB |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     for algorithm in args.algorithms:
         for name in args.compressors if algorithm != "DPSGD" else ["identity"]:
             runs: dict[str, list] = {}
             for label, module in versions * 2:  # alternated, so both see the same load
                 runs.setdefault(label, []).append(
-                    _measure(module, algorithm, COMPRESSORS[name](), args.workers, args.numel, args.steps))
+                    _measure(module, algorithm, COMPRESSORS[name](), args.workers, args.numel, args.steps)
+                )
             for label, results in runs.items():
                 seconds = min(r[0] for r in results)
                 _, peak, allocated, big = results[-1]
-                print(f"| {algorithm} | {name} | {label} | {seconds * 1e3:.0f} | {peak / 2**20:.1f} | "
-                      f"{allocated / 2**20:.1f} | {big} |")
+                print(
+                    f"| {algorithm} | {name} | {label} | {seconds * 1e3:.0f} | {peak / 2**20:.1f} | "
+                    f"{allocated / 2**20:.1f} | {big} |"
+                )
 
 
 if __name__ == "__main__":

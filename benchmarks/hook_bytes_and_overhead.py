@@ -32,7 +32,9 @@ METHODS = {
     "allreduce (DDP default)": None,
     "top-k 1%": lambda: ec_hooks.TopK(0.01),
     "top-k 1% delta16": lambda: ec_hooks.TopK(0.01, index_encoding="delta16"),
-    "top-k 1% delta16 + bf16 values": lambda: ec_hooks.TopK(0.01, index_encoding="delta16", value_dtype="bf16"),
+    "top-k 1% delta16 + bf16 values": lambda: ec_hooks.TopK(
+        0.01, index_encoding="delta16", value_dtype="bf16"
+    ),
     "top-k 0.1%": lambda: ec_hooks.TopK(0.001),
     "rand-k 1%": lambda: ec_hooks.RandK(0.01),
     "rand-k 0.1%": lambda: ec_hooks.RandK(0.001),
@@ -93,17 +95,23 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args.steps, args.batch_size, queue))
-             for r in range(args.world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, args.world_size, port, args.steps, args.batch_size, queue))
+        for r in range(args.world_size)
+    ]
     for p in procs:
         p.start()
     numel, rows = queue.get()
     for p in procs:
         p.join()
     base = rows[0][3]
-    print(f"ResNet-20: {numel:,} parameters, {args.world_size} gloo ranks, batch {args.batch_size}/rank, "
-          f"{args.steps} steps, one thread per rank\n")
-    print("| method | bytes sent / step / worker | compression ratio | median step (ms) | step time vs allreduce |")
+    print(
+        f"ResNet-20: {numel:,} parameters, {args.world_size} gloo ranks, batch {args.batch_size}/rank, "
+        f"{args.steps} steps, one thread per rank\n"
+    )
+    print(
+        "| method | bytes sent / step / worker | compression ratio | median step (ms) | step time vs allreduce |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, sent, ratio, step in rows:
         print(f"| {name} | {sent:,} | {ratio:.1f}x | {step * 1e3:.1f} | {step / base:.2f} |")

@@ -85,13 +85,18 @@ def rows() -> dict[str, tuple[dict, dict]]:
     out = {"ddp": (DDP_STRATEGY, {})}
     for name, compressor in COMPRESSORS.items():
         for variant, extra in VARIANTS.items():
-            if ("density_warmup_steps" in extra and "density" not in compressor) or (
-                    variant == "mc_masking" and name != "topk1") or ("ramp" in variant and "topk" not in name):
+            if (
+                ("density_warmup_steps" in extra and "density" not in compressor)
+                or (variant == "mc_masking" and name != "topk1")
+                or ("ramp" in variant and "topk" not in name)
+            ):
                 continue  # the warm-up ramps a density (sign has none); masking is measured on top-1%, ramps on top-k
             out[f"{name}_{variant}"] = ({"class_path": MEMSGD, "init_args": {**compressor, **extra}}, {})
     topk1 = {"class_path": MEMSGD, "init_args": COMPRESSORS["topk1"]}
-    out["topk1_mc_wd_in_optimizer"] = ({"class_path": WEIGHT_DECAY_IN_OPTIMIZER, "init_args": COMPRESSORS["topk1"]},
-                                       {})
+    out["topk1_mc_wd_in_optimizer"] = (
+        {"class_path": WEIGHT_DECAY_IN_OPTIMIZER, "init_args": COMPRESSORS["topk1"]},
+        {},
+    )
     out["ddp_nesterov"] = (DDP_STRATEGY, NESTEROV)
     out["topk1_mc_nesterov"] = (topk1, NESTEROV)
     out["ddp_adam"] = (DDP_STRATEGY, ADAM)
@@ -124,7 +129,11 @@ def write_configs(names: list[str], directory: Path) -> None:
     base = yaml.safe_load(BASE_CONFIG.read_text())
     for name in names:
         strategy, model = rows()[name]
-        config = {**base, "trainer": {**base["trainer"], "strategy": strategy}, "model": {**base["model"], **model}}
+        config = {
+            **base,
+            "trainer": {**base["trainer"], "strategy": strategy},
+            "model": {**base["model"], **model},
+        }
         (directory / f"digits_{name}.yaml").write_text(yaml.safe_dump(config))
 
 
@@ -135,8 +144,14 @@ def run_digits(names: list[str], seeds: list[int], devices: int, out_dir: Path) 
     with tempfile.TemporaryDirectory() as tmp:
         write_configs(names, Path(tmp))
         for seed in seeds:
-            for r in compare(names, "digits", devices, overrides=["--seed_everything", str(seed)], config_dir=tmp,
-                             out_dir=out_dir / f"seed{seed}"):
+            for r in compare(
+                names,
+                "digits",
+                devices,
+                overrides=["--seed_everything", str(seed)],
+                config_dir=tmp,
+                out_dir=out_dir / f"seed{seed}",
+            ):
                 if r.error:
                     raise RuntimeError(f"{r.method} (seed {seed}) failed: {r.error}")
                 results[r.method].append(r)
@@ -152,9 +167,12 @@ def _fmt(values: list[float]) -> tuple[str, str, str]:
 
 
 def digits_table(results: dict[str, list]) -> str:
-    lines = ["| row | final acc. mean | std | min | " + " | ".join(f"acc. epoch {e}" for e in EPOCHS_SHOWN)
-             + " | bytes / step / worker |",
-             "|---|---:|---:|---:|" + "---:|" * len(EPOCHS_SHOWN) + "---:|"]
+    lines = [
+        "| row | final acc. mean | std | min | "
+        + " | ".join(f"acc. epoch {e}" for e in EPOCHS_SHOWN)
+        + " | bytes / step / worker |",
+        "|---|---:|---:|---:|" + "---:|" * len(EPOCHS_SHOWN) + "---:|",
+    ]
     for name, runs in results.items():
         mean, spread, low = _fmt([r.accuracy for r in runs])
         at = []
@@ -198,7 +216,9 @@ def _logreg_worker(rank, world_size, port, steps, lr, batch, queue):
             torch.nn.init.zeros_(model.weight)
             ddp = DDP(model)
             if compressor is not None:
-                state = ec_hooks.ErrorFeedbackState(compressor=ec_hooks.TopK(0.01), module=ddp, momentum=hook_momentum)
+                state = ec_hooks.ErrorFeedbackState(
+                    compressor=ec_hooks.TopK(0.01), module=ddp, momentum=hook_momentum
+                )
                 ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
             opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=optimizer_momentum, weight_decay=lam)
             g = torch.Generator().manual_seed(rank)
@@ -227,8 +247,10 @@ def run_logreg(world_size: int = 4, steps: int = 600, lr: float = 2.0, batch: in
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_logreg_worker, args=(r, world_size, port, steps, lr, batch, queue))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_logreg_worker, args=(r, world_size, port, steps, lr, batch, queue))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     try:
@@ -241,14 +263,25 @@ def run_logreg(world_size: int = 4, steps: int = 600, lr: float = 2.0, batch: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(rows()),
-                        help=f"digits rows ('none' for no digits run); default: all of {list(rows())}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=list(rows()),
+        help=f"digits rows ('none' for no digits run); default: all of {list(rows())}",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--logreg", action="store_true", help="also run the logistic-regression check")
-    parser.add_argument("--logreg_lrs", nargs="+", type=float, default=[2.0],
-                        help="step sizes of the logistic-regression check (one column each; default 2.0)")
+    parser.add_argument(
+        "--logreg_lrs",
+        nargs="+",
+        type=float,
+        default=[2.0],
+        help="step sizes of the logistic-regression check (one column each; default 2.0)",
+    )
     parser.add_argument("--out_dir", default="runs/memsgd_accuracy")
     args = parser.parse_args()
     names = [] if args.rows == ["none"] else args.rows
@@ -258,16 +291,26 @@ def main() -> None:
     started = time.perf_counter()
     if names:
         table = digits_table(run_digits(names, args.seeds, args.devices, Path(args.out_dir)))
-        print(f"\ndigits, {args.devices} gloo ranks, seeds {args.seeds}, 132 steps "
-              f"({time.perf_counter() - started:.0f} s)\n\n{table}\n", flush=True)
+        print(
+            f"\ndigits, {args.devices} gloo ranks, seeds {args.seeds}, 132 steps "
+            f"({time.perf_counter() - started:.0f} s)\n\n{table}\n",
+            flush=True,
+        )
     if args.logreg:
         by_lr = [run_logreg(lr=lr) for lr in args.logreg_lrs]
         f_star = by_lr[0].pop("f*")
-        print("logistic regression (dense, n=4,000, d=2,000), 4 gloo ranks, batch 8 per rank, 600 steps; "
-              f"f* = {f_star:.5f}; f - f* at each step size\n\n| method | "
-              + " | ".join(f"lr {lr:g}" for lr in args.logreg_lrs) + " |\n|---|" + "---:|" * len(args.logreg_lrs))
+        print(
+            "logistic regression (dense, n=4,000, d=2,000), 4 gloo ranks, batch 8 per rank, 600 steps; "
+            f"f* = {f_star:.5f}; f - f* at each step size\n\n| method | "
+            + " | ".join(f"lr {lr:g}" for lr in args.logreg_lrs)
+            + " |\n|---|"
+            + "---:|" * len(args.logreg_lrs)
+        )
         for name in LOGREG_METHODS:
-            cells = [f"{losses[name] - f_star:.5f}" if math.isfinite(losses[name]) else "diverged" for losses in by_lr]
+            cells = [
+                f"{losses[name] - f_star:.5f}" if math.isfinite(losses[name]) else "diverged"
+                for losses in by_lr
+            ]
             print(f"| {name} | " + " | ".join(cells) + " |")
 
 

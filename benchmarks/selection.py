@@ -118,7 +118,11 @@ def run_case(device, n, density, repeat, warmup, grad_dtype, timer, bandwidth):
     # host runs ahead of the device, so launch overhead hides behind the device work.
     pipelined = {}
     for name, (kind, fn) in methods.items():
-        call = (lambda m=memories[name], fn=fn, g=g, k=k: fn(m, g, k)) if kind == "ef" else (lambda fn=fn, x=x, k=k: fn(x, k))
+        call = (
+            (lambda m=memories[name], fn=fn, g=g, k=k: fn(m, g, k))
+            if kind == "ef"
+            else (lambda fn=fn, x=x, k=k: fn(x, k))
+        )
         pipelined[name] = timer(lambda call=call: [call() for _ in range(repeat)]) / repeat
     rows = []
     base, select_base = BASELINE, "select, torch.topk"
@@ -126,13 +130,21 @@ def run_case(device, n, density, repeat, warmup, grad_dtype, timer, bandwidth):
         seconds = statistics.median(times[name])
         nbytes = (12 if kind == "ef" else 4) * n
         reference = base if kind == "ef" else select_base
-        rows.append({
-            "device": device.type, "n": n, "density": density, "k": k, "method": name,
-            "seconds": seconds, "pipelined": pipelined[name], "gbps": nbytes / pipelined[name] / 1e9,
-            "speedup": statistics.median(times[reference]) / seconds,
-            "speedup_pipelined": pipelined[reference] / pipelined[name],
-            "x_bound": pipelined[name] / (nbytes / bandwidth),
-        })
+        rows.append(
+            {
+                "device": device.type,
+                "n": n,
+                "density": density,
+                "k": k,
+                "method": name,
+                "seconds": seconds,
+                "pipelined": pipelined[name],
+                "gbps": nbytes / pipelined[name] / 1e9,
+                "speedup": statistics.median(times[reference]) / seconds,
+                "speedup_pipelined": pipelined[reference] / pipelined[name],
+                "x_bound": pipelined[name] / (nbytes / bandwidth),
+            }
+        )
     return rows
 
 
@@ -166,8 +178,10 @@ def profile(device: torch.device, n: int, density: float, grad_dtype: torch.dtyp
             fn()
         timer = Timer(device)
         replay = statistics.median(timer(graph.replay) for _ in range(30))
-        print(f"{name}, n={n:,}, k={k:,}: host {host * 1e6:.0f} us/call, wall {wall * 1e6:.0f} us/call, "
-              f"graph replay {replay * 1e6:.0f} us")
+        print(
+            f"{name}, n={n:,}, k={k:,}: host {host * 1e6:.0f} us/call, wall {wall * 1e6:.0f} us/call, "
+            f"graph replay {replay * 1e6:.0f} us"
+        )
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             steps["EF step, CUDA kernels"]()
@@ -180,18 +194,28 @@ def format_time(seconds: float) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", default="cpu" + (",cuda" if torch.cuda.is_available() else ""),
-                        help="comma-separated: cpu, cuda")
-    parser.add_argument("--sizes", default="1M,10M", help="comma-separated entry counts, e.g. 1M,10M,25M,100M")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--devices",
+        default="cpu" + (",cuda" if torch.cuda.is_available() else ""),
+        help="comma-separated: cpu, cuda",
+    )
+    parser.add_argument(
+        "--sizes", default="1M,10M", help="comma-separated entry counts, e.g. 1M,10M,25M,100M"
+    )
     parser.add_argument("--densities", default="0.001,0.01,0.1", help="comma-separated fractions kept")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions (default: 5 CPU, 30 GPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--grad-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", default=None, help="also write the rows to this file")
-    parser.add_argument("--profile", action="store_true",
-                        help="CUDA only: host time, graph-replay time and per-kernel times at the first size/density")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA only: host time, graph-replay time and per-kernel times at the first size/density",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -218,19 +242,26 @@ def main(argv=None) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 last = rows[-4:]
-                print(f"# {device.type} n={n} density={density}: "
-                      + ", ".join(f"{r['method']} {format_time(r['seconds'])}" for r in last), file=sys.stderr)
+                print(
+                    f"# {device.type} n={n} density={density}: "
+                    + ", ".join(f"{r['method']} {format_time(r['seconds'])}" for r in last),
+                    file=sys.stderr,
+                )
     print(f"torch {torch.__version__}; grad dtype {args.grad_dtype}; median of the timed repetitions")
     for line in header:
         print(f"- {line}")
     print()
-    print("| device | entries | density | method | one call | speed-up | back to back, per call | speed-up "
-          "| GB/s | x bandwidth bound |")
+    print(
+        "| device | entries | density | method | one call | speed-up | back to back, per call | speed-up "
+        "| GB/s | x bandwidth bound |"
+    )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['device']} | {r['n']:,} | {r['density']:g} | {r['method']} | {format_time(r['seconds'])} | "
-              f"{r['speedup']:.1f}x | {format_time(r['pipelined'])} | {r['speedup_pipelined']:.1f}x | "
-              f"{r['gbps']:.1f} | {r['x_bound']:.1f} |")
+        print(
+            f"| {r['device']} | {r['n']:,} | {r['density']:g} | {r['method']} | {format_time(r['seconds'])} | "
+            f"{r['speedup']:.1f}x | {format_time(r['pipelined'])} | {r['speedup_pipelined']:.1f}x | "
+            f"{r['gbps']:.1f} | {r['x_bound']:.1f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)

@@ -76,8 +76,14 @@ MODES = ("step-time", "time-to-accuracy")
 MODELS = ("mlp", "resnet18", "resnet20")
 #: bytes of framing the loopback counts per packet: Ethernet 14, IPv4 20, TCP 20 + 12 of timestamps
 FRAME_HEADER_BYTES = 66
-DEFAULT_TTA_METHODS = ("allreduce", "fp16", "powersgd_r4", "memsgd_topk_1pct", "memsgd_cyclic_topk_1pct",
-                       "deepsqueeze_ring")
+DEFAULT_TTA_METHODS = (
+    "allreduce",
+    "fp16",
+    "powersgd_r4",
+    "memsgd_topk_1pct",
+    "memsgd_cyclic_topk_1pct",
+    "deepsqueeze_ring",
+)
 
 
 # ---------------------------------------------------------------------------------------- methods
@@ -99,30 +105,64 @@ class Method:
     extra_transports: tuple[str, ...] = ()
 
 
-METHODS = {m.name: m for m in (
-    Method("compute_only", "no communication (compute floor)", "none"),
-    Method("allreduce", "DDP allreduce", "ddp"),
-    Method("fp16", "DDP fp16_compress_hook", "ddp"),
-    Method("powersgd_r2", "torch PowerSGD rank 2", "ddp"),
-    Method("powersgd_r4", "torch PowerSGD rank 4", "ddp"),
-    Method("memsgd_topk_1pct", "Mem-SGD top-k 1%", "hook", density=0.01),
-    Method("memsgd_topk_0.1pct", "Mem-SGD top-k 0.1%", "hook", density=0.001),
-    Method("memsgd_topk_1pct_delta16", "Mem-SGD top-k 1%, delta16 indices", "hook", density=0.01,
-           topk_options=(("index_encoding", "delta16"),)),
-    Method("memsgd_topk_1pct_delta16_bf16", "Mem-SGD top-k 1%, delta16 indices + bf16 values", "hook", density=0.01,
-           topk_options=(("index_encoding", "delta16"), ("value_dtype", "bf16"))),
-    Method("memsgd_cyclic_topk_1pct", "Mem-SGD shared-index (cyclic) top-k 1%", "hook", ("CyclicTopK",), 0.01),
-    Method("memsgd_cyclic_topk_1pct_bf16", "Mem-SGD shared-index (cyclic) top-k 1%, bf16 values", "hook",
-           ("CyclicTopK",), 0.01, topk_options=(("value_dtype", "bf16"),)),
-    Method("memsgd_cyclic_topk_2pct", "Mem-SGD shared-index (cyclic) top-k 2%", "hook", ("CyclicTopK",), 0.02),
-    Method("memsgd_topk_1pct_sparse", "Mem-SGD top-k 1%, sparse allreduce (Ok-Topk)", "hook", density=0.01,
-           extra_transports=("SparseAllreduce",)),
-    Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
-    Method("ef_sign", "error-feedback scaled sign", "hook"),
-    Method("deepsqueeze_ring", "DeepSqueeze top-k 1%, ring", "gossip", ("DeepSqueeze",), 0.01),
-    Method("deepsqueeze_one_peer_exp", "DeepSqueeze top-k 1%, one-peer exp.", "gossip", ("DeepSqueeze",), 0.01),
-    Method("choco_ring", "CHOCO-SGD top-k 1%, ring", "gossip", ("ChocoSGD",), 0.01),
-)}
+METHODS = {
+    m.name: m
+    for m in (
+        Method("compute_only", "no communication (compute floor)", "none"),
+        Method("allreduce", "DDP allreduce", "ddp"),
+        Method("fp16", "DDP fp16_compress_hook", "ddp"),
+        Method("powersgd_r2", "torch PowerSGD rank 2", "ddp"),
+        Method("powersgd_r4", "torch PowerSGD rank 4", "ddp"),
+        Method("memsgd_topk_1pct", "Mem-SGD top-k 1%", "hook", density=0.01),
+        Method("memsgd_topk_0.1pct", "Mem-SGD top-k 0.1%", "hook", density=0.001),
+        Method(
+            "memsgd_topk_1pct_delta16",
+            "Mem-SGD top-k 1%, delta16 indices",
+            "hook",
+            density=0.01,
+            topk_options=(("index_encoding", "delta16"),),
+        ),
+        Method(
+            "memsgd_topk_1pct_delta16_bf16",
+            "Mem-SGD top-k 1%, delta16 indices + bf16 values",
+            "hook",
+            density=0.01,
+            topk_options=(("index_encoding", "delta16"), ("value_dtype", "bf16")),
+        ),
+        Method(
+            "memsgd_cyclic_topk_1pct", "Mem-SGD shared-index (cyclic) top-k 1%", "hook", ("CyclicTopK",), 0.01
+        ),
+        Method(
+            "memsgd_cyclic_topk_1pct_bf16",
+            "Mem-SGD shared-index (cyclic) top-k 1%, bf16 values",
+            "hook",
+            ("CyclicTopK",),
+            0.01,
+            topk_options=(("value_dtype", "bf16"),),
+        ),
+        Method(
+            "memsgd_cyclic_topk_2pct", "Mem-SGD shared-index (cyclic) top-k 2%", "hook", ("CyclicTopK",), 0.02
+        ),
+        Method(
+            "memsgd_topk_1pct_sparse",
+            "Mem-SGD top-k 1%, sparse allreduce (Ok-Topk)",
+            "hook",
+            density=0.01,
+            extra_transports=("SparseAllreduce",),
+        ),
+        Method("memsgd_randk_1pct", "Mem-SGD rand-k 1%", "hook", density=0.01),
+        Method("ef_sign", "error-feedback scaled sign", "hook"),
+        Method("deepsqueeze_ring", "DeepSqueeze top-k 1%, ring", "gossip", ("DeepSqueeze",), 0.01),
+        Method(
+            "deepsqueeze_one_peer_exp",
+            "DeepSqueeze top-k 1%, one-peer exp.",
+            "gossip",
+            ("DeepSqueeze",),
+            0.01,
+        ),
+        Method("choco_ring", "CHOCO-SGD top-k 1%, ring", "gossip", ("ChocoSGD",), 0.01),
+    )
+}
 DEFAULT_METHODS = tuple(METHODS)
 
 
@@ -182,8 +222,14 @@ class MethodRun:
     """A method set up on one rank: its DDP model, what runs after ``optimizer.step()``, and
     its communication figures."""
 
-    def __init__(self, method: Method, model: nn.Module, world_size: int, powersgd_start_iter: int = 2,
-                 skip_powersgd_warmup: bool = True) -> None:
+    def __init__(
+        self,
+        method: Method,
+        model: nn.Module,
+        world_size: int,
+        powersgd_start_iter: int = 2,
+        skip_powersgd_warmup: bool = True,
+    ) -> None:
         self.method = method
         self.world_size = world_size
         self.stats = None
@@ -193,15 +239,20 @@ class MethodRun:
         self.bucket_numels: list[int] = []
         numel = sum(p.numel() for p in model.parameters())
         self.dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.ddp = DistributedDataParallel(model, broadcast_buffers=False, init_sync=False,
-                                           gradient_as_bucket_view=True)
+        self.ddp = DistributedDataParallel(
+            model, broadcast_buffers=False, init_sync=False, gradient_as_bucket_view=True
+        )
         ring_factor = 2 * (world_size - 1) / world_size  # bytes a worker sends in a ring allreduce, per byte
         name, kind = method.name, method.kind
         if kind == "none":
             self.ddp.register_comm_hook(None, ec_hooks.local_hook)
             self._bytes, self.bytes_source, self.wire_factor = (lambda: 0), "none", 0.0
         elif name == "allreduce":
-            self._bytes, self.bytes_source, self.wire_factor = (lambda: self.dense_bytes), "analytic", ring_factor
+            self._bytes, self.bytes_source, self.wire_factor = (
+                (lambda: self.dense_bytes),
+                "analytic",
+                ring_factor,
+            )
         elif name == "fp16":
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -212,12 +263,19 @@ class MethodRun:
 
             rank = int(name.rsplit("_r", 1)[1])
             self.powersgd_state = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=powersgd_start_iter,
-                min_compression_rate=2, use_error_feedback=True, warm_start=True)
+                process_group=None,
+                matrix_approximation_rank=rank,
+                start_powerSGD_iter=powersgd_start_iter,
+                min_compression_rate=2,
+                use_error_feedback=True,
+                warm_start=True,
+            )
             if skip_powersgd_warmup:
                 # Its allreduce warm-up only matters for convergence; step time is measured compressed.
                 self.powersgd_state.iter = powersgd_start_iter
-            self.ddp.register_comm_hook(self.powersgd_state, _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
+            self.ddp.register_comm_hook(
+                self.powersgd_state, _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook)
+            )
             compressed = _powersgd_bytes(model, rank)
             self._bytes = lambda: compressed  # the warm-up steps (time-to-accuracy) send dense_bytes
             self.bytes_source, self.wire_factor = "analytic", ring_factor
@@ -238,7 +296,9 @@ class MethodRun:
             topology = "one_peer_exponential" if name.endswith("one_peer_exp") else "ring"
             kwargs = {"watch_every": 0}  # the divergence watch allreduces the model: not gossip traffic
             try:
-                self.gossip = cls(self.ddp.parameters(), topology=topology, compressor=_compressor(method), **kwargs)
+                self.gossip = cls(
+                    self.ddp.parameters(), topology=topology, compressor=_compressor(method), **kwargs
+                )
             except TypeError:
                 self.gossip = cls(self.ddp.parameters(), topology=topology, compressor=_compressor(method))
             self.stats = self.gossip.stats
@@ -251,8 +311,12 @@ class MethodRun:
         """Seconds spent in each phase of ``gossip.step()``: flattening the model, compressing,
         mixing (decoding what arrived, updating, writing back); the exchange is the rest."""
         self.phase_seconds = dict.fromkeys(("flatten", "compress", "mix", "step"), 0.0)
-        for phase, attr in (("flatten", "_flatten"), ("compress", "_compress"), ("mix", "_finish"),
-                            ("step", "step")):
+        for phase, attr in (
+            ("flatten", "_flatten"),
+            ("compress", "_compress"),
+            ("mix", "_finish"),
+            ("step", "step"),
+        ):
             original = getattr(self.gossip, attr, None)
             if original is None:  # another version of the gossip module: time what exists
                 continue
@@ -271,8 +335,12 @@ class MethodRun:
         if not seconds:
             return {}
         exchange = seconds["step"] - seconds["flatten"] - seconds["compress"] - seconds["mix"]
-        return {"gossip_flatten_s": seconds["flatten"], "gossip_compress_s": seconds["compress"],
-                "gossip_exchange_s": exchange, "gossip_mix_s": seconds["mix"]}
+        return {
+            "gossip_flatten_s": seconds["flatten"],
+            "gossip_compress_s": seconds["compress"],
+            "gossip_exchange_s": exchange,
+            "gossip_mix_s": seconds["mix"],
+        }
 
     def _recording(self, hook: Callable) -> Callable:
         def recording_hook(state, bucket):
@@ -294,7 +362,9 @@ class MethodRun:
 
         total = 0.0
         for numel in self.bucket_numels:
-            chosen = transport.choose(state.transports, state.compressor, numel, torch.float32, self.world_size)
+            chosen = transport.choose(
+                state.transports, state.compressor, numel, torch.float32, self.world_size
+            )
             total += chosen.wire_bytes(state.compressor, numel, torch.float32, self.world_size)
         return total
 
@@ -305,7 +375,10 @@ class MethodRun:
     def after_first_step(self) -> None:
         """DDP rebuilds its buckets once, after the first step; PowerSGD keys its error memories
         by bucket index, so they restart on the final layout."""
-        if self.powersgd_state is not None and self.powersgd_state.iter > self.powersgd_state.start_powerSGD_iter:
+        if (
+            self.powersgd_state is not None
+            and self.powersgd_state.iter > self.powersgd_state.start_powerSGD_iter
+        ):
             self.powersgd_state.error_dict.clear()
             self.powersgd_state.p_memory_dict.clear()
             self.powersgd_state.q_memory_dict.clear()
@@ -332,9 +405,12 @@ def wide_mlp(width: int = 2048, in_features: int = 3 * 32 * 32, num_classes: int
     """``in -> width -> width -> width/8 -> classes`` with ReLUs: 11,016,970 parameters at width 2048."""
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(in_features, width), nn.ReLU(),
-        nn.Linear(width, width), nn.ReLU(),
-        nn.Linear(width, max(1, width // 8)), nn.ReLU(),
+        nn.Linear(in_features, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, max(1, width // 8)),
+        nn.ReLU(),
         nn.Linear(max(1, width // 8), num_classes),
     )
 
@@ -362,8 +438,9 @@ def _max_over_ranks(seconds: float) -> float:
     return float(t)
 
 
-def _profile_compressor(compressor, numels: Sequence[int], world_size: int, repeats: int = 3,
-                        use_fused: bool = True) -> dict[str, float]:
+def _profile_compressor(
+    compressor, numels: Sequence[int], world_size: int, repeats: int = 3, use_fused: bool = True
+) -> dict[str, float]:
     """Seconds per step of the hook's non-network work on real bucket sizes (best of ``repeats``):
     error compensation (finite check + ``m += g``), compression (selection + packing), the sum of
     ``world_size`` payloads (decompression), the memory update ``m -= C(m)`` and the squared norm
@@ -373,8 +450,13 @@ def _profile_compressor(compressor, numels: Sequence[int], world_size: int, repe
 
     Every rank runs it at the same time, so the CPU is shared as during the measured steps."""
     generator = torch.Generator().manual_seed(0)
-    keys = ("profile_accumulate_s", "profile_compress_s", "profile_decompress_s", "profile_memory_update_s",
-            "profile_residual_norm_s")
+    keys = (
+        "profile_accumulate_s",
+        "profile_compress_s",
+        "profile_decompress_s",
+        "profile_memory_update_s",
+        "profile_residual_norm_s",
+    )
     totals = dict.fromkeys(keys, 0.0)
     fused = getattr(compressor, "compress_error_feedback_", None) if use_fused else None
     for numel in numels:
@@ -413,8 +495,13 @@ def _profile_compressor(compressor, numels: Sequence[int], world_size: int, repe
 def _synthetic_batches(cfg: dict, rank: int, count: int = 4):
     generator = torch.Generator().manual_seed(1000 + rank)
     shape = (cfg["batch_size"], 3, 32, 32)
-    return [(torch.randn(shape, generator=generator), torch.randint(0, 10, (cfg["batch_size"],), generator=generator))
-            for _ in range(count)]
+    return [
+        (
+            torch.randn(shape, generator=generator),
+            torch.randint(0, 10, (cfg["batch_size"],), generator=generator),
+        )
+        for _ in range(count)
+    ]
 
 
 def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
@@ -456,7 +543,9 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
                     measured += 1
                 step += 1
                 spent = time.perf_counter() - started
-                if measured >= cfg["steps"] or (measured >= cfg["min_steps"] and spent > cfg["method_budget_s"]):
+                if measured >= cfg["steps"] or (
+                    measured >= cfg["min_steps"] and spent > cfg["method_budget_s"]
+                ):
                     break
             dist.barrier()
             counters1 = _netns.loopback_counters()
@@ -467,14 +556,25 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
                 bytes_per_step = run.bytes_sent_total()
             compress_per_step = (run.compress_seconds_total() - compress0) / measured
             phases = {k: (v - phases0[k]) / measured for k, v in run.gossip_phases().items()}
-            row = rows.setdefault(name, {
-                "method": name, "label": method.label, "kind": method.kind, "times": [],
-                "bytes_per_step_per_worker": bytes_per_step, "bytes_source": run.bytes_source,
-                "expected_wire_bytes_per_worker": run.expected_wire_bytes(bytes_per_step),
-                "dense_bytes_per_worker": run.dense_bytes,
-                "lo_bytes": 0, "lo_packets": 0, "lo_steps": 0, "compress_s_per_step": [],
-                "loadavg_1m": [], "window_s": 0.0,
-            })
+            row = rows.setdefault(
+                name,
+                {
+                    "method": name,
+                    "label": method.label,
+                    "kind": method.kind,
+                    "times": [],
+                    "bytes_per_step_per_worker": bytes_per_step,
+                    "bytes_source": run.bytes_source,
+                    "expected_wire_bytes_per_worker": run.expected_wire_bytes(bytes_per_step),
+                    "dense_bytes_per_worker": run.dense_bytes,
+                    "lo_bytes": 0,
+                    "lo_packets": 0,
+                    "lo_steps": 0,
+                    "compress_s_per_step": [],
+                    "loadavg_1m": [],
+                    "window_s": 0.0,
+                },
+            )
             row["times"].extend(times)
             row["lo_bytes"] += counters1["tx_bytes"] - counters0["tx_bytes"]
             row["lo_packets"] += counters1["tx_packets"] - counters0["tx_packets"]
@@ -488,17 +588,28 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
                 row["bucket_numels"] = " ".join(map(str, run.bucket_numels))
             if cfg["profile"] and method.kind in ("hook", "gossip") and round_index == 0:
                 # Gossip: one flat tensor, own payload plus two received ones decoded (a ring).
-                numels = run.bucket_numels if method.kind == "hook" else [sum(p.numel() for p in model.parameters())]
+                numels = (
+                    run.bucket_numels
+                    if method.kind == "hook"
+                    else [sum(p.numel() for p in model.parameters())]
+                )
                 dist.barrier()
-                profile = _profile_compressor(_compressor(method), numels, n if method.kind == "hook" else 3,
-                                              use_fused=method.kind == "hook")
+                profile = _profile_compressor(
+                    _compressor(method),
+                    numels,
+                    n if method.kind == "hook" else 3,
+                    use_fused=method.kind == "hook",
+                )
                 if rank == 0:
                     row.update(profile)
                     row["bucket_numels"] = " ".join(map(str, numels))
                 dist.barrier()
             if rank == 0:
-                print(f"[{time.strftime('%H:%M:%S')}] {name}: median step {statistics.median(times):.3f} s over "
-                      f"{measured} steps, {bytes_per_step:,.0f} B/step/worker", flush=True)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {name}: median step {statistics.median(times):.3f} s over "
+                    f"{measured} steps, {bytes_per_step:,.0f} B/step/worker",
+                    flush=True,
+                )
             del run, model, optimizer
     numel = sum(p.numel() for p in build_model(cfg["model"], cfg["mlp_width"]).parameters())
     out = []
@@ -506,12 +617,20 @@ def _step_time_rank(rank: int, cfg: dict) -> list[dict]:
         row = rows[name]
         times = row.pop("times")
         row.update(
-            model=cfg["model"], params=numel, world_size=n, batch_size=cfg["batch_size"], steps=len(times),
-            median_step_s=statistics.median(times), min_step_s=min(times), max_step_s=max(times),
+            model=cfg["model"],
+            params=numel,
+            world_size=n,
+            batch_size=cfg["batch_size"],
+            steps=len(times),
+            median_step_s=statistics.median(times),
+            min_step_s=min(times),
+            max_step_s=max(times),
             lo_bytes_per_step_per_worker=row["lo_bytes"] / (row["lo_steps"] * n),
             lo_packets_per_step=row["lo_packets"] / row["lo_steps"],
             # The counter counts frames; the collectives' formulas count what TCP carries.
-            lo_payload_bytes_per_step_per_worker=(row.pop("lo_bytes") - FRAME_HEADER_BYTES * row.pop("lo_packets"))
+            lo_payload_bytes_per_step_per_worker=(
+                row.pop("lo_bytes") - FRAME_HEADER_BYTES * row.pop("lo_packets")
+            )
             / (row["lo_steps"] * n),
             compress_s_per_step=statistics.mean(row["compress_s_per_step"]),
             loadavg_1m=statistics.mean(row["loadavg_1m"]),
@@ -549,7 +668,9 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
         seed = cfg.get("tta_seed", 0)
         torch.manual_seed(seed)
         model = build_digits_model(cfg["tta_hidden"])
-        run = MethodRun(method, model, n, powersgd_start_iter=cfg["powersgd_start_iter"], skip_powersgd_warmup=False)
+        run = MethodRun(
+            method, model, n, powersgd_start_iter=cfg["powersgd_start_iter"], skip_powersgd_warmup=False
+        )
         optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["tta_lr"], momentum=0.9)
         evaluator = build_digits_model(cfg["tta_hidden"])
         wall, step, epoch = 0.0, 0, 0
@@ -559,7 +680,7 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
             order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(epoch + 1000 * seed))
             shard = order[rank::n]
             for start in range(0, len(shard) - per_rank + 1, per_rank):
-                idx = shard[start:start + per_rank]
+                idx = shard[start : start + per_rank]
                 dist.barrier()
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=False)
@@ -574,12 +695,21 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
                     params = run.eval_parameters()  # collective for gossip
                     if rank == 0:
                         with torch.no_grad():
-                            source = params if params is not None else [p.detach() for p in model.parameters()]
+                            source = (
+                                params if params is not None else [p.detach() for p in model.parameters()]
+                            )
                             for target, value in zip(evaluator.parameters(), source):
                                 target.copy_(value)
                         accuracy = _accuracy(evaluator, x_val, y_val)
-                        curves.append({"method": name, "label": method.label, "step": step, "wall_s": wall,
-                                       "val_accuracy": accuracy})
+                        curves.append(
+                            {
+                                "method": name,
+                                "label": method.label,
+                                "step": step,
+                                "wall_s": wall,
+                                "val_accuracy": accuracy,
+                            }
+                        )
                         if time_to_target is None and accuracy >= cfg["tta_target"]:
                             time_to_target, steps_to_target = wall, step
                     flags = torch.tensor([accuracy, wall], dtype=torch.float64)
@@ -589,19 +719,39 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
                     break
             epoch += 1
         if rank == 0:
-            bytes_per_step = (run.bytes_sent_total() / step) if run.stats is not None else run.bytes_sent_total()
-            summaries.append({
-                "method": name, "label": method.label, "kind": method.kind, "steps": step, "wall_s": wall,
-                "time_to_target_s": time_to_target, "steps_to_target": steps_to_target,
-                "target_accuracy": cfg["tta_target"], "final_accuracy": accuracy,
-                "best_accuracy": max(c["val_accuracy"] for c in curves if c["method"] == name),
-                "bytes_per_step_per_worker": bytes_per_step, "bytes_source": run.bytes_source,
-                "params": sum(p.numel() for p in model.parameters()), "world_size": n,
-                "batch_size": per_rank, "loadavg_1m": os.getloadavg()[0],
-            })
-            ttt = "not reached" if time_to_target is None else f"{time_to_target:.1f} s (step {steps_to_target})"
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {step} steps in {wall:.1f} s, final accuracy "
-                  f"{accuracy:.3f}, target {cfg['tta_target']}: {ttt}", flush=True)
+            bytes_per_step = (
+                (run.bytes_sent_total() / step) if run.stats is not None else run.bytes_sent_total()
+            )
+            summaries.append(
+                {
+                    "method": name,
+                    "label": method.label,
+                    "kind": method.kind,
+                    "steps": step,
+                    "wall_s": wall,
+                    "time_to_target_s": time_to_target,
+                    "steps_to_target": steps_to_target,
+                    "target_accuracy": cfg["tta_target"],
+                    "final_accuracy": accuracy,
+                    "best_accuracy": max(c["val_accuracy"] for c in curves if c["method"] == name),
+                    "bytes_per_step_per_worker": bytes_per_step,
+                    "bytes_source": run.bytes_source,
+                    "params": sum(p.numel() for p in model.parameters()),
+                    "world_size": n,
+                    "batch_size": per_rank,
+                    "loadavg_1m": os.getloadavg()[0],
+                }
+            )
+            ttt = (
+                "not reached"
+                if time_to_target is None
+                else f"{time_to_target:.1f} s (step {steps_to_target})"
+            )
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {name}: {step} steps in {wall:.1f} s, final accuracy "
+                f"{accuracy:.3f}, target {cfg['tta_target']}: {ttt}",
+                flush=True,
+            )
         dist.barrier()
         del run, model, optimizer
     return summaries, curves
@@ -611,8 +761,12 @@ def _rank_main(rank: int, cfg: dict, port: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(cfg["threads"])
     logging.basicConfig(level=logging.WARNING)
-    dist.init_process_group("gloo", rank=rank, world_size=cfg["world_size"],
-                            timeout=datetime.timedelta(seconds=cfg["collective_timeout_s"]))
+    dist.init_process_group(
+        "gloo",
+        rank=rank,
+        world_size=cfg["world_size"],
+        timeout=datetime.timedelta(seconds=cfg["collective_timeout_s"]),
+    )
     try:
         if cfg["mode"] == "step-time":
             result = {"rows": _step_time_rank(rank, cfg)}
@@ -636,54 +790,107 @@ def _free_port() -> int:
 
 def run_ranks(cfg: dict, result_path: str) -> None:
     """Start the ranks in this process's network namespace and wait for them."""
-    mp.start_processes(_rank_main, args=(cfg, _free_port(), result_path), nprocs=cfg["world_size"],
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(cfg, _free_port(), result_path),
+        nprocs=cfg["world_size"],
+        join=True,
+        start_method="spawn",
+    )
 
 
 # ---------------------------------------------------------------------------------------- driver side
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", default="step-time", help=f"one of {list(MODES)}")
     parser.add_argument("--world-size", type=int, default=4)
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=None,
-                        help="run every method at each of these numbers of ranks (e.g. 2 4 8) and add the table of "
-                             "bytes per worker against n; overrides --world-size")
-    parser.add_argument("--rates", nargs="+", default=["100mbit"],
-                        help="tc rates to run, one namespace setting each (e.g. 100mbit 1gbit)")
-    parser.add_argument("--no-netns", action="store_true", help="plain loopback, no rate limit, no root needed")
+    parser.add_argument(
+        "--world-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run every method at each of these numbers of ranks (e.g. 2 4 8) and add the table of "
+        "bytes per worker against n; overrides --world-size",
+    )
+    parser.add_argument(
+        "--rates",
+        nargs="+",
+        default=["100mbit"],
+        help="tc rates to run, one namespace setting each (e.g. 100mbit 1gbit)",
+    )
+    parser.add_argument(
+        "--no-netns", action="store_true", help="plain loopback, no rate limit, no root needed"
+    )
     parser.add_argument("--mtu", type=int, default=9000, help="MTU of lo in the namespace (bytes)")
-    parser.add_argument("--burst", type=int, default=None, help="tbf bucket, bytes (default: rate/250Hz, >= 4 MTU)")
+    parser.add_argument(
+        "--burst", type=int, default=None, help="tbf bucket, bytes (default: rate/250Hz, >= 4 MTU)"
+    )
     parser.add_argument("--latency", default="50ms", help="tbf queue latency (tc time)")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help=f"subset of {list(METHODS)} (default: all; time-to-accuracy: {list(DEFAULT_TTA_METHODS)})")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"subset of {list(METHODS)} (default: all; time-to-accuracy: {list(DEFAULT_TTA_METHODS)})",
+    )
     parser.add_argument("--model", default="mlp", help=f"step-time model, one of {list(MODELS)}")
-    parser.add_argument("--mlp-width", type=int, default=2048, help="hidden width of the MLP (2048: 11.0M parameters)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per rank (default 8; 32 for time-to-accuracy)")
+    parser.add_argument(
+        "--mlp-width", type=int, default=2048, help="hidden width of the MLP (2048: 11.0M parameters)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="per rank (default 8; 32 for time-to-accuracy)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="measured steps per method (at most)")
     parser.add_argument("--min-steps", type=int, default=2, help="measured steps per method even over budget")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per method (>= 1: DDP's rebuild)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the method sequence, alternating its order")
-    parser.add_argument("--method-budget-s", type=float, default=60.0,
-                        help="stop measuring a method after this many seconds (once --min-steps are done)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="unmeasured steps per method (>= 1: DDP's rebuild)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the method sequence, alternating its order"
+    )
+    parser.add_argument(
+        "--method-budget-s",
+        type=float,
+        default=60.0,
+        help="stop measuring a method after this many seconds (once --min-steps are done)",
+    )
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--profile", action="store_true", help="time selection/decompression/memory update too")
+    parser.add_argument(
+        "--profile", action="store_true", help="time selection/decompression/memory update too"
+    )
     parser.add_argument("--tta-target", type=float, default=0.95, help="validation accuracy to reach")
     parser.add_argument("--tta-steps", type=int, default=200, help="training steps per method")
     parser.add_argument("--tta-eval-every", type=int, default=5)
-    parser.add_argument("--tta-budget-s", type=float, default=300.0,
-                        help="time-to-accuracy: stop a method after this much training wall time")
-    parser.add_argument("--tta-hidden", type=int, default=512, help="hidden units of DigitsCNN (512: 0.27M params)")
+    parser.add_argument(
+        "--tta-budget-s",
+        type=float,
+        default=300.0,
+        help="time-to-accuracy: stop a method after this much training wall time",
+    )
+    parser.add_argument(
+        "--tta-hidden", type=int, default=512, help="hidden units of DigitsCNN (512: 0.27M params)"
+    )
     parser.add_argument("--tta-lr", type=float, default=0.05)
-    parser.add_argument("--tta-seed", type=int, default=0,
-                        help="time-to-accuracy: seed of the model's initialisation and of the data order")
-    parser.add_argument("--powersgd-start-iter", type=int, default=10,
-                        help="time-to-accuracy: PowerSGD's allreduce warm-up steps (counted in its time)")
+    parser.add_argument(
+        "--tta-seed",
+        type=int,
+        default=0,
+        help="time-to-accuracy: seed of the model's initialisation and of the data order",
+    )
+    parser.add_argument(
+        "--powersgd-start-iter",
+        type=int,
+        default=10,
+        help="time-to-accuracy: PowerSGD's allreduce warm-up steps (counted in its time)",
+    )
     parser.add_argument("--out", default="runs/slow_network", help="output folder for the CSV and the PNG")
-    parser.add_argument("--timeout-s", type=float, default=1800.0, help="kill the ranks after this long per rate")
+    parser.add_argument(
+        "--timeout-s", type=float, default=1800.0, help="kill the ranks after this long per rate"
+    )
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     validate(args)
@@ -709,12 +916,25 @@ def validate(args: argparse.Namespace) -> None:
         if len(set(args.world_sizes)) != len(args.world_sizes) or any(n < 2 for n in args.world_sizes):
             raise ValueError(f"--world-sizes must be distinct integers >= 2, got {args.world_sizes}")
         args.world_size = args.world_sizes[0]
-    for name, low in (("world_size", 2), ("steps", 1), ("min_steps", 1), ("warmup", 1), ("rounds", 1),
-                      ("batch_size", 1), ("threads", 1), ("mlp_width", 8), ("tta_steps", 1),
-                      ("tta_eval_every", 1), ("tta_hidden", 1), ("powersgd_start_iter", 2),
-                      ("tta_seed", 0)):
+    for name, low in (
+        ("world_size", 2),
+        ("steps", 1),
+        ("min_steps", 1),
+        ("warmup", 1),
+        ("rounds", 1),
+        ("batch_size", 1),
+        ("threads", 1),
+        ("mlp_width", 8),
+        ("tta_steps", 1),
+        ("tta_eval_every", 1),
+        ("tta_hidden", 1),
+        ("powersgd_start_iter", 2),
+        ("tta_seed", 0),
+    ):
         if getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}"
+            )
     if args.world_sizes is None:
         args.world_sizes = [args.world_size]
     if args.min_steps > args.steps:
@@ -729,13 +949,35 @@ def validate(args: argparse.Namespace) -> None:
     for rate in args.rates:
         _netns.parse_rate(rate)
     if args.mode == "step-time" and "allreduce" not in args.methods:
-        raise ValueError("--methods must include 'allreduce' in step-time mode: ratios are to allreduce of the same run")
+        raise ValueError(
+            "--methods must include 'allreduce' in step-time mode: ratios are to allreduce of the same run"
+        )
 
 
 def rank_config(args: argparse.Namespace, methods: Sequence[str]) -> dict:
-    keys = ("mode", "world_size", "model", "mlp_width", "batch_size", "steps", "min_steps", "warmup", "rounds",
-            "method_budget_s", "lr", "threads", "profile", "tta_target", "tta_steps", "tta_eval_every", "tta_hidden",
-            "tta_lr", "tta_budget_s", "powersgd_start_iter", "tta_seed")
+    keys = (
+        "mode",
+        "world_size",
+        "model",
+        "mlp_width",
+        "batch_size",
+        "steps",
+        "min_steps",
+        "warmup",
+        "rounds",
+        "method_budget_s",
+        "lr",
+        "threads",
+        "profile",
+        "tta_target",
+        "tta_steps",
+        "tta_eval_every",
+        "tta_hidden",
+        "tta_lr",
+        "tta_budget_s",
+        "powersgd_start_iter",
+        "tta_seed",
+    )
     cfg = {key: getattr(args, key) for key in keys}
     cfg["methods"] = list(methods)
     cfg["collective_timeout_s"] = int(args.timeout_s)
@@ -774,8 +1016,9 @@ def _stop_group(child: subprocess.Popen) -> None:
             continue
 
 
-def run_rate(args: argparse.Namespace, rate: str | None, methods: Sequence[str],
-             ns: _netns.RateLimitedNamespace | None) -> dict:
+def run_rate(
+    args: argparse.Namespace, rate: str | None, methods: Sequence[str], ns: _netns.RateLimitedNamespace | None
+) -> dict:
     cfg = rank_config(args, methods)
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "result.json")
@@ -802,24 +1045,72 @@ def finish_step_time_rows(rows: list[dict]) -> list[dict]:
         expected = row["expected_wire_bytes_per_worker"]
         row["lo_over_expected"] = row["lo_bytes_per_step_per_worker"] / expected if expected else float("nan")
         payload = row.get("lo_payload_bytes_per_step_per_worker")
-        row["lo_payload_over_expected"] = payload / expected if expected and payload is not None else float("nan")
+        row["lo_payload_over_expected"] = (
+            payload / expected if expected and payload is not None else float("nan")
+        )
     return rows
 
 
 CSV_FIELDS = {
-    "step-time": ["rate", "method", "label", "kind", "model", "params", "world_size", "batch_size", "steps",
-                  "median_step_s", "min_step_s", "max_step_s", "step_vs_allreduce", "bytes_per_step_per_worker",
-                  "bytes_source", "dense_bytes_per_worker", "expected_wire_bytes_per_worker",
-                  "lo_bytes_per_step_per_worker", "lo_over_expected", "lo_packets_per_step",
-                  "lo_payload_bytes_per_step_per_worker", "lo_payload_over_expected", "compress_s_per_step",
-                  "profile_accumulate_s", "profile_compress_s", "profile_decompress_s", "profile_memory_update_s",
-                  "profile_residual_norm_s", "gossip_flatten_s", "gossip_compress_s", "gossip_exchange_s",
-                  "gossip_mix_s", "bucket_numels",
-                  "loadavg_1m", "window_s", "network"],
-    "time-to-accuracy": ["rate", "method", "label", "kind", "params", "world_size", "batch_size", "steps", "wall_s",
-                         "target_accuracy", "time_to_target_s", "steps_to_target", "time_to_target_vs_allreduce",
-                         "final_accuracy", "best_accuracy", "bytes_per_step_per_worker", "bytes_source",
-                         "loadavg_1m", "network"],
+    "step-time": [
+        "rate",
+        "method",
+        "label",
+        "kind",
+        "model",
+        "params",
+        "world_size",
+        "batch_size",
+        "steps",
+        "median_step_s",
+        "min_step_s",
+        "max_step_s",
+        "step_vs_allreduce",
+        "bytes_per_step_per_worker",
+        "bytes_source",
+        "dense_bytes_per_worker",
+        "expected_wire_bytes_per_worker",
+        "lo_bytes_per_step_per_worker",
+        "lo_over_expected",
+        "lo_packets_per_step",
+        "lo_payload_bytes_per_step_per_worker",
+        "lo_payload_over_expected",
+        "compress_s_per_step",
+        "profile_accumulate_s",
+        "profile_compress_s",
+        "profile_decompress_s",
+        "profile_memory_update_s",
+        "profile_residual_norm_s",
+        "gossip_flatten_s",
+        "gossip_compress_s",
+        "gossip_exchange_s",
+        "gossip_mix_s",
+        "bucket_numels",
+        "loadavg_1m",
+        "window_s",
+        "network",
+    ],
+    "time-to-accuracy": [
+        "rate",
+        "method",
+        "label",
+        "kind",
+        "params",
+        "world_size",
+        "batch_size",
+        "steps",
+        "wall_s",
+        "target_accuracy",
+        "time_to_target_s",
+        "steps_to_target",
+        "time_to_target_vs_allreduce",
+        "final_accuracy",
+        "best_accuracy",
+        "bytes_per_step_per_worker",
+        "bytes_source",
+        "loadavg_1m",
+        "network",
+    ],
     "curves": ["rate", "method", "label", "step", "wall_s", "val_accuracy", "network"],
 }
 
@@ -839,9 +1130,11 @@ def _mb(value: float) -> str:
 
 
 def step_time_table(rows: Sequence[dict]) -> str:
-    lines = ["| rate | method | median step (s) | vs allreduce | MB/step/worker (stats) | expected on wire (MB) "
-             "| lo counter (MB) | lo / expected | compress (s/step) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| rate | method | median step (s) | vs allreduce | MB/step/worker (stats) | expected on wire (MB) "
+        "| lo counter (MB) | lo / expected | compress (s/step) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         source = "" if r["bytes_source"] == "CommStats" else f" ({r['bytes_source']})"
         ratio = r["lo_over_expected"]
@@ -849,7 +1142,8 @@ def step_time_table(rows: Sequence[dict]) -> str:
             f"| {r['rate']} | {r['label']} | {r['median_step_s']:.3f} | {r['step_vs_allreduce']:.3f} "
             f"| {_mb(r['bytes_per_step_per_worker'])}{source} | {_mb(r['expected_wire_bytes_per_worker'])} "
             f"| {_mb(r['lo_bytes_per_step_per_worker'])} | {'-' if math.isnan(ratio) else f'{ratio:.2f}'} "
-            f"| {r['compress_s_per_step']:.3f} |")
+            f"| {r['compress_s_per_step']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -861,8 +1155,10 @@ def bytes_vs_n_table(rows: Sequence[dict]) -> str:
     rate = rows[0]["rate"]
     by = {(r["method"], r["world_size"]): r for r in rows if r["rate"] == rate}
     head = " | ".join(f"n={n}: formula / lo payload (MB)" for n in sizes)
-    lines = [f"| method | {head} | lo growth n={sizes[0]} to {sizes[-1]} |",
-             "|---|" + "---:|" * (len(sizes) + 1)]
+    lines = [
+        f"| method | {head} | lo growth n={sizes[0]} to {sizes[-1]} |",
+        "|---|" + "---:|" * (len(sizes) + 1),
+    ]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells, lo = [], []
         for n in sizes:
@@ -879,14 +1175,23 @@ def bytes_vs_n_table(rows: Sequence[dict]) -> str:
 
 
 def tta_table(rows: Sequence[dict]) -> str:
-    lines = ["| rate | method | steps | train wall (s) | time to target (s) | vs allreduce | final acc. | best acc. "
-             "| MB/step/worker |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| rate | method | steps | train wall (s) | time to target (s) | vs allreduce | final acc. | best acc. "
+        "| MB/step/worker |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        ttt = "-" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f} (step {r['steps_to_target']})"
+        ttt = (
+            "-"
+            if r["time_to_target_s"] is None
+            else f"{r['time_to_target_s']:.1f} (step {r['steps_to_target']})"
+        )
         ratio = r.get("time_to_target_vs_allreduce")
-        lines.append(f"| {r['rate']} | {r['label']} | {r['steps']} | {r['wall_s']:.1f} | {ttt} "
-                     f"| {'-' if ratio is None else f'{ratio:.3f}'} | {r['final_accuracy']:.3f} "
-                     f"| {r['best_accuracy']:.3f} | {_mb(r['bytes_per_step_per_worker'])} |")
+        lines.append(
+            f"| {r['rate']} | {r['label']} | {r['steps']} | {r['wall_s']:.1f} | {ttt} "
+            f"| {'-' if ratio is None else f'{ratio:.3f}'} | {r['final_accuracy']:.3f} "
+            f"| {r['best_accuracy']:.3f} | {_mb(r['bytes_per_step_per_worker'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -910,18 +1215,28 @@ def plot_step_time(rows: Sequence[dict], path: str) -> None:
         axes[1].barh(ys, sent, height=height, label=rate)
         for y, m in zip(ys, methods):
             if m in by_method:
-                axes[0].text(by_method[m]["median_step_s"], y, f" {by_method[m]['step_vs_allreduce']:.3f}x",
-                             va="center", fontsize=7)
-    for ax, title in ((axes[0], "median step time (s), log; label: ratio to allreduce"),
-                      (axes[1], "MB per step per worker on lo (counter), log")):
+                axes[0].text(
+                    by_method[m]["median_step_s"],
+                    y,
+                    f" {by_method[m]['step_vs_allreduce']:.3f}x",
+                    va="center",
+                    fontsize=7,
+                )
+    for ax, title in (
+        (axes[0], "median step time (s), log; label: ratio to allreduce"),
+        (axes[1], "MB per step per worker on lo (counter), log"),
+    ):
         ax.set_yticks([k + 0.4 - height / 2 for k in range(len(methods))], [labels[m] for m in methods])
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
     first = rows[0]
-    fig.suptitle(f"{first['world_size']} ranks, {first['model']} ({first['params'] / 1e6:.1f}M params), "
-                 f"batch {first['batch_size']}/rank", fontsize=10)
+    fig.suptitle(
+        f"{first['world_size']} ranks, {first['model']} ({first['params'] / 1e6:.1f}M params), "
+        f"batch {first['batch_size']}/rank",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -936,8 +1251,12 @@ def plot_tta(curves: Sequence[dict], target: float, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for (rate, method), label in {(c["rate"], c["method"]): c["label"] for c in curves}.items():
         points = [c for c in curves if c["rate"] == rate and c["method"] == method]
-        ax.plot([c["wall_s"] for c in points], [c["val_accuracy"] for c in points], marker=".",
-                label=f"{label} ({rate})")
+        ax.plot(
+            [c["wall_s"] for c in points],
+            [c["val_accuracy"] for c in points],
+            marker=".",
+            label=f"{label} ({rate})",
+        )
     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("training wall time (s, log)")
@@ -973,14 +1292,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = None
     try:
         if not args.no_netns:
-            ns = _netns.RateLimitedNamespace(args.rates[0], mtu=args.mtu, burst=args.burst, latency=args.latency)
+            ns = _netns.RateLimitedNamespace(
+                args.rates[0], mtu=args.mtu, burst=args.burst, latency=args.latency
+            )
             ns.__enter__()
             print(f"network: {ns.describe()}", flush=True)
         results = []
         for world_size in args.world_sizes:
             args.world_size = world_size
-            results += [run_rate(args, None if ns is None else rate, methods, ns)
-                        for rate in (args.rates if ns is not None else [None])]
+            results += [
+                run_rate(args, None if ns is None else rate, methods, ns)
+                for rate in (args.rates if ns is not None else [None])
+            ]
     except _netns.NamespaceUnavailable as exc:
         print(f"slow_network.py: error: {exc}", file=sys.stderr)
         return 2
@@ -1000,18 +1323,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = step_time_table(rows)
         else:
             plot_step_time([{**r, "rate": f"{r['rate']}, {r['world_size']} ranks"} for r in rows], png_path)
-            table = "\n\n".join(f"{n} ranks:\n\n" + step_time_table([r for r in rows if r["world_size"] == n])
-                                for n in sizes)
+            table = "\n\n".join(
+                f"{n} ranks:\n\n" + step_time_table([r for r in rows if r["world_size"] == n]) for n in sizes
+            )
             table += "\n\nBytes per worker per step against the number of ranks:\n\n" + bytes_vs_n_table(rows)
     else:
         base = {r["rate"]: r["time_to_target_s"] for r in rows if r["method"] == "allreduce"}
         for row in rows:
             b = base.get(row["rate"])
-            row["time_to_target_vs_allreduce"] = (row["time_to_target_s"] / b if b and row["time_to_target_s"]
-                                                  else None)
+            row["time_to_target_vs_allreduce"] = (
+                row["time_to_target_s"] / b if b and row["time_to_target_s"] else None
+            )
         curves = [c for result in results for c in result["curves"]]
-        csv_path, png_path = (os.path.join(args.out, "time_to_accuracy.csv"),
-                              os.path.join(args.out, "time_to_accuracy.png"))
+        csv_path, png_path = (
+            os.path.join(args.out, "time_to_accuracy.csv"),
+            os.path.join(args.out, "time_to_accuracy.png"),
+        )
         write_csv(rows, csv_path, CSV_FIELDS["time-to-accuracy"])
         write_csv(curves, os.path.join(args.out, "time_to_accuracy_curves.csv"), CSV_FIELDS["curves"])
         plot_tta(curves, args.tta_target, png_path)

@@ -78,8 +78,9 @@ def _run(rank: int, world_size: int, port: int, algorithm: str, steps: int, ever
             net, optimizer, gossip = ddp, torch.optim.SGD(model.parameters(), lr=0.05), None
         else:
             net, optimizer = model, torch.optim.SGD(model.parameters(), lr=0.05)
-            gossip = ec_hooks.DeepSqueeze(model.parameters(), topology="ring", compressor=ec_hooks.TopK(0.01),
-                                          watch_every=0)
+            gossip = ec_hooks.DeepSqueeze(
+                model.parameters(), topology="ring", compressor=ec_hooks.TopK(0.01), watch_every=0
+            )
         started = time.perf_counter()
         rss_start = None
         for step in range(1, steps + 1):
@@ -100,13 +101,24 @@ def _run(rank: int, world_size: int, port: int, algorithm: str, steps: int, ever
                     sample["consensus_distance"] = gossip.consensus_distance()
                     sample["delta_norm"] = float(gossip._delta.norm())
                 samples.append(sample)
-        queue.put((rank, {"samples": samples, "rss_start_mib": rss_start, "rss_end_mib": rss_mib(),
-                          "seconds": time.perf_counter() - started}))
+        queue.put(
+            (
+                rank,
+                {
+                    "samples": samples,
+                    "rss_start_mib": rss_start,
+                    "rss_end_mib": rss_mib(),
+                    "seconds": time.perf_counter() - started,
+                },
+            )
+        )
     finally:
         dist.destroy_process_group()
 
 
-def run(algorithm: str, steps: int = 2000, world_size: int = 3, every: int = 100, timeout: float = 1800) -> dict:
+def run(
+    algorithm: str, steps: int = 2000, world_size: int = 3, every: int = 100, timeout: float = 1800
+) -> dict:
     """Run one soak; returns per-rank results (samples, RSS start/end, seconds)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {list(ALGORITHMS)}, got {algorithm!r}")
@@ -117,8 +129,10 @@ def run(algorithm: str, steps: int = 2000, world_size: int = 3, every: int = 100
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(r, world_size, port, algorithm, steps, every, queue))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_run, args=(r, world_size, port, algorithm, steps, every, queue))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     try:
@@ -128,8 +142,12 @@ def run(algorithm: str, steps: int = 2000, world_size: int = 3, every: int = 100
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return {"algorithm": algorithm, "steps": steps, "world_size": world_size,
-            "ranks": [results[r] for r in range(world_size)]}
+    return {
+        "algorithm": algorithm,
+        "steps": steps,
+        "world_size": world_size,
+        "ranks": [results[r] for r in range(world_size)],
+    }
 
 
 def summarize(result: dict) -> dict:
@@ -170,17 +188,22 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write every sample to this file")
     args = parser.parse_args(argv)
     out = {}
-    print(f"| algorithm | steps | ranks | watched | first | max (1st half) | max (2nd half) | last | "
-          f"loss first -> last | RSS after {WARMUP} steps MiB | RSS end MiB | seconds |")
+    print(
+        f"| algorithm | steps | ranks | watched | first | max (1st half) | max (2nd half) | last | "
+        f"loss first -> last | RSS after {WARMUP} steps MiB | RSS end MiB | seconds |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for algorithm in args.algorithms:
         result = run(algorithm, args.steps, args.world_size, args.every)
         s = summarize(result)
         out[algorithm] = {"summary": s, "result": result}
-        print(f"| {algorithm} | {args.steps} | {args.world_size} | {s['watched']} | {s['first']:.4g} | "
-              f"{s['max_first_half']:.4g} | {s['max_second_half']:.4g} | {s['last']:.4g} | "
-              f"{s['loss_first']:.4g} -> {s['loss_last']:.4g} | {s['rss_start_mib']:.1f} | "
-              f"{s['rss_end_mib']:.1f} | {s['seconds']:.1f} |", flush=True)
+        print(
+            f"| {algorithm} | {args.steps} | {args.world_size} | {s['watched']} | {s['first']:.4g} | "
+            f"{s['max_first_half']:.4g} | {s['max_second_half']:.4g} | {s['last']:.4g} | "
+            f"{s['loss_first']:.4g} -> {s['loss_last']:.4g} | {s['rss_start_mib']:.1f} | "
+            f"{s['rss_end_mib']:.1f} | {s['seconds']:.1f} |",
+            flush=True,
+        )
         if algorithm == "deepsqueeze":
             print(f"|   (deepsqueeze max ||delta||: {s['delta_norm_max']:.4g}) |")
     if args.json:

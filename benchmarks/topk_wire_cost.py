@@ -50,8 +50,10 @@ def main() -> None:
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
     k = TopK(args.density).k_for(args.numel)
     indices = topk_magnitude(x, k, backend="cpu")
-    print(f"{args.numel:,} entries, k = {k:,}, one thread; selection (cpu backend): "
-          f"{_median_ms(lambda: topk_magnitude(x, k, backend='cpu'), 5):.1f} ms\n")
+    print(
+        f"{args.numel:,} entries, k = {k:,}, one thread; selection (cpu backend): "
+        f"{_median_ms(lambda: topk_magnitude(x, k, backend='cpu'), 5):.1f} ms\n"
+    )
     print("| format | payload bytes | bytes / entry | encode (ms) | decode (ms) | densify (ms) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, options in FORMATS.items():
@@ -63,13 +65,18 @@ def main() -> None:
         encode = _median_ms(lambda c=compressor, v=values: c._pack(indices, v, args.numel), args.repeat)
         decode = _median_ms(lambda c=compressor, p=payload: c.decode(p), args.repeat)
         densify = _median_ms(lambda c=compressor, p=payload: c.decompress(p), max(3, args.repeat // 5))
-        print(f"| {name} | {payload.nbytes:,} | {payload.nbytes / k:.2f} | {encode:.2f} | {decode:.2f} | {densify:.1f} |")
+        print(
+            f"| {name} | {payload.nbytes:,} | {payload.nbytes / k:.2f} | {encode:.2f} | {decode:.2f} | {densify:.1f} |"
+        )
     # Two gaps above 65535 take the general encoding path (filler slots).
-    far = torch.cat([indices[indices < args.numel - 300_000],
-                     torch.tensor([args.numel - 200_000, args.numel - 1])])
+    far = torch.cat(
+        [indices[indices < args.numel - 300_000], torch.tensor([args.numel - 200_000, args.numel - 1])]
+    )
     compressor = TopK(args.density, index_encoding="delta16")
-    print(f"\ndelta16 encoding with filler slots (two gaps above 65535): "
-          f"{_median_ms(lambda: compressor._pack(far, x[far], args.numel), args.repeat):.2f} ms")
+    print(
+        f"\ndelta16 encoding with filler slots (two gaps above 65535): "
+        f"{_median_ms(lambda: compressor._pack(far, x[far], args.numel), args.repeat):.2f} ms"
+    )
 
 
 if __name__ == "__main__":

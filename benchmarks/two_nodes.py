@@ -68,8 +68,13 @@ METHODS = {
 }
 DEFAULT_STEP_METHODS = tuple(m for m in METHODS if m != "local")
 DEFAULT_PROFILE_METHODS = ("local", "memsgd_compact", "memsgd_compact_hier")
-DEFAULT_ACCURACY_METHODS = ("allreduce", "memsgd_compact", "memsgd_compact_hier", "deepsqueeze_ring",
-                            "deepsqueeze_hier")
+DEFAULT_ACCURACY_METHODS = (
+    "allreduce",
+    "memsgd_compact",
+    "memsgd_compact_hier",
+    "deepsqueeze_ring",
+    "deepsqueeze_hier",
+)
 
 
 class Run:
@@ -83,24 +88,37 @@ class Run:
         if name == "powersgd_r4":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=4,
-                                                start_powerSGD_iter=powersgd_warmup, min_compression_rate=2,
-                                                use_error_feedback=True, warm_start=True)
+            state = powerSGD_hook.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=4,
+                start_powerSGD_iter=powersgd_warmup,
+                min_compression_rate=2,
+                use_error_feedback=True,
+                warm_start=True,
+            )
             if skip_warmup:
                 state.iter = powersgd_warmup  # step time is measured compressed
             self.powersgd_state = state
-            self.ddp.register_comm_hook(state, slow_network._one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
+            self.ddp.register_comm_hook(
+                state, slow_network._one_bucket_at_a_time(powerSGD_hook.powerSGD_hook)
+            )
         elif name.startswith("memsgd"):
-            state = ec_hooks.ErrorFeedbackState(compressor=_compact_topk(), module=self.ddp,
-                                                hierarchical=name.endswith("_hier"))
+            state = ec_hooks.ErrorFeedbackState(
+                compressor=_compact_topk(), module=self.ddp, hierarchical=name.endswith("_hier")
+            )
             self.ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
         elif name == "local":
             self.ddp.register_comm_hook(None, ec_hooks.local_hook)
         elif name.startswith("deepsqueeze"):
             self.ddp.register_comm_hook(None, ec_hooks.local_hook)
             options = {"hierarchical": True} if name.endswith("_hier") else {}
-            self.gossip = ec_hooks.DeepSqueeze(self.ddp.parameters(), topology="ring", compressor=ec_hooks.TopK(0.01),
-                                               watch_every=0, **options)
+            self.gossip = ec_hooks.DeepSqueeze(
+                self.ddp.parameters(),
+                topology="ring",
+                compressor=ec_hooks.TopK(0.01),
+                watch_every=0,
+                **options,
+            )
         elif name != "allreduce":
             raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
 
@@ -160,15 +178,27 @@ def _step_time_rank(cfg: dict) -> list[dict]:
                 times.append(elapsed)
         dist.barrier()
         crossed = (_sum_over_ranks(_link_bytes()) - crossed0) / cfg["steps"]
-        row = {"method": name, "label": METHODS[name], "median_step_s": statistics.median(times),
-               "min_step_s": min(times), "max_step_s": max(times), "steps": len(times),
-               "link_bytes_per_step": crossed, "params": sum(p.numel() for p in model.parameters()),
-               "world_size": n, "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
-               "batch_size": cfg["batch_size"], "loadavg_1m": os.getloadavg()[0]}
+        row = {
+            "method": name,
+            "label": METHODS[name],
+            "median_step_s": statistics.median(times),
+            "min_step_s": min(times),
+            "max_step_s": max(times),
+            "steps": len(times),
+            "link_bytes_per_step": crossed,
+            "params": sum(p.numel() for p in model.parameters()),
+            "world_size": n,
+            "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
+            "batch_size": cfg["batch_size"],
+            "loadavg_1m": os.getloadavg()[0],
+        }
         rows.append(row)
         if rank == 0:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: median step {row['median_step_s']:.3f} s, "
-                  f"{crossed / 1e6:.3f} MB/step across the link", flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {name}: median step {row['median_step_s']:.3f} s, "
+                f"{crossed / 1e6:.3f} MB/step across the link",
+                flush=True,
+            )
         del run, model, optimizer
     return rows
 
@@ -260,16 +290,25 @@ def _profile_rank(cfg: dict) -> list[dict]:
         finally:
             timers.restore()
         steps = cfg["steps"]
-        stages = {label: _sum_over_ranks(total / steps) / dist.get_world_size() for label, total in
-                  sorted(timers.totals.items())}
-        row = {"method": name, "label": METHODS[name],
-               "step_s": _sum_over_ranks(statistics.median(step_times)) / dist.get_world_size(),
-               "backward_s": _sum_over_ranks(statistics.median(backward_times)) / dist.get_world_size(),
-               "stages": stages, "loadavg_1m": os.getloadavg()[0]}
+        stages = {
+            label: _sum_over_ranks(total / steps) / dist.get_world_size()
+            for label, total in sorted(timers.totals.items())
+        }
+        row = {
+            "method": name,
+            "label": METHODS[name],
+            "step_s": _sum_over_ranks(statistics.median(step_times)) / dist.get_world_size(),
+            "backward_s": _sum_over_ranks(statistics.median(backward_times)) / dist.get_world_size(),
+            "stages": stages,
+            "loadavg_1m": os.getloadavg()[0],
+        }
         rows.append(row)
         if rank == 0:
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: step {row['step_s']:.3f} s, backward {row['backward_s']:.3f} s, "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {name}: step {row['step_s']:.3f} s, backward {row['backward_s']:.3f} s, "
+                + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()),
+                flush=True,
+            )
         del run, model, optimizer
     return rows
 
@@ -287,10 +326,12 @@ def _accuracy_rank(cfg: dict) -> list[dict]:
             optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["lr"], momentum=0.9)
             step, epoch, wall = 0, 0, 0.0
             while step < cfg["steps"]:
-                order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(1000 * seed + epoch))
+                order = torch.randperm(
+                    len(y_train), generator=torch.Generator().manual_seed(1000 * seed + epoch)
+                )
                 shard = order[rank::n]
                 for start in range(0, len(shard) - per_rank + 1, per_rank):
-                    idx = shard[start:start + per_rank]
+                    idx = shard[start : start + per_rank]
                     t0 = time.perf_counter()
                     optimizer.zero_grad(set_to_none=False)
                     F.cross_entropy(run.ddp(x_train[idx]), y_train[idx]).backward()
@@ -307,11 +348,22 @@ def _accuracy_rank(cfg: dict) -> list[dict]:
                 for target, value in zip(evaluator.parameters(), params):
                     target.copy_(value)
             accuracy = slow_network._accuracy(evaluator, x_val, y_val)
-            rows.append({"method": name, "label": METHODS[name], "seed": seed, "steps": step,
-                         "val_accuracy": accuracy, "wall_s": wall, "world_size": n,
-                         "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"])})
+            rows.append(
+                {
+                    "method": name,
+                    "label": METHODS[name],
+                    "seed": seed,
+                    "steps": step,
+                    "val_accuracy": accuracy,
+                    "wall_s": wall,
+                    "world_size": n,
+                    "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
+                }
+            )
             if rank == 0:
-                print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: accuracy {accuracy:.4f}", flush=True)
+                print(
+                    f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: accuracy {accuracy:.4f}", flush=True
+                )
             del run, model, optimizer
     return rows
 
@@ -323,7 +375,9 @@ def _inner(config_path: str) -> None:
     torch.set_num_threads(cfg["threads"])
     dist.init_process_group("gloo")
     try:
-        rows = {"step-time": _step_time_rank, "accuracy": _accuracy_rank, "profile": _profile_rank}[cfg["mode"]](cfg)
+        rows = {"step-time": _step_time_rank, "accuracy": _accuracy_rank, "profile": _profile_rank}[
+            cfg["mode"]
+        ](cfg)
         if dist.get_rank() == 0:
             with open(job["result_path"], "w") as f:
                 json.dump(rows, f)
@@ -335,19 +389,26 @@ def _inner(config_path: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", default="step-time", help=f"one of {list(MODES)}")
-    parser.add_argument("--rates", nargs="+", default=["100mbit"], help="tc rates of the link (e.g. 100mbit 1gbit)")
+    parser.add_argument(
+        "--rates", nargs="+", default=["100mbit"], help="tc rates of the link (e.g. 100mbit 1gbit)"
+    )
     parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
     parser.add_argument("--ranks-per-node", type=int, default=2)
-    parser.add_argument("--mlp-width", type=int, default=2048, help="step time: hidden width (2048: 11.0M params)")
+    parser.add_argument(
+        "--mlp-width", type=int, default=2048, help="step time: hidden width (2048: 11.0M params)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="per rank (default 8; accuracy 32)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 6; accuracy 300)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method (>= 2)")
     parser.add_argument("--lr", type=float, default=None, help="default 0.01; accuracy 0.05")
     parser.add_argument("--hidden", type=int, default=512, help="accuracy: hidden units of DigitsCNN")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy: seeds (model and data order)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="accuracy: seeds (model and data order)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/two_nodes")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
@@ -359,18 +420,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ValueError(f"--mode must be one of {list(MODES)}, got {args.mode!r}")
     step_time = args.mode != "accuracy"
     if args.methods is None:
-        args.methods = list({"step-time": DEFAULT_STEP_METHODS, "accuracy": DEFAULT_ACCURACY_METHODS,
-                             "profile": DEFAULT_PROFILE_METHODS}[args.mode])
+        args.methods = list(
+            {
+                "step-time": DEFAULT_STEP_METHODS,
+                "accuracy": DEFAULT_ACCURACY_METHODS,
+                "profile": DEFAULT_PROFILE_METHODS,
+            }[args.mode]
+        )
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods must be among {list(METHODS)}, got {unknown}")
     args.batch_size = args.batch_size or (8 if step_time else 32)
     args.steps = args.steps or (6 if step_time else 300)
     args.lr = args.lr or (0.01 if step_time else 0.05)
-    for name, low in (("ranks_per_node", 1), ("mlp_width", 8), ("batch_size", 1), ("steps", 1), ("warmup", 2),
-                      ("hidden", 1), ("threads", 1)):
+    for name, low in (
+        ("ranks_per_node", 1),
+        ("mlp_width", 8),
+        ("batch_size", 1),
+        ("steps", 1),
+        ("warmup", 2),
+        ("hidden", 1),
+        ("threads", 1),
+    ):
         if getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}"
+            )
     for rate in args.rates:
         _netns.parse_rate(rate)
     return args
@@ -378,18 +453,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run_rate(args: argparse.Namespace, nodes: _netns.TwoNodes, rate: str) -> list[dict]:
     nodes.set_rate(rate)
-    cfg = {key: getattr(args, key) for key in ("mode", "methods", "mlp_width", "batch_size", "steps", "warmup", "lr",
-                                               "hidden", "seeds", "threads")}
+    cfg = {
+        key: getattr(args, key)
+        for key in (
+            "mode",
+            "methods",
+            "mlp_width",
+            "batch_size",
+            "steps",
+            "warmup",
+            "lr",
+            "hidden",
+            "seeds",
+            "threads",
+        )
+    }
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)
         job = os.path.join(tmp, "job.json")
         result_path = os.path.join(tmp, "result.json")
         with open(job, "w") as f:
             json.dump({"cfg": cfg, "result_path": result_path}, f)
-        env = {"PYTHONPATH": os.path.dirname(_HERE), "PYTHONWARNINGS": "ignore",
-               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-        codes = nodes.run_torchrun(args.ranks_per_node, [os.path.abspath(__file__), "--inner", job], env=env,
-                                   logs=tmp, timeout_s=args.timeout_s)
+        env = {
+            "PYTHONPATH": os.path.dirname(_HERE),
+            "PYTHONWARNINGS": "ignore",
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        }
+        codes = nodes.run_torchrun(
+            args.ranks_per_node,
+            [os.path.abspath(__file__), "--inner", job],
+            env=env,
+            logs=tmp,
+            timeout_s=args.timeout_s,
+        )
         if codes != [0, 0]:
             logs = "".join(open(os.path.join(tmp, f"node{r}.log")).read()[-4000:] for r in (0, 1))
             raise RuntimeError(f"the ranks failed with exit codes {codes}:\n{logs}")
@@ -406,14 +502,19 @@ def step_time_table(rows: Sequence[dict]) -> str:
     for rate in dict.fromkeys(r["rate"] for r in rows):
         subset = [r for r in rows if r["rate"] == rate]
         flat = next((r for r in subset if r["method"] == "memsgd_compact"), None)
-        lines += [f"**{rate} between the nodes**", "",
-                  "| method | median step (s) | vs flat Mem-SGD | MB/step across the link | vs flat Mem-SGD |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"**{rate} between the nodes**",
+            "",
+            "| method | median step (s) | vs flat Mem-SGD | MB/step across the link | vs flat Mem-SGD |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for r in subset:
             vs_time = f"{r['median_step_s'] / flat['median_step_s']:.2f}" if flat else "-"
             vs_bytes = f"{r['link_bytes_per_step'] / flat['link_bytes_per_step']:.2f}" if flat else "-"
-            lines.append(f"| {r['label']} | {r['median_step_s']:.3f} | {vs_time} | "
-                         f"{r['link_bytes_per_step'] / 1e6:.3f} | {vs_bytes} |")
+            lines.append(
+                f"| {r['label']} | {r['median_step_s']:.3f} | {vs_time} | "
+                f"{r['link_bytes_per_step'] / 1e6:.3f} | {vs_bytes} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -423,8 +524,10 @@ def accuracy_table(rows: Sequence[dict]) -> str:
     for name in dict.fromkeys(r["method"] for r in rows):
         subset = [r for r in rows if r["method"] == name]
         values = [r["val_accuracy"] for r in subset]
-        lines.append(f"| {subset[0]['label']} | {len(values)} | {' '.join(f'{v:.4f}' for v in values)} | "
-                     f"{statistics.mean(values):.4f} |")
+        lines.append(
+            f"| {subset[0]['label']} | {len(values)} | {' '.join(f'{v:.4f}' for v in values)} | "
+            f"{statistics.mean(values):.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -434,13 +537,23 @@ def profile_table(rows: Sequence[dict]) -> str:
     for rate in dict.fromkeys(r["rate"] for r in rows):
         subset = [r for r in rows if r["rate"] == rate]
         labels = list(dict.fromkeys(k for r in subset for k in r["stages"]))
-        lines += [f"**{rate} between the nodes** (seconds per step, mean over the ranks)", "",
-                  "| | " + " | ".join(r["label"] for r in subset) + " |", "|---|" + "---:|" * len(subset)]
-        for key, title in (("step_s", "step (median)"), ("backward_s", "backward, until every bucket is done")):
+        lines += [
+            f"**{rate} between the nodes** (seconds per step, mean over the ranks)",
+            "",
+            "| | " + " | ".join(r["label"] for r in subset) + " |",
+            "|---|" + "---:|" * len(subset),
+        ]
+        for key, title in (
+            ("step_s", "step (median)"),
+            ("backward_s", "backward, until every bucket is done"),
+        ):
             lines.append(f"| {title} | " + " | ".join(f"{r[key]:.3f}" for r in subset) + " |")
         for label in labels:
-            lines.append(f"| {label} | " + " | ".join(
-                f"{r['stages'][label]:.3f}" if label in r["stages"] else "-" for r in subset) + " |")
+            lines.append(
+                f"| {label} | "
+                + " | ".join(f"{r['stages'][label]:.3f}" if label in r["stages"] else "-" for r in subset)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -459,12 +572,16 @@ def plot_step_time(rows: Sequence[dict], path: str) -> None:
         by_method = {r["method"]: r for r in rows if r["rate"] == rate}
         xs = [j + i * width for j in range(len(methods))]
         axes[0].bar(xs, [by_method[m]["median_step_s"] for m in methods], width, label=rate)
-        axes[1].bar(xs, [max(by_method[m]["link_bytes_per_step"], 1) / 1e6 for m in methods], width, label=rate)
+        axes[1].bar(
+            xs, [max(by_method[m]["link_bytes_per_step"], 1) / 1e6 for m in methods], width, label=rate
+        )
     for ax, title in zip(axes, ("median step time (s)", "MB per step across the link")):
         ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(methods))])
-        ax.set_xticklabels([METHODS[m].replace(", ", "\n") for m in methods], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels(
+            [METHODS[m].replace(", ", "\n") for m in methods], rotation=60, ha="right", fontsize=7
+        )
         ax.legend(title="link")
     fig.suptitle("2 nodes x 2 ranks (network namespaces joined by a tc-shaped veth pair)")
     fig.tight_layout()
@@ -495,7 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += run_rate(args, nodes, rate)
     stem = os.path.join(args.out, f"two_nodes_{args.mode.replace('-', '_')}")
     write_csv(rows, stem + ".csv")
-    table = {"step-time": step_time_table, "accuracy": accuracy_table, "profile": profile_table}[args.mode](rows)
+    table = {"step-time": step_time_table, "accuracy": accuracy_table, "profile": profile_table}[args.mode](
+        rows
+    )
     with open(stem + ".md", "w") as f:
         f.write(table + "\n")
     if args.mode == "step-time":

@@ -25,7 +25,14 @@ import torch.distributed as dist
 
 from ec_hooks import transport
 
-__all__ = ["Agreement", "check_agreement", "check_gossip", "compressor_config", "expect_gossip_check", "gossip_fields"]
+__all__ = [
+    "Agreement",
+    "check_agreement",
+    "check_gossip",
+    "compressor_config",
+    "expect_gossip_check",
+    "gossip_fields",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +49,9 @@ def _shown(value: object) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
-def check_agreement(fields: Mapping[str, object], group=None, device: torch.device | str = "cpu",
-                    who: str = "ec_hooks") -> None:
+def check_agreement(
+    fields: Mapping[str, object], group=None, device: torch.device | str = "cpu", who: str = "ec_hooks"
+) -> None:
     """Raise ``ValueError`` on every rank when the ranks of ``group`` disagree on ``fields``.
 
     Collective: every rank of ``group`` must call it at the same point, with the same field
@@ -72,9 +80,13 @@ def check_agreement(fields: Mapping[str, object], group=None, device: torch.devi
         for rank, theirs in enumerate(values):
             by_value.setdefault(theirs.get(name, "<missing>"), []).append(rank)
         if len(by_value) > 1:
-            lines.append(f"  {name}: " + "; ".join(
-                f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
-                for value, ranks in by_value.items()))
+            lines.append(
+                f"  {name}: "
+                + "; ".join(
+                    f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+                    for value, ranks in by_value.items()
+                )
+            )
     message = (
         f"{who}: the ranks disagree on their configuration (this is rank {transport.rank_in(group)} of {n}):\n"
         + "\n".join(lines)
@@ -94,8 +106,9 @@ class Agreement:
         """Check again at the next step (a state dict was loaded)."""
         self.pending = True
 
-    def check(self, fields: Callable[[], Mapping[str, object]], group=None, device="cpu",
-              who: str = "ec_hooks") -> None:
+    def check(
+        self, fields: Callable[[], Mapping[str, object]], group=None, device="cpu", who: str = "ec_hooks"
+    ) -> None:
         """Run the check if it is due; ``fields`` is called only then."""
         if self.pending:
             check_agreement(fields(), group, device, who)
@@ -114,8 +127,12 @@ def gossip_fields(algorithm) -> dict[str, object]:
     topology = algorithm.topology
     return {
         "algorithm": type(algorithm).__name__,
-        "topology": (topology.name, topology.size, topology.period,
-                     _digest([topology.matrix(step).tolist() for step in range(topology.period)])),
+        "topology": (
+            topology.name,
+            topology.size,
+            topology.period,
+            _digest([topology.matrix(step).tolist() for step in range(topology.period)]),
+        ),
         "compressor": compressor_config(algorithm.compressor),
         "consensus_step": algorithm.consensus_step,
         "watch_every": algorithm.watch_every,
@@ -129,8 +146,9 @@ def gossip_fields(algorithm) -> dict[str, object]:
 def check_gossip(algorithm) -> None:
     """The check of a gossip algorithm, due at its first step and after each load."""
     agreement = algorithm.__dict__.setdefault("_agreement", Agreement())
-    agreement.check(lambda: gossip_fields(algorithm), algorithm.process_group, algorithm.device,
-                    type(algorithm).__name__)
+    agreement.check(
+        lambda: gossip_fields(algorithm), algorithm.process_group, algorithm.device, type(algorithm).__name__
+    )
 
 
 def expect_gossip_check(algorithm) -> None:

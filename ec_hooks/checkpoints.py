@@ -18,8 +18,16 @@ __all__ = ["check_state_dict", "warn_if_compressor_changed"]
 
 
 def check_state_dict(
-    state_dict: object, *, kind: str, required: Sequence[str], owner: str, world_size: int, rank: int,
-    why_world_size: str, why_rank: str = "", missing_ok: bool = False,
+    state_dict: object,
+    *,
+    kind: str,
+    required: Sequence[str],
+    owner: str,
+    world_size: int,
+    rank: int,
+    why_world_size: str,
+    why_rank: str = "",
+    missing_ok: bool = False,
 ) -> Mapping:
     """Raise ValueError unless ``state_dict`` is a dict with the ``required`` entries, saved with
     this ``world_size`` and ``rank`` (when ``missing_ok``, a state dict that records neither
@@ -27,7 +35,9 @@ def check_state_dict(
     ``why_*`` say why the state cannot move to another world size or rank."""
     if not isinstance(state_dict, dict) or any(key not in state_dict for key in required):
         entries = " / ".join(repr(key) for key in required)
-        raise ValueError(f"state_dict is not {kind} (no {entries} entr{'y' if len(required) == 1 else 'ies'})")
+        raise ValueError(
+            f"state_dict is not {kind} (no {entries} entr{'y' if len(required) == 1 else 'ies'})"
+        )
     for key, mine, why in (("world_size", world_size, why_world_size), ("rank", rank, why_rank)):
         saved = state_dict.get(key, mine if missing_ok else None)
         if saved != mine:
@@ -39,5 +49,9 @@ def warn_if_compressor_changed(log: logging.Logger, saved: object, compressor: C
     """Log a warning naming the fields in which ``compressor`` differs from the ``saved`` one."""
     differences = compressor.config_differences(saved)
     if differences:
-        log.warning("loading %s saved with another compressor into one using %s: %s", what, compressor,
-                    "; ".join(differences))
+        log.warning(
+            "loading %s saved with another compressor into one using %s: %s",
+            what,
+            compressor,
+            "; ".join(differences),
+        )

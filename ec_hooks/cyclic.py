@@ -77,13 +77,20 @@ class CyclicTopK(Compressor):
     prefers_momentum_correction = False
     name = "cyclic_topk"
 
-    def __init__(self, density: float = 0.01, value_dtype=None, memory_filter: float = 1.0, backend: str = "auto"):
+    def __init__(
+        self, density: float = 0.01, value_dtype=None, memory_filter: float = 1.0, backend: str = "auto"
+    ):
         self.density = check_density(density)
         self.value_dtype = _value_dtype(value_dtype)
-        if (isinstance(memory_filter, bool) or not isinstance(memory_filter, numbers.Real)
-                or not 0.0 < float(memory_filter) <= 1.0):
-            raise ValueError(f"memory_filter must be a float in (0, 1] (ScaleCom's beta; 1 = plain error "
-                             f"feedback), got {memory_filter!r}")
+        if (
+            isinstance(memory_filter, bool)
+            or not isinstance(memory_filter, numbers.Real)
+            or not 0.0 < float(memory_filter) <= 1.0
+        ):
+            raise ValueError(
+                f"memory_filter must be a float in (0, 1] (ScaleCom's beta; 1 = plain error "
+                f"feedback), got {memory_filter!r}"
+            )
         self.memory_filter = float(memory_filter)
         self.backend = check_choice("backend", backend, _BACKENDS)
 
@@ -131,39 +138,48 @@ class CyclicTopK(Compressor):
         """Slot positions (int64) and a mask of the slots that carry an entry (not the tail)."""
         slots = self.slots_for(numel)
         if message.numel() != self.index_bytes(numel):
-            raise ValueError(f"CyclicTopK index message has {message.numel()} bytes, expected "
-                             f"{self.index_bytes(numel)} for a tensor of {numel} entries")
+            raise ValueError(
+                f"CyclicTopK index message has {message.numel()} bytes, expected "
+                f"{self.index_bytes(numel)} for a tensor of {numel} entries"
+            )
         gaps = message[: 2 * slots].view(torch.int16)
         indices = _delta16_decode(gaps)
         # Tail slots repeat the last index with gap 0; slot 0 is an entry even with gap 0 (index 0).
         used = gaps != 0
         used[0] = True
         if indices.device.type == "cpu" and int(indices[-1]) >= numel:
-            raise ValueError(f"CyclicTopK index message points past the tensor ({int(indices[-1])} >= {numel}): "
-                             "corrupted or mismatched message (do all workers use the same model?)")
+            raise ValueError(
+                f"CyclicTopK index message points past the tensor ({int(indices[-1])} >= {numel}): "
+                "corrupted or mismatched message (do all workers use the same model?)"
+            )
         return indices.clamp_(max=numel - 1), used
 
     # -------------------------------------------------------------- every worker's values
 
-    def compress_at(self, x: torch.Tensor, message: torch.Tensor, wire_dtype: torch.dtype | None = None) -> Payload:
+    def compress_at(
+        self, x: torch.Tensor, message: torch.Tensor, wire_dtype: torch.dtype | None = None
+    ) -> Payload:
         """This worker's values of ``x`` at the positions of the leader's index message."""
         flat = x.reshape(-1)
         indices, used = self.decode_indices(message, flat.numel())
         values = torch.where(used, flat[indices], 0)
-        return Payload(data=to_wire(values, self.value_dtype or wire_dtype or x.dtype), shape=x.shape,
-                       indices=indices)
+        return Payload(
+            data=to_wire(values, self.value_dtype or wire_dtype or x.dtype), shape=x.shape, indices=indices
+        )
 
     def compress(self, x, *, step=0, key=0, rank=0, wire_dtype=None):
         """One worker's view: it is its own leader (what the hook does with ``world_size == 1``)."""
         return self.compress_at(x, self.select(x), wire_dtype)
 
-    def compress_error_feedback_(self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0,
-                                 wire_dtype=None) -> tuple[None, torch.Tensor]:
+    def compress_error_feedback_(
+        self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0, wire_dtype=None
+    ) -> tuple[None, torch.Tensor]:
         """``memory += grad`` (finite entries only) with the kernels' fast accumulation; no
         payload yet (``None``): it depends on the leader's indices, which the transport gets.
         Returns ``(None, grad_finite)``."""
-        accumulated = error_feedback_topk_(memory, grad, 0, wire_dtype=torch.float32, subtract_sent=False,
-                                           backend=self.backend)
+        accumulated = error_feedback_topk_(
+            memory, grad, 0, wire_dtype=torch.float32, subtract_sent=False, backend=self.backend
+        )
         return None, accumulated.grad_finite
 
     def decompress(self, payload):
@@ -180,8 +196,9 @@ class CyclicTopK(Compressor):
         values = payload.data.to(acc.dtype)
         acc.view(-1).index_add_(0, payload.indices, values if scale is None else values * scale, alpha=-1)
 
-    def update_memory_(self, memory: torch.Tensor, payload: Payload, grad: torch.Tensor,
-                       scale: torch.Tensor | None = None) -> None:
+    def update_memory_(
+        self, memory: torch.Tensor, payload: Payload, grad: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> None:
         """``memory`` holds ``acc = m + g``: make it ``acc - c`` (or, with the filter,
         ``m + beta (g - c) = acc - beta c - (1 - beta) g``)."""
         beta = self.memory_filter

@@ -40,7 +40,9 @@ class DivergenceWatch:
     last_distance: float | None
     mean_norm: float
 
-    def __init__(self, every: int = 100, patience: int = 3, growth: float = 1.5, min_relative: float = 0.01) -> None:
+    def __init__(
+        self, every: int = 100, patience: int = 3, growth: float = 1.5, min_relative: float = 0.01
+    ) -> None:
         self.every = check_int("watch_every", every, 0)
         self.patience = check_int("watch_patience", patience, 1)
         if isinstance(growth, bool) or not isinstance(growth, numbers.Real) or not growth > 1:
@@ -80,8 +82,12 @@ class DivergenceWatch:
         self.warned = growing
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "warned": self.warned,
-                "last_consensus_distance": self.last_distance, "mean_norm": self.mean_norm}
+        return {
+            "history": list(self.history),
+            "warned": self.warned,
+            "last_consensus_distance": self.last_distance,
+            "mean_norm": self.mean_norm,
+        }
 
     def load_state_dict(self, watch: dict) -> None:
         self.history = [float(d) for d in watch.get("history", [])]

@@ -13,8 +13,9 @@ import torch
 __all__ = ["flatten", "spans", "split"]
 
 
-def flatten(tensors: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+def flatten(
+    tensors: Iterable[torch.Tensor], dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The tensors, detached and converted to ``dtype``, one after the other in one flat buffer
     (a new one, or ``out``)."""
     return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors], out=out)
@@ -33,5 +34,7 @@ def split(flat: torch.Tensor, like: Sequence[torch.Tensor | int]) -> list[torch.
     """Views of ``flat``, one per item of ``like``: shaped like it for a tensor, flat with that
     many entries for an int.  The inverse of :func:`flatten` (up to the dtype)."""
     numels = [item if isinstance(item, int) else item.numel() for item in like]
-    return [flat[start:stop] if isinstance(item, int) else flat[start:stop].view_as(item)
-            for item, (start, stop) in zip(like, spans(numels))]
+    return [
+        flat[start:stop] if isinstance(item, int) else flat[start:stop].view_as(item)
+        for item, (start, stop) in zip(like, spans(numels))
+    ]

@@ -104,6 +104,7 @@ logger = logging.getLogger(__name__)
 # The name ec_hooks.hierarchical imports.
 _collect_params = collect_params
 
+
 def default_consensus_step(algorithm: str, compressor: Compressor) -> float:
     """The consensus step used when ``consensus_step=None``.
 
@@ -228,9 +229,18 @@ class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
         hierarchical: bool = False,
         nodes=None,
     ) -> None:
-        self._setup(params, topology, compressor, consensus_step, process_group,
-                    transport.rank_in(process_group), transport.world_size(process_group),
-                    watch_every, watch_patience, watch_growth)
+        self._setup(
+            params,
+            topology,
+            compressor,
+            consensus_step,
+            process_group,
+            transport.rank_in(process_group),
+            transport.world_size(process_group),
+            watch_every,
+            watch_patience,
+            watch_growth,
+        )
         self._simulated = False
         self._exchange = transport.NeighbourExchange(process_group)
 
@@ -259,8 +269,19 @@ class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
             workers.append(worker)
         return workers
 
-    def _setup(self, params, topology, compressor, consensus_step, process_group, rank, world_size,
-               watch_every, watch_patience, watch_growth) -> None:
+    def _setup(
+        self,
+        params,
+        topology,
+        compressor,
+        consensus_step,
+        process_group,
+        rank,
+        world_size,
+        watch_every,
+        watch_patience,
+        watch_growth,
+    ) -> None:
         self._setup_flat(params)
         self.process_group = process_group
         self.rank, self.world_size = rank, world_size
@@ -362,12 +383,16 @@ class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
         """Flatten, compress, and post the payload to this step's out-neighbours."""
         x = self._flatten(out=self._scratch("flat", torch.float32))
         payload, sent = self._compress(x)
-        self._exchange.post(self.rank, {peer: payload.data for peer in self.topology.out_peers(self.rank, self.iteration)})
+        self._exchange.post(
+            self.rank, {peer: payload.data for peer in self.topology.out_peers(self.rank, self.iteration)}
+        )
         return x, payload, sent
 
     def _complete(self, x: torch.Tensor, payload: Payload, sent: torch.Tensor) -> None:
         """Receive from this step's in-neighbours and mix."""
-        recvs = {peer: torch.empty_like(payload.data) for peer in self.topology.in_peers(self.rank, self.iteration)}
+        recvs = {
+            peer: torch.empty_like(payload.data) for peer in self.topology.in_peers(self.rank, self.iteration)
+        }
         self._exchange.collect(self.rank, recvs)
         self._finish(x, payload, sent, recvs, len(self.topology.out_peers(self.rank, self.iteration)))
 
@@ -378,7 +403,9 @@ class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
         self._compress_seconds = time.perf_counter() - started
         return self._with_status(payload, x, sent), sent
 
-    def _finish(self, x, payload: Payload, sent: torch.Tensor, recvs: dict[int, torch.Tensor], n_sends: int) -> None:
+    def _finish(
+        self, x, payload: Payload, sent: torch.Tensor, recvs: dict[int, torch.Tensor], n_sends: int
+    ) -> None:
         self._refuse(payload, recvs)
         weights = self.topology.weights(self.rank, self.iteration)
         # Own term first, then peers in rank order: a fixed order keeps runs bit-reproducible.
@@ -397,8 +424,13 @@ class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
         self._incoming(x, sent, mixed)
         self._write_back(x)
         numel = self.numel
-        self.stats.record(bytes_sent=payload.nbytes * n_sends, bytes_dense=self.bytes_dense,
-                          entries_sent=self.compressor.entries_sent(numel), entries=numel, seconds=self._compress_seconds)
+        self.stats.record(
+            bytes_sent=payload.nbytes * n_sends,
+            bytes_dense=self.bytes_dense,
+            entries_sent=self.compressor.entries_sent(numel),
+            entries=numel,
+            seconds=self._compress_seconds,
+        )
         residual = self._residual()
         if residual is not None:
             self.stats.set_residual("gossip", residual)
@@ -411,17 +443,23 @@ class GossipAlgorithm(FlatModel, StatusChecks, ModelAverage, GossipCheckpoint):
 
     def _watch(self, distance: float) -> None:
         """Feed a measured distance to the divergence watch (it warns when the distance keeps growing)."""
-        self.watch.observe(distance, lambda trail: (
-            f"{type(self).__name__}: the consensus distance keeps growing ({trail}, checked every "
-            f"{self.watch.every} steps, now at step {self.iteration}): the workers' models are drifting "
-            f"apart. With compressor {self.compressor!r} and consensus_step={self.consensus_step:g}, "
-            f"{self._divergence_advice()}."
-        ), stacklevel=3)
+        self.watch.observe(
+            distance,
+            lambda trail: (
+                f"{type(self).__name__}: the consensus distance keeps growing ({trail}, checked every "
+                f"{self.watch.every} steps, now at step {self.iteration}): the workers' models are drifting "
+                f"apart. With compressor {self.compressor!r} and consensus_step={self.consensus_step:g}, "
+                f"{self._divergence_advice()}."
+            ),
+            stacklevel=3,
+        )
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(numel={self.numel}, topology={self.topology.name!r}, "
-                f"compressor={self.compressor!r}, consensus_step={self.consensus_step:g}, "
-                f"rank={self.rank}, world_size={self.world_size})")
+        return (
+            f"{type(self).__name__}(numel={self.numel}, topology={self.topology.name!r}, "
+            f"compressor={self.compressor!r}, consensus_step={self.consensus_step:g}, "
+            f"rank={self.rank}, world_size={self.world_size})"
+        )
 
 
 class DeepSqueeze(GossipAlgorithm):
@@ -447,7 +485,9 @@ class DeepSqueeze(GossipAlgorithm):
         if getattr(self, "_delta", None) is None:
             self._delta = torch.zeros_like(x)
         v = torch.add(x, self._delta, out=self._scratch("compensated", torch.float32))
-        payload = self.compressor.compress(v, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype)
+        payload = self.compressor.compress(
+            v, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype
+        )
         return payload, self._decode(payload)
 
     def _incoming(self, x, sent, mixed):
@@ -480,17 +520,23 @@ class DPSGD(GossipAlgorithm):
             return Identity()
         resolved = make_compressor(compressor)
         if not isinstance(resolved, Identity):
-            raise ValueError(f"compressor must be None or Identity() for DPSGD (it sends uncompressed models), "
-                             f"got {compressor!r}: use DeepSqueeze or ChocoSGD to compress")
+            raise ValueError(
+                f"compressor must be None or Identity() for DPSGD (it sends uncompressed models), "
+                f"got {compressor!r}: use DeepSqueeze or ChocoSGD to compress"
+            )
         return resolved
 
     def _outgoing(self, x):
-        payload = self.compressor.compress(x, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype)
+        payload = self.compressor.compress(
+            x, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype
+        )
         return payload, self._decode(payload)
 
     def _divergence_advice(self):
-        return ("plain gossip never increases the disagreement by itself, so the local steps do: lower the "
-                "learning rate or use a better-connected topology")
+        return (
+            "plain gossip never increases the disagreement by itself, so the local steps do: lower the "
+            "learning rate or use a better-connected topology"
+        )
 
 
 class ChocoSGD(GossipAlgorithm):
@@ -530,8 +576,9 @@ class ChocoSGD(GossipAlgorithm):
             self._x_hat = torch.zeros_like(x)
             self._disagreement = torch.zeros_like(x, dtype=torch.float64)
         difference = torch.sub(x, self._x_hat, out=self._scratch("difference", torch.float32))
-        payload = self.compressor.compress(difference, step=self.iteration, key=0, rank=self.rank,
-                                           wire_dtype=self.wire_dtype)
+        payload = self.compressor.compress(
+            difference, step=self.iteration, key=0, rank=self.rank, wire_dtype=self.wire_dtype
+        )
         return payload, self._decode(payload)
 
     def _incoming(self, x, sent, mixed):
@@ -563,5 +610,3 @@ class ChocoSGD(GossipAlgorithm):
                 f"{self.rank}: ChocoSGD's disagreement sum_j W_ij x_hat_j - x_hat_i is only valid for the topology it was "
                 f"built on ({self.topology.name!r} now)"
             )
-
-

@@ -35,14 +35,19 @@ def collect_params(params: Iterable[torch.Tensor] | Iterable[dict] | torch.Tenso
             raise ValueError(f"params lists the same tensor twice (item {i})")
         seen.add(id(p))
         if p.device != out[0].device:
-            raise ValueError(f"params must all be on one device: item 0 is on {out[0].device}, item {i} on {p.device}")
+            raise ValueError(
+                f"params must all be on one device: item 0 is on {out[0].device}, item {i} on {p.device}"
+            )
     return out
 
 
 def _low_precision_slices(params: Sequence[torch.Tensor]) -> list[tuple[int, int, torch.dtype]]:
     """``(start, stop, dtype)`` of the 16-bit parameters in the flattened model."""
-    return [(start, stop, p.dtype) for p, (start, stop) in zip(params, flat.spans(p.numel() for p in params))
-            if p.dtype in _LOW_PRECISION]
+    return [
+        (start, stop, p.dtype)
+        for p, (start, stop) in zip(params, flat.spans(p.numel() for p in params))
+        if p.dtype in _LOW_PRECISION
+    ]
 
 
 class FlatModel:

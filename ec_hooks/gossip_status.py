@@ -91,9 +91,11 @@ class StatusChecks:
 
     def _with_status(self, payload: Payload, x: torch.Tensor, sent: torch.Tensor) -> Payload:
         """``payload`` with this worker's status word appended (see the module docstring)."""
-        status = ((~_all_finite(x)).float() * _MODEL_NOT_FINITE
-                  + (~_all_finite(sent)).float() * _MESSAGE_NOT_FINITE
-                  + (_PARAMETERS_REPLACED if self._replaced else 0)).reshape(1)
+        status = (
+            (~_all_finite(x)).float() * _MODEL_NOT_FINITE
+            + (~_all_finite(sent)).float() * _MESSAGE_NOT_FINITE
+            + (_PARAMETERS_REPLACED if self._replaced else 0)
+        ).reshape(1)
         data = payload.data.reshape(-1)
         # As in the DDP hook: one element of a numeric payload, an fp32 word after a byte payload
         # (which keeps its 4-byte alignment).
@@ -119,13 +121,16 @@ class StatusChecks:
             "would spread to every worker within a few steps. A model does not recover by itself: restore every "
             "worker from the last checkpoint (a lower learning rate, gradient clipping or a GradScaler keep "
             "inf/NaN out of the optimizer step).",
-            self.iteration, reasons,
+            self.iteration,
+            reasons,
         )
 
     def _refusal_reason(self, rank: int, code: int) -> str:
         if code & _PARAMETERS_REPLACED:
-            return ("its parameters were replaced after its gossip was built (load_state_dict(..., assign=True)?); "
-                    "it would mix stale tensors")
+            return (
+                "its parameters were replaced after its gossip was built (load_state_dict(..., assign=True)?); "
+                "it would mix stale tensors"
+            )
         if code & _MODEL_NOT_FINITE:
             where = ""
             if rank == self.rank:
@@ -133,8 +138,10 @@ class StatusChecks:
                 if bad is not None:
                     where = f" (parameter {bad}, shape {tuple(self.params[bad].shape)})"
             return f"its model has inf/NaN entries after the optimizer step{where}"
-        return (f"its compressed message has inf/NaN entries while its model is finite (its buffers "
-                f"{sorted(self._buffers())} are not)")
+        return (
+            f"its compressed message has inf/NaN entries while its model is finite (its buffers "
+            f"{sorted(self._buffers())} are not)"
+        )
 
     def _replaced_message(self) -> str:
         name = type(self).__name__
@@ -149,5 +156,8 @@ class StatusChecks:
 
     def _raise_if_replaced(self) -> None:
         if self._replaced:
-            raise GossipRefusedError(self._replaced_message(), self.iteration,
-                                     {self.rank: self._refusal_reason(self.rank, _PARAMETERS_REPLACED)})
+            raise GossipRefusedError(
+                self._replaced_message(),
+                self.iteration,
+                {self.rank: self._refusal_reason(self.rank, _PARAMETERS_REPLACED)},
+            )

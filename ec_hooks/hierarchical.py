@@ -76,7 +76,9 @@ def node_layout(
         try:
             local = int(env["LOCAL_WORLD_SIZE"])
         except ValueError:
-            raise ValueError(f"LOCAL_WORLD_SIZE must be an integer, got {env['LOCAL_WORLD_SIZE']!r}") from None
+            raise ValueError(
+                f"LOCAL_WORLD_SIZE must be an integer, got {env['LOCAL_WORLD_SIZE']!r}"
+            ) from None
         if local < 1 or world_size % local:
             raise ValueError(
                 f"LOCAL_WORLD_SIZE={local} does not divide the world size {world_size} into equal nodes"
@@ -92,7 +94,9 @@ def node_layout(
     if sorted(r for node in layout for r in node) != list(range(world_size)):
         raise ValueError(f"nodes must list every rank 0..{world_size - 1} exactly once, got {nodes!r}")
     if len({len(node) for node in layout}) != 1:
-        raise ValueError(f"nodes must all have the same number of ranks, got sizes {[len(n) for n in layout]}")
+        raise ValueError(
+            f"nodes must all have the same number of ranks, got sizes {[len(n) for n in layout]}"
+        )
     return layout
 
 
@@ -175,8 +179,11 @@ class _NodeGroups:
 
     def _exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]) -> None:
         """Point-to-point with the other local ranks (keys: local ranks); blocks until done."""
-        transport.exchange({self._group_rank[j]: t for j, t in sends.items()},
-                           {self._group_rank[j]: t for j, t in recvs.items()}, self.intra_group)
+        transport.exchange(
+            {self._group_rank[j]: t for j, t in sends.items()},
+            {self._group_rank[j]: t for j, t in recvs.items()},
+            self.intra_group,
+        )
 
     def sum_to_owner(self, rows: torch.Tensor, owner=None) -> torch.Tensor:
         """Sum ``rows`` (``(L, width)``, row ``j`` for local rank ``j``) over the node; return this
@@ -279,14 +286,20 @@ class NodeHierarchy(_NodeGroups):
         from ec_hooks.hooks import _reduce
 
         if getattr(state, "momentum_correction", None) is not None:
-            raise ValueError("hierarchical Mem-SGD is not combined with momentum correction yet: the velocity "
-                             "would be ignored; leave momentum, weight_decay and clip_norm at their defaults")
+            raise ValueError(
+                "hierarchical Mem-SGD is not combined with momentum correction yet: the velocity "
+                "would be ignored; leave momentum, weight_decay and clip_norm at their defaults"
+            )
         bytes_dense = grad.numel() * grad.element_size()
         memory = state.memory.buffer_for(keys, numels, grad.device)
         if self.num_nodes == 1 or state.iteration < state.start_iter:
             self.flush()
-            state.stats.record(bytes_sent=bytes_dense if self.num_nodes > 1 else 0, bytes_dense=bytes_dense,
-                               entries_sent=grad.numel(), entries=grad.numel())
+            state.stats.record(
+                bytes_sent=bytes_dense if self.num_nodes > 1 else 0,
+                bytes_dense=bytes_dense,
+                entries_sent=grad.numel(),
+                entries=grad.numel(),
+            )
             return transport.allreduce_mean(grad, state.process_group)
 
         L, numel = self.local_world_size, grad.numel()
@@ -345,7 +358,11 @@ class NodeHierarchy(_NodeGroups):
                 sends[j] = grad[part]
             else:
                 out = self.buffer(f"to{j}", keys, (part.stop - part.start,), torch.float32, grad.device)
-                sends[j] = out.copy_(grad[part]) if cleared else torch.add(grad[part], memory[part], alpha=L, out=out)
+                sends[j] = (
+                    out.copy_(grad[part])
+                    if cleared
+                    else torch.add(grad[part], memory[part], alpha=L, out=out)
+                )
         owned = self.owned_slice(numel)
         length = owned.stop - owned.start
         others = [j for j in range(L) if j != me]
@@ -478,24 +495,45 @@ class HierarchicalGossip:
     :meth:`consensus_distance` are over all ranks, as for the flat algorithms.
     """
 
-    def __init__(self, algorithm_class, params, topology="ring", compressor=None, consensus_step=None,
-                 process_group=None, *, nodes: Sequence[Sequence[int]] | None = None, watch_every: int = 100,
-                 watch_patience: int = 3, watch_growth: float = 1.5) -> None:
+    def __init__(
+        self,
+        algorithm_class,
+        params,
+        topology="ring",
+        compressor=None,
+        consensus_step=None,
+        process_group=None,
+        *,
+        nodes: Sequence[Sequence[int]] | None = None,
+        watch_every: int = 100,
+        watch_patience: int = 3,
+        watch_growth: float = 1.5,
+    ) -> None:
         from ec_hooks.gossip import _collect_params  # gossip imports this module lazily
 
         if process_group is not None:
-            raise ValueError("hierarchical=True gossips over the default process group: leave process_group=None")
+            raise ValueError(
+                "hierarchical=True gossips over the default process group: leave process_group=None"
+            )
         self.groups = _NodeGroups(node_layout(nodes))
         self.params = _collect_params(params)
         self.numel = sum(p.numel() for p in self.params)
         self.world_size = transport.world_size()
         self.rank = transport.rank_in()
         self.process_group = None  # the world: what the mean model is averaged over
-        self._shard = torch.zeros(self.groups.shard_size(self.numel), dtype=torch.float32,
-                                  device=self.params[0].device)
-        self.inner = algorithm_class([self._shard], topology=topology, compressor=compressor,
-                                     consensus_step=consensus_step, process_group=self.groups.inter_group,
-                                     watch_every=0, watch_patience=watch_patience, watch_growth=watch_growth)
+        self._shard = torch.zeros(
+            self.groups.shard_size(self.numel), dtype=torch.float32, device=self.params[0].device
+        )
+        self.inner = algorithm_class(
+            [self._shard],
+            topology=topology,
+            compressor=compressor,
+            consensus_step=consensus_step,
+            process_group=self.groups.inter_group,
+            watch_every=0,
+            watch_patience=watch_patience,
+            watch_growth=watch_growth,
+        )
         self.watch_every = watch_every
         self.last_consensus_distance: float | None = None
 
@@ -564,19 +602,29 @@ class HierarchicalGossip:
 
     def state_dict(self) -> dict:
         """The shard owner's algorithm state (its buffers hold this rank's shard) and the node layout."""
-        return {"hierarchy": self.groups.describe(), "rank": self.rank, "numel": self.numel,
-                "inner": self.inner.state_dict()}
+        return {
+            "hierarchy": self.groups.describe(),
+            "rank": self.rank,
+            "numel": self.numel,
+            "inner": self.inner.state_dict(),
+        }
 
     def check_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict) or "hierarchy" not in state_dict:
-            raise ValueError("state_dict is not a hierarchical gossip state dict (no 'hierarchy' entry): it was "
-                             "saved by a flat gossip algorithm")
+            raise ValueError(
+                "state_dict is not a hierarchical gossip state dict (no 'hierarchy' entry): it was "
+                "saved by a flat gossip algorithm"
+            )
         if state_dict["hierarchy"] != self.groups.describe():
-            raise ValueError(f"state_dict was saved with hierarchy={state_dict['hierarchy']}, this one has "
-                             f"{self.groups.describe()}")
+            raise ValueError(
+                f"state_dict was saved with hierarchy={state_dict['hierarchy']}, this one has "
+                f"{self.groups.describe()}"
+            )
         if state_dict.get("rank") != self.rank or state_dict.get("numel") != self.numel:
-            raise ValueError(f"state_dict belongs to rank {state_dict.get('rank')} of a model of "
-                             f"{state_dict.get('numel')} entries; this is rank {self.rank} of {self.numel}")
+            raise ValueError(
+                f"state_dict belongs to rank {state_dict.get('rank')} of a model of "
+                f"{state_dict.get('numel')} entries; this is rank {self.rank} of {self.numel}"
+            )
         self.inner.check_state_dict(state_dict["inner"])
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -584,6 +632,8 @@ class HierarchicalGossip:
         self.inner.load_state_dict(state_dict["inner"])
 
     def __repr__(self) -> str:
-        return (f"Hierarchical{type(self.inner).__name__}(numel={self.numel}, nodes={self.groups.num_nodes}x"
-                f"{self.groups.local_world_size}, topology={self.topology.name!r}, compressor={self.compressor!r}, "
-                f"consensus_step={self.consensus_step:g})")
+        return (
+            f"Hierarchical{type(self.inner).__name__}(numel={self.numel}, nodes={self.groups.num_nodes}x"
+            f"{self.groups.local_world_size}, topology={self.topology.name!r}, compressor={self.compressor!r}, "
+            f"consensus_step={self.consensus_step:g})"
+        )

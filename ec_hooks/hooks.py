@@ -33,7 +33,6 @@ but other entries are selected at that step.  A resume with another ``bucket_cap
 splits its first step into the saved layouts and uses its own layout from the next step on.
 """
 
-
 import functools
 import logging
 import math
@@ -59,7 +58,6 @@ from ec_hooks.warmup import DensityWarmup
 __all__ = ["ErrorFeedbackState", "error_feedback_hook", "local_hook"]
 
 logger = logging.getLogger(__name__)
-
 
 
 class ErrorFeedbackState:
@@ -146,12 +144,17 @@ class ErrorFeedbackState:
         self.dense_fallback = dense_fallback
         correction = MomentumCorrection(momentum, nesterov, weight_decay, clip_norm, momentum_masking)
         # None: plain error feedback, no velocity is kept
-        self.momentum_correction = correction if (correction.momentum or correction.weight_decay or
-                                                  correction.clip_norm is not None) else None
+        self.momentum_correction = (
+            correction
+            if (correction.momentum or correction.weight_decay or correction.clip_norm is not None)
+            else None
+        )
         self.density_warmup = DensityWarmup(self.compressor, density_warmup_steps, density_warmup_start)
         #: the transports each bucket chooses from, by bytes on the wire (see ec_hooks.transport)
         self.transports: tuple[transport.Transport, ...] = (
-            transport.SharedIndexAllreduce(), transport.AllreduceMean(), transport.AllgatherSum(),
+            transport.SharedIndexAllreduce(),
+            transport.AllreduceMean(),
+            transport.AllgatherSum(),
             *((transport.DenseAllreduce(),) if dense_fallback else ()),
         )
         #: how many buckets each transport has moved (by transport name)
@@ -173,7 +176,9 @@ class ErrorFeedbackState:
             raise ValueError("nodes is only used with hierarchical=True")
         if hierarchical:
             if process_group is not None:
-                raise ValueError("hierarchical=True works on the default process group: leave process_group=None")
+                raise ValueError(
+                    "hierarchical=True works on the default process group: leave process_group=None"
+                )
             if self.momentum_correction is not None or density_warmup_steps:
                 raise ValueError(
                     "hierarchical=True is not combined with momentum correction (momentum, weight_decay, "
@@ -286,19 +291,27 @@ class ErrorFeedbackState:
     def _momentum_state_dict(self) -> dict:
         if self.momentum_correction is None:
             return {}
-        return {"momentum_correction": self.momentum_correction.config(),
-                "velocities": self.momentum_correction.velocity.state_dict(),
-                "clip_scale": self.momentum_correction.clip_scale}
+        return {
+            "momentum_correction": self.momentum_correction.config(),
+            "velocities": self.momentum_correction.velocity.state_dict(),
+            "clip_scale": self.momentum_correction.clip_scale,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore memories, counters and bucket layouts; refuses a state of another world size,
         rank or model.  State dicts without ``"layouts"`` (older ones) load too; the first step
         after them is then not bit-identical to an uninterrupted run (see the module docstring)."""
         checkpoints.check_state_dict(
-            state_dict, kind="an ErrorFeedbackState state dict", required=("memories",), owner="ErrorFeedbackState",
-            world_size=self.world_size, rank=self.rank, missing_ok=True,
+            state_dict,
+            kind="an ErrorFeedbackState state dict",
+            required=("memories",),
+            owner="ErrorFeedbackState",
+            world_size=self.world_size,
+            rank=self.rank,
+            missing_ok=True,
             why_world_size="error-feedback memories belong to individual workers and cannot be redistributed",
-            why_rank="load each worker's own state (loading one rank's memory everywhere would send it n times)")
+            why_rank="load each worker's own state (loading one rank's memory everywhere would send it n times)",
+        )
         saved_hierarchy = state_dict.get("hierarchy")
         hierarchy = None if self.hierarchy is None else self.hierarchy.describe()
         if saved_hierarchy != hierarchy:
@@ -310,20 +323,26 @@ class ErrorFeedbackState:
         velocities = self._check_velocities(state_dict)
         shapes = state_dict.get("shapes")
         if shapes is not None and not isinstance(shapes, dict):
-            raise ValueError(f"state_dict 'shapes' must map parameter keys to shapes, got {type(shapes).__name__}")
+            raise ValueError(
+                f"state_dict 'shapes' must map parameter keys to shapes, got {type(shapes).__name__}"
+            )
         self.memory.check_state_dict(memories, shapes)
         if self._module_names is None:
             # Keys met by this state's earlier steps are known: check what can be checked now.
             for key, tensor in memories.items():
                 known = self.memory.shapes.get(key)
                 if known is not None and torch.as_tensor(tensor).numel() != math.prod(known):
-                    raise ValueError(f"state_dict memory for {key!r} has {torch.as_tensor(tensor).numel()} entries, "
-                                     f"the parameter has {math.prod(known)}: the state dict belongs to another model")
+                    raise ValueError(
+                        f"state_dict memory for {key!r} has {torch.as_tensor(tensor).numel()} entries, "
+                        f"the parameter has {math.prod(known)}: the state dict belongs to another model"
+                    )
         else:
             for kind, tensors in (("memories", memories), ("velocities", velocities or {})):
                 unknown = sorted(set(tensors) - self._module_names)
                 if unknown:
-                    raise ValueError(f"state_dict has {kind} for parameters the model does not have: {unknown[:5]}")
+                    raise ValueError(
+                        f"state_dict has {kind} for parameters the model does not have: {unknown[:5]}"
+                    )
                 for key, tensor in tensors.items():
                     if torch.as_tensor(tensor).numel() != self._shapes[key]:
                         raise ValueError(
@@ -331,8 +350,9 @@ class ErrorFeedbackState:
                             f"the parameter has {self._shapes[key]}"
                         )
         layouts = self._check_layouts(state_dict.get("layouts", []))
-        checkpoints.warn_if_compressor_changed(logger, state_dict.get("compressor"), self.compressor,
-                                               "error-feedback memories")
+        checkpoints.warn_if_compressor_changed(
+            logger, state_dict.get("compressor"), self.compressor, "error-feedback memories"
+        )
         self.memory.load_state_dict(memories, shapes)
         if velocities is not None:
             self.momentum_correction.velocity.load_state_dict(velocities)
@@ -362,8 +382,12 @@ class ErrorFeedbackState:
         return velocities
 
     def _check_layouts(self, layouts) -> list[tuple]:
-        if not isinstance(layouts, (list, tuple)) or not all(isinstance(x, (list, tuple)) and x for x in layouts):
-            raise ValueError(f"state_dict 'layouts' must be a list of non-empty lists of parameter keys, got {layouts!r}")
+        if not isinstance(layouts, (list, tuple)) or not all(
+            isinstance(x, (list, tuple)) and x for x in layouts
+        ):
+            raise ValueError(
+                f"state_dict 'layouts' must be a list of non-empty lists of parameter keys, got {layouts!r}"
+            )
         layouts = [tuple(layout) for layout in layouts]
         keys = [key for layout in layouts for key in layout]
         if len(set(keys)) != len(keys):
@@ -371,7 +395,9 @@ class ErrorFeedbackState:
         if self._module_names is not None:
             unknown = sorted(set(keys) - self._module_names, key=repr)
             if unknown:
-                raise ValueError(f"state_dict has bucket layouts with parameters the model does not have: {unknown[:5]}")
+                raise ValueError(
+                    f"state_dict has bucket layouts with parameters the model does not have: {unknown[:5]}"
+                )
         return layouts
 
     def __getstate__(self):
@@ -390,7 +416,9 @@ class ErrorFeedbackState:
             "compressor": compressor_config(self.compressor),
             "start_iter": self.start_iter,
             "dense_fallback": self.dense_fallback,
-            "momentum_correction": None if self.momentum_correction is None else self.momentum_correction.config(),
+            "momentum_correction": None
+            if self.momentum_correction is None
+            else self.momentum_correction.config(),
             "density_warmup_steps": self.density_warmup.steps,
             "density_warmup_start": self.density_warmup.start,
             "transports": [type(t).__name__ for t in self.transports],
@@ -432,8 +460,11 @@ def _check_module(module: torch.nn.Module) -> None:
             "buckets; use the default optimize_ddp mode ('ddp_optimizer') or do not compile the backward pass"
         )
     inner = module.module if isinstance(module, DistributedDataParallel) else module
-    sparse = [name or type(m).__name__ for name, m in inner.named_modules()
-              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse]
+    sparse = [
+        name or type(m).__name__
+        for name, m in inner.named_modules()
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse
+    ]
     if sparse:
         raise ValueError(
             f"module has embeddings with sparse=True ({', '.join(sparse[:3])}): their gradients are sparse "
@@ -441,7 +472,9 @@ def _check_module(module: torch.nn.Module) -> None:
         )
 
 
-def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def error_feedback_hook(
+    state: ErrorFeedbackState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
     """Mem-SGD for one DDP bucket (Stich, Cordonnier, Jaggi, 2018).
 
     With gradient ``g``, this worker's fp32 memory ``m`` and the compressor ``C``.  With momentum
@@ -489,12 +522,15 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     """
     grad = _check_bucket(bucket)
     params = bucket.parameters()
-    state._agreement.check(lambda: state._agreement_fields(grad), state.process_group, grad.device,
-                           "error_feedback_hook")
+    state._agreement.check(
+        lambda: state._agreement_fields(grad), state.process_group, grad.device, "error_feedback_hook"
+    )
     keys = tuple(state._key(p) for p in params)
     numels = [p.numel() for p in params]
     if sum(numels) != grad.numel():
-        raise RuntimeError(f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}")
+        raise RuntimeError(
+            f"bucket {bucket.index()} holds {grad.numel()} gradient entries, its parameters {sum(numels)}"
+        )
     # Parameters that no rank used at this step: DDP drops their output, so their memories stay.
     live = None
     if state._usage is not None and state.iteration >= state.start_iter:
@@ -502,7 +538,11 @@ def error_feedback_hook(state: ErrorFeedbackState, bucket: dist.GradBucket) -> t
     units = state._saved_layouts.split(keys)
     reduce = _reduce if state.hierarchy is None else state.hierarchy.reduce
     if units is None:
-        fut = reduce(state, keys, numels, grad) if live is None else _reduce_live(state, keys, numels, grad, live, reduce)
+        fut = (
+            reduce(state, keys, numels, grad)
+            if live is None
+            else _reduce_live(state, keys, numels, grad, live, reduce)
+        )
     else:
         fut = _reduce_by_layout(state, keys, numels, grad, units, reduce, live)
     if state.hierarchy is not None and bucket.is_last():
@@ -530,7 +570,11 @@ def _check_bucket(bucket) -> torch.Tensor:
 
 
 def _reduce_by_layout(
-    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, units: list[tuple],
+    state: ErrorFeedbackState,
+    keys: tuple,
+    numels: Sequence[int],
+    grad: torch.Tensor,
+    units: list[tuple],
     reduce=None,
     live: torch.Tensor | None = None,
 ) -> torch.futures.Future[torch.Tensor]:
@@ -575,12 +619,14 @@ def _reduce(
     velocity = state._velocity_step(keys, numels, grad)
     signal = grad if velocity is None else velocity.signal
     if state.iteration < state.start_iter:
-        state.stats.record(bytes_sent=bytes_dense, bytes_dense=bytes_dense, entries_sent=grad.numel(),
-                           entries=grad.numel())
+        state.stats.record(
+            bytes_sent=bytes_dense, bytes_dense=bytes_dense, entries_sent=grad.numel(), entries=grad.numel()
+        )
         if velocity is None:
             return transport.allreduce_mean(grad, group)
         return transport.allreduce_mean(signal.to(grad.dtype, copy=True), group).then(
-            lambda fut: _commit_dense_velocity(state, velocity, fut.value()))
+            lambda fut: _commit_dense_velocity(state, velocity, fut.value())
+        )
 
     started = time.perf_counter()
     compressor, n = state._compressor_now(), state.world_size
@@ -589,14 +635,20 @@ def _reduce(
     # 2-3. error compensation and compression; TopK fuses both into one pass over the bucket
     # (CyclicTopK only accumulates: its payload waits for the leader's indices, in the transport)
     # The fused kernels take fp32 memories; fp64 ones (fp64 models) take the reference path.
-    compensate = (compressor.compress_error_feedback_ if memory.dtype == torch.float32
-                  else functools.partial(Compressor.compress_error_feedback_, compressor))
-    payload, finite = compensate(memory, signal, step=state.iteration, key=key, rank=state.rank,
-                                 wire_dtype=grad.dtype)
+    compensate = (
+        compressor.compress_error_feedback_
+        if memory.dtype == torch.float32
+        else functools.partial(Compressor.compress_error_feedback_, compressor)
+    )
+    payload, finite = compensate(
+        memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype
+    )
     # 4. transport: the cheapest of the state's transports for this compressor and bucket
     chosen = transport.choose(state.transports, compressor, grad.numel(), grad.dtype, n)
     fut, bytes_sent = chosen.start(
-        transport.Outgoing(compressor, memory, payload, finite, signal, grad.dtype, state.iteration, key, state.rank),
+        transport.Outgoing(
+            compressor, memory, payload, finite, signal, grad.dtype, state.iteration, key, state.rank
+        ),
         group,
     )
     state.transport_counts[chosen.name] = state.transport_counts.get(chosen.name, 0) + 1
@@ -631,7 +683,9 @@ def _reduce(
     return fut.then(finish)
 
 
-def _commit_dense_velocity(state: ErrorFeedbackState, velocity: VelocityUpdate, mean: torch.Tensor) -> torch.Tensor:
+def _commit_dense_velocity(
+    state: ErrorFeedbackState, velocity: VelocityUpdate, mean: torch.Tensor
+) -> torch.Tensor:
     """Warm-up with momentum correction: every entry went out uncompressed, nothing is masked;
     a non-finite mean (an overflow on some worker) keeps the old velocity."""
     state.momentum_correction.commit(velocity, torch.isfinite(mean).all(), None)
@@ -639,7 +693,11 @@ def _commit_dense_velocity(state: ErrorFeedbackState, velocity: VelocityUpdate, 
 
 
 def _reduce_live(
-    state: ErrorFeedbackState, keys: tuple, numels: Sequence[int], grad: torch.Tensor, live: torch.Tensor,
+    state: ErrorFeedbackState,
+    keys: tuple,
+    numels: Sequence[int],
+    grad: torch.Tensor,
+    live: torch.Tensor,
     reduce=None,
 ) -> torch.futures.Future[torch.Tensor]:
     """``reduce`` (:func:`_reduce` by default) of the live entries only (``live``: a mask over

@@ -60,5 +60,7 @@ class SavedLayouts:
             logger.warning(
                 "a DDP bucket of %d parameters holds part of a bucket layout saved in the loaded state: it is "
                 "compressed as it comes (nothing is lost, but this step selects other entries than an "
-                "uninterrupted run)", len(keys))
+                "uninterrupted run)",
+                len(keys),
+            )
         return None

@@ -38,13 +38,16 @@ def memory_dtype(grad_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if grad_dtype == torch.float64 else torch.float32
 
 
-def live_mask(numels: Sequence[int], live: Sequence[bool], device: torch.device | str = "cpu") -> torch.Tensor | None:
+def live_mask(
+    numels: Sequence[int], live: Sequence[bool], device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """A bool mask over a flat bucket of parameters of ``numels`` entries, true where the
     parameter is ``live`` at this step; ``None`` when every parameter is."""
     if all(live):
         return None
-    return torch.repeat_interleave(torch.tensor(list(live), dtype=torch.bool),
-                                   torch.tensor(list(numels), dtype=torch.long)).to(device)
+    return torch.repeat_interleave(
+        torch.tensor(list(live), dtype=torch.bool), torch.tensor(list(numels), dtype=torch.long)
+    ).to(device)
 
 
 class Frozen:
@@ -82,8 +85,13 @@ class ErrorFeedbackMemory:
             )
         self.shapes[key] = shape
 
-    def buffer_for(self, keys: Sequence[Hashable], numels: Sequence[int], device: torch.device,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def buffer_for(
+        self,
+        keys: Sequence[Hashable],
+        numels: Sequence[int],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """The flat memory (fp32, or ``dtype``) of a bucket made of these parameters, in this order.
 
         A new layout (first use, the DDP rebuild, a checkpoint from another ``bucket_cap_mb``)
@@ -143,7 +151,9 @@ class ErrorFeedbackMemory:
         """Raise ValueError when :meth:`load_state_dict` would refuse these memories: non-finite
         entries, or a saved shape (``shapes``) other than a known parameter's shape."""
         if not isinstance(memories, dict):
-            raise TypeError(f"memories must be a dict of parameter key -> tensor, got {type(memories).__name__}")
+            raise TypeError(
+                f"memories must be a dict of parameter key -> tensor, got {type(memories).__name__}"
+            )
         for key, tensor in memories.items():
             tensor = torch.as_tensor(tensor)
             if not bool(torch.isfinite(tensor).all()):
@@ -161,9 +171,11 @@ class ErrorFeedbackMemory:
                     f"shape {known}: the state dict belongs to another model"
                 )
             if key in memories and math.prod(saved) != torch.as_tensor(memories[key]).numel():
-                raise ValueError(f"error-feedback memory for parameter {key!r} has "
-                                 f"{torch.as_tensor(memories[key]).numel()} entries, its saved shape {saved} has "
-                                 f"{math.prod(saved)}")
+                raise ValueError(
+                    f"error-feedback memory for parameter {key!r} has "
+                    f"{torch.as_tensor(memories[key]).numel()} entries, its saved shape {saved} has "
+                    f"{math.prod(saved)}"
+                )
 
     def load_state_dict(self, memories: dict[Hashable, torch.Tensor], shapes: dict | None = None) -> None:
         """Restore memories (flat tensors by parameter key) and, when given, their shapes."""

@@ -31,7 +31,11 @@ logger = logging.getLogger(__name__)
 
 def check_momentum(momentum) -> float:
     """A momentum factor in [0, 1)."""
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) < 1.0:
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, numbers.Real)
+        or not 0.0 <= float(momentum) < 1.0
+    ):
         raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
     return float(momentum)
 
@@ -39,8 +43,10 @@ def check_momentum(momentum) -> float:
 def _check_non_negative(name: str, value, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(float(value)) and float(value) >= 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (math.isfinite(float(value)) and float(value) >= 0)
     ):
         allowed = "a finite float >= 0" + (" or None" if allow_none else "")
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -87,8 +93,14 @@ class MomentumCorrection:
        voided step leaves ``u`` untouched.
     """
 
-    def __init__(self, momentum: float, nesterov: bool = False, weight_decay: float = 0.0,
-                 clip_norm: float | None = None, masking: bool = False) -> None:
+    def __init__(
+        self,
+        momentum: float,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        clip_norm: float | None = None,
+        masking: bool = False,
+    ) -> None:
         self.momentum = check_momentum(momentum)
         if not isinstance(nesterov, bool):
             raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
@@ -106,11 +118,18 @@ class MomentumCorrection:
         self.velocity = ErrorFeedbackMemory()
 
     def __repr__(self) -> str:
-        return (f"MomentumCorrection(momentum={self.momentum}, nesterov={self.nesterov}, "
-                f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking})")
+        return (
+            f"MomentumCorrection(momentum={self.momentum}, nesterov={self.nesterov}, "
+            f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking})"
+        )
 
-    def step(self, keys: Sequence[Hashable], numels: Sequence[int], grad: torch.Tensor,
-             params: Sequence[torch.Tensor] | None = None) -> VelocityUpdate:
+    def step(
+        self,
+        keys: Sequence[Hashable],
+        numels: Sequence[int],
+        grad: torch.Tensor,
+        params: Sequence[torch.Tensor] | None = None,
+    ) -> VelocityUpdate:
         """Steps 1-2 for the flat gradient of the parameters ``keys``; the store is not changed."""
         velocity = self.velocity.buffer_for(keys, numels, grad.device)
         g = grad.reshape(-1).float()
@@ -148,8 +167,13 @@ class MomentumCorrection:
         self.clip_scale *= factor
 
     def config(self) -> dict:
-        return {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay,
-                "clip_norm": self.clip_norm, "masking": self.masking}
+        return {
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+            "clip_norm": self.clip_norm,
+            "masking": self.masking,
+        }
 
 
 def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:

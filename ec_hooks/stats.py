@@ -137,8 +137,18 @@ class CommStats:
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        for name in ("steps", "bytes_sent", "bytes_dense", "last_bytes_sent", "last_bytes_dense", "entries_sent",
-                     "entries_total", "compress_time_s", "last_compress_time_s", "last_density"):
+        for name in (
+            "steps",
+            "bytes_sent",
+            "bytes_dense",
+            "last_bytes_sent",
+            "last_bytes_dense",
+            "entries_sent",
+            "entries_total",
+            "compress_time_s",
+            "last_compress_time_s",
+            "last_density",
+        ):
             if name in sd:
                 setattr(self, name, type(getattr(self, name))(sd[name]))
         self._residual_sq = float(sd.get("residual_sq", 0.0))

@@ -122,8 +122,12 @@ class Topology:
         peers = []
         for i in range(n):
             r, c = divmod(i, cols)
-            around = {((r - 1) % rows) * cols + c, ((r + 1) % rows) * cols + c,
-                      r * cols + (c - 1) % cols, r * cols + (c + 1) % cols}
+            around = {
+                ((r - 1) % rows) * cols + c,
+                ((r + 1) % rows) * cols + c,
+                r * cols + (c - 1) % cols,
+                r * cols + (c + 1) % cols,
+            }
             peers.append(around - {i})
         return cls("torus", [_max_degree_matrix(n, peers)])
 
@@ -173,7 +177,9 @@ class Topology:
         try:
             w = torch.as_tensor(matrix, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"matrix must be a square 2-D array of floats, got {type(matrix).__name__}") from exc
+            raise ValueError(
+                f"matrix must be a square 2-D array of floats, got {type(matrix).__name__}"
+            ) from exc
         if w.dim() != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
             raise ValueError(f"matrix must be a non-empty square 2-D array, got shape {tuple(w.shape)}")
         topology = cls.__new__(cls)
@@ -197,7 +203,9 @@ class Topology:
         n = check_size("n", n)
         if isinstance(topology, Topology):
             if topology.size != n:
-                hint = f"a {n} x {n} matrix" if topology.name == "custom" else f"Topology.{topology.name}({n})"
+                hint = (
+                    f"a {n} x {n} matrix" if topology.name == "custom" else f"Topology.{topology.name}({n})"
+                )
                 raise ValueError(
                     f"topology has {topology.size} workers but the process group has {n}: build it "
                     f"for the world size, e.g. {hint}"
@@ -206,8 +214,10 @@ class Topology:
         if isinstance(topology, str):
             name = topology.lower().replace("-", "_")
             if name not in TOPOLOGY_NAMES:
-                raise ValueError(f"topology must be a Topology, a matrix, or one of {list(TOPOLOGY_NAMES)}, "
-                                 f"got {topology!r}")
+                raise ValueError(
+                    f"topology must be a Topology, a matrix, or one of {list(TOPOLOGY_NAMES)}, "
+                    f"got {topology!r}"
+                )
             if name == "torus":
                 rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
                 return cls.torus(rows, n // rows)
@@ -215,8 +225,10 @@ class Topology:
         if isinstance(topology, (torch.Tensor, list, tuple)) or hasattr(topology, "__array__"):
             resolved = cls.from_matrix(topology)
             return cls.make(resolved, n)
-        raise ValueError(f"topology must be a Topology, a matrix, or one of {list(TOPOLOGY_NAMES)}, "
-                         f"got {type(topology).__name__}")
+        raise ValueError(
+            f"topology must be a Topology, a matrix, or one of {list(TOPOLOGY_NAMES)}, "
+            f"got {type(topology).__name__}"
+        )
 
     # ------------------------------------------------------------------ queries
 
@@ -280,8 +292,10 @@ class Topology:
         )
 
     def __repr__(self) -> str:
-        return (f"Topology(name={self.name!r}, size={self.size}, period={self.period}, "
-                f"spectral_gap={self.spectral_gap:.4g})")
+        return (
+            f"Topology(name={self.name!r}, size={self.size}, period={self.period}, "
+            f"spectral_gap={self.spectral_gap:.4g})"
+        )
 
     # ------------------------------------------------------------------ validation
 
@@ -302,8 +316,10 @@ class Topology:
                 problems.append(f"not non-negative{where}: W[{i}, {j}] = {float(w[i, j]):.6g}")
             if symmetric and not torch.allclose(w, w.T, atol=_ATOL, rtol=0):
                 i, j = (int(v) for v in torch.nonzero((w - w.T).abs() > _ATOL)[0])
-                problems.append(f"not symmetric{where}: W[{i}, {j}] = {float(w[i, j]):.6g} but "
-                                f"W[{j}, {i}] = {float(w[j, i]):.6g}")
+                problems.append(
+                    f"not symmetric{where}: W[{i}, {j}] = {float(w[i, j]):.6g} but "
+                    f"W[{j}, {i}] = {float(w[j, i]):.6g}"
+                )
             rows = w.sum(dim=1)
             bad = torch.nonzero((rows - 1).abs() > _ATOL).flatten()
             if bad.numel():

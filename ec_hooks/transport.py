@@ -125,7 +125,9 @@ def exchange(
     """
     me = rank_in(group)
     if me in sends or me in recvs:
-        raise ValueError(f"exchange: rank {me} lists itself as a peer; keep the local term out of the exchange")
+        raise ValueError(
+            f"exchange: rank {me} lists itself as a peer; keep the local term out of the exchange"
+        )
     # gloo's point-to-point ops take host tensors only: stage device tensors through host memory.
     staged = any(t.device.type != "cpu" for t in [*sends.values(), *recvs.values()]) and (
         dist.get_backend(group) == dist.Backend.GLOO
@@ -241,7 +243,9 @@ def _status(finite: torch.Tensor) -> torch.Tensor:
     return (~finite).float().reshape(1)
 
 
-def _summed(compressor, payload, status: torch.Tensor, group, update_memory) -> tuple[torch.futures.Future, int]:
+def _summed(
+    compressor, payload, status: torch.Tensor, group, update_memory
+) -> tuple[torch.futures.Future, int]:
     """Allreduce-mean of a summable payload with the status word appended."""
     wire = torch.cat([payload.data, status.to(payload.data.dtype)])
     fut = allreduce_mean(wire, group)
@@ -297,7 +301,9 @@ class AllgatherSum(Transport):
             payloads = [payload.with_data(row[: -self.status_bytes]) for row in rows]
             status_all = rows[:, -self.status_bytes :].contiguous().view(torch.float32)
             mean = compressor.sum_payloads(payloads).reshape(-1) / n
-            return Delivery(mean, status_all.sum() == 0, update_memory, lambda: compressor.sent_indices(payload))
+            return Delivery(
+                mean, status_all.sum() == 0, update_memory, lambda: compressor.sent_indices(payload)
+            )
 
         def update_memory(memory, scale=None):
             compressor.subtract_sent_(memory, payload, scale)
@@ -325,8 +331,12 @@ class DenseAllreduce(Transport):
         def deliver(fut: torch.futures.Future) -> Delivery:
             wire = fut.value()
             # fp32, or fp64 for fp64 gradients (fp64 memories)
-            return Delivery(wire[:-1].to(torch.promote_types(wire.dtype, torch.float32)), wire[-1] == 0,
-                            update_memory, lambda: out.compressor.sent_indices(out.payload))
+            return Delivery(
+                wire[:-1].to(torch.promote_types(wire.dtype, torch.float32)),
+                wire[-1] == 0,
+                update_memory,
+                lambda: out.compressor.sent_indices(out.payload),
+            )
 
         def update_memory(memory, scale=None):
             memory.view(-1).sub_(sent.to(memory.dtype) if scale is None else sent.to(memory.dtype) * scale)
@@ -356,7 +366,9 @@ class SharedIndexAllreduce(Transport):
 
     def wire_bytes(self, compressor, numel, dtype, n):
         index = (n - 1) / n * compressor.index_bytes(numel)
-        return index + ring_allreduce_bytes(compressor.wire_bytes(numel, dtype) + compressor.wire_bytes(1, dtype), n)
+        return index + ring_allreduce_bytes(
+            compressor.wire_bytes(numel, dtype) + compressor.wire_bytes(1, dtype), n
+        )
 
     def start(self, out, group=None):
         compressor, source, n = out.compressor, out.source, world_size(group)
@@ -436,8 +448,14 @@ class SparseAllreduce(Transport):
             recv_counts = torch.empty_like(send_counts)
             dist.all_to_all_single(recv_counts, send_counts, group=group, async_op=True).wait()
             received = torch.empty(2 * int(recv_counts.sum()), dtype=torch.int32, device=device)
-            dist.all_to_all_single(received, pairs, output_split_sizes=(2 * recv_counts).tolist(),
-                                   input_split_sizes=(2 * send_counts).tolist(), group=group, async_op=True).wait()
+            dist.all_to_all_single(
+                received,
+                pairs,
+                output_split_sizes=(2 * recv_counts).tolist(),
+                input_split_sizes=(2 * send_counts).tolist(),
+                group=group,
+                async_op=True,
+            ).wait()
         else:
             received = pairs
         received = received.view(-1, 2)
@@ -472,8 +490,9 @@ class SparseAllreduce(Transport):
             sent_index, sent_value = indices[mine], values[mine].float()
 
             def update_memory(memory, scale=None):
-                memory.view(-1).index_add_(0, sent_index, sent_value if scale is None else sent_value * scale,
-                                           alpha=-1)
+                memory.view(-1).index_add_(
+                    0, sent_index, sent_value if scale is None else sent_value * scale, alpha=-1
+                )
 
             # only the kept entries left this worker's memory
             return Delivery(mean, status_all.sum() == 0, update_memory, lambda: sent_index)
@@ -524,7 +543,9 @@ class InMemoryExchange(NeighbourExchange):
         for peer, tensor in recvs.items():
             message = self._mailbox.pop((peer, receiver), None)
             if message is None:
-                raise RuntimeError(f"simulated worker {receiver} expects a message from {peer}, none was posted: "
-                                   "step every worker together (simulate_step)")
+                raise RuntimeError(
+                    f"simulated worker {receiver} expects a message from {peer}, none was posted: "
+                    "step every worker together (simulate_step)"
+                )
             tensor.copy_(message)
         return recvs

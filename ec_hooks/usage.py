@@ -51,7 +51,9 @@ class ParameterUse:
             if param.requires_grad:
                 self._handles.append(param.register_post_accumulate_grad_hook(mark))
 
-    def live(self, params: Sequence[torch.Tensor], group=None, device: torch.device | str = "cpu") -> list[bool]:
+    def live(
+        self, params: Sequence[torch.Tensor], group=None, device: torch.device | str = "cpu"
+    ) -> list[bool]:
         """For each of ``params``, whether some rank used it (collective, blocking)."""
         flags = torch.tensor([id(p) in self._used for p in params], dtype=torch.uint8)
         if dist.get_backend(group) != dist.Backend.GLOO:

@@ -33,21 +33,27 @@ def check_size(name: str, value: object, low: int = 1) -> int:
 
 
 @overload
-def check_unit_interval(name: str, value: object, meaning: str | None = None, *,
-                        allow_none: Literal[False] = False) -> float: ...
+def check_unit_interval(
+    name: str, value: object, meaning: str | None = None, *, allow_none: Literal[False] = False
+) -> float: ...
 
 
 @overload
-def check_unit_interval(name: str, value: object, meaning: str | None = None, *, allow_none: bool) -> float | None: ...
+def check_unit_interval(
+    name: str, value: object, meaning: str | None = None, *, allow_none: bool
+) -> float | None: ...
 
 
-def check_unit_interval(name: str, value: object, meaning: str | None = None, *, allow_none: bool = False
-                        ) -> float | None:
+def check_unit_interval(
+    name: str, value: object, meaning: str | None = None, *, allow_none: bool = False
+) -> float | None:
     """A float in (0, 1] (``meaning``, when given, says what it is), or ``None`` when allowed."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0.0 < float(value) <= 1.0):
-        allowed = "a float in (0, 1]" + (f" ({meaning})" if meaning else "") + (" or None" if allow_none else "")
+        allowed = (
+            "a float in (0, 1]" + (f" ({meaning})" if meaning else "") + (" or None" if allow_none else "")
+        )
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return float(value)
 

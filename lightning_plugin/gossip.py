@@ -53,7 +53,9 @@ __all__ = ["GossipStrategy", "DeepSqueezeStrategy", "ChocoStrategy", "DPSGDStrat
 
 logger = logging.getLogger(__name__)
 
-_DDP_HAS_FORWARD_SYNC_BUFFERS = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+_DDP_HAS_FORWARD_SYNC_BUFFERS = (
+    "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+)
 
 
 class GossipStrategy(WorkerStateDDPStrategy):
@@ -352,7 +354,9 @@ class DeepSqueezeStrategy(GossipStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry) -> None:
-        cls._register(strategy_registry, "deepsqueeze", "DeepSqueeze decentralized training (compressed gossip)")
+        cls._register(
+            strategy_registry, "deepsqueeze", "DeepSqueeze decentralized training (compressed gossip)"
+        )
 
 
 class ChocoStrategy(GossipStrategy):

@@ -94,16 +94,21 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
         if momentum_correction is not None and not isinstance(momentum_correction, bool):
-            raise ValueError(f"momentum_correction must be True, False or None (the compressor's choice), "
-                             f"got {momentum_correction!r}")
+            raise ValueError(
+                f"momentum_correction must be True, False or None (the compressor's choice), "
+                f"got {momentum_correction!r}"
+            )
         if momentum_correction is None:
             momentum_correction = self.compressor.prefers_momentum_correction
             if not momentum_correction:
-                rank_zero_info(f"{type(self).__name__}: {self.compressor!r} keeps plain error feedback with the "
-                               "optimizer's own momentum (momentum_correction=True moves it into the hook)")
+                rank_zero_info(
+                    f"{type(self).__name__}: {self.compressor!r} keeps plain error feedback with the "
+                    "optimizer's own momentum (momentum_correction=True moves it into the hook)"
+                )
         self.density_warmup_steps = check_int("density_warmup_steps", density_warmup_steps, 0)
-        self.density_warmup_start = check_unit_interval("density_warmup_start", density_warmup_start,
-                                                        "the ramp's first density")
+        self.density_warmup_start = check_unit_interval(
+            "density_warmup_start", density_warmup_start, "the ramp's first density"
+        )
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
         self.momentum_masking = momentum_masking
@@ -127,7 +132,9 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
     @override
     def _register_ddp_hooks(self) -> None:
         if self.world_size == 1:
-            rank_zero_info(f"{type(self).__name__}: one device, nothing to communicate; gradients are not compressed")
+            rank_zero_info(
+                f"{type(self).__name__}: one device, nothing to communicate; gradients are not compressed"
+            )
             return
         state = ErrorFeedbackState(
             compressor=self.compressor,
@@ -158,9 +165,13 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             moved["masking"] = self.momentum_masking
         if moved is None:
             if self._moved is not None:
-                raise ValueError("the optimizer changed between fits: momentum correction can no longer apply")
-            rank_zero_info(f"{type(self).__name__}: the optimizer is not SGD with momentum (one optimizer, "
-                           "the same momentum, nesterov and weight decay in every group); plain error feedback")
+                raise ValueError(
+                    "the optimizer changed between fits: momentum correction can no longer apply"
+                )
+            rank_zero_info(
+                f"{type(self).__name__}: the optimizer is not SGD with momentum (one optimizer, "
+                "the same momentum, nesterov and weight decay in every group); plain error feedback"
+            )
             return
         clip = trainer.gradient_clip_val
         if clip is not None and trainer.gradient_clip_algorithm in (None, "norm"):
@@ -176,8 +187,12 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
                 f"{type(self).__name__}: momentum correction: SGD's momentum={moved['momentum']}, "
                 f"nesterov={moved['nesterov']} and weight_decay={moved['weight_decay']} now apply in the "
                 "communication hook, before compression; the optimizer steps with momentum 0"
-                + (f"; gradients are clipped on each worker to norm {moved['clip_norm']:.4g} (gradient_clip_val"
-                   " / sqrt(world_size)) before they enter the velocity" if "clip_norm" in moved else "")
+                + (
+                    f"; gradients are clipped on each worker to norm {moved['clip_norm']:.4g} (gradient_clip_val"
+                    " / sqrt(world_size)) before they enter the velocity"
+                    if "clip_norm" in moved
+                    else ""
+                )
                 + " (MemSGDStrategy(momentum_correction=False) turns this off)"
             )
         if self.comm_state.momentum_correction is None:
@@ -201,7 +216,9 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
     @override
     def load_worker_state(self, state: dict) -> None:
         if self.comm_state is None:
-            raise ValueError("the checkpoint carries error-feedback memories but this run has no Mem-SGD hook")
+            raise ValueError(
+                "the checkpoint carries error-feedback memories but this run has no Mem-SGD hook"
+            )
         if "error_feedback" not in state:
             raise ValueError(
                 f"the checkpoint's per-worker state has no error-feedback memories (it holds {sorted(state)}): it "
@@ -212,8 +229,10 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         except ValueError as exc:
             if "momentum_correction" not in str(exc):
                 raise
-            raise ValueError(f"{exc}. A checkpoint written without momentum correction resumes with "
-                             "MemSGDStrategy(momentum_correction=False)") from exc
+            raise ValueError(
+                f"{exc}. A checkpoint written without momentum correction resumes with "
+                "MemSGDStrategy(momentum_correction=False)"
+            ) from exc
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure, model=None, **kwargs: Any) -> Any:
@@ -257,8 +276,10 @@ def _movable_momentum(optimizers: list[Optimizer], model: torch.nn.Module) -> di
     if len(optimizers) != 1 or type(optimizers[0]) is not torch.optim.SGD:
         return None
     groups = optimizers[0].param_groups
-    settings = {(g["momentum"], g["nesterov"], g["weight_decay"], g["dampening"], g.get("maximize", False))
-                for g in groups}
+    settings = {
+        (g["momentum"], g["nesterov"], g["weight_decay"], g["dampening"], g.get("maximize", False))
+        for g in groups
+    }
     if len(settings) != 1:
         return None
     momentum, nesterov, weight_decay, dampening, maximize = settings.pop()

@@ -79,7 +79,9 @@ class CompressionMonitor(Callback):
                 "statistics; nothing will be logged (use strategy='memsgd' or 'deepsqueeze')"
             )
         elif not stats:
-            rank_zero_info("CompressionMonitor: nothing is communicated on one device; nothing will be logged")
+            rank_zero_info(
+                "CompressionMonitor: nothing is communicated on one device; nothing will be logged"
+            )
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -92,8 +94,15 @@ class CompressionMonitor(Callback):
         metrics = self.collect(trainer.strategy, pl_module.device)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if self.prog_bar:
-            pl_module.log("ratio", metrics["comm/compression_ratio"], on_step=True, on_epoch=False,
-                          prog_bar=True, logger=False, batch_size=1)
+            pl_module.log(
+                "ratio",
+                metrics["comm/compression_ratio"],
+                on_step=True,
+                on_epoch=False,
+                prog_bar=True,
+                logger=False,
+                batch_size=1,
+            )
 
     def collect(self, strategy, device: torch.device) -> dict[str, float]:
         """The figures, reduced over the workers.  Collective: every rank must call it."""

@@ -102,7 +102,9 @@ class WorkerStateDDPStrategy(DDPStrategy):
         return trainer is not None and trainer.state.fn == TrainerFn.FITTING
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None
+    ) -> None:
         # Weights-only checkpoints (no optimizer states) get no worker state: they cannot resume.
         if "optimizer_states" in checkpoint:
             state = self.worker_state()
@@ -155,7 +157,9 @@ class WorkerStateDDPStrategy(DDPStrategy):
                 "run from its (average) weights, load them into the module and call fit without ckpt_path"
             )
         if entry.get("strategy") != type(self).__name__:
-            rank_zero_warn(f"loading worker state saved by {entry.get('strategy')} into {type(self).__name__}")
+            rank_zero_warn(
+                f"loading worker state saved by {entry.get('strategy')} into {type(self).__name__}"
+            )
         state = entry["workers"][self.global_rank]
         if "optimizer_states" in state:
             checkpoint["optimizer_states"] = state["optimizer_states"]

@@ -81,9 +81,14 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
         if hook not in HOOK_NAMES:
             raise ValueError(f"hook must be one of {list(HOOK_NAMES)}, got {hook!r}")
         if hook == "powersgd":
-            if isinstance(matrix_approximation_rank, bool) or not isinstance(matrix_approximation_rank, int) \
-                    or matrix_approximation_rank < 1:
-                raise ValueError(f"matrix_approximation_rank must be a positive integer, got {matrix_approximation_rank!r}")
+            if (
+                isinstance(matrix_approximation_rank, bool)
+                or not isinstance(matrix_approximation_rank, int)
+                or matrix_approximation_rank < 1
+            ):
+                raise ValueError(
+                    f"matrix_approximation_rank must be a positive integer, got {matrix_approximation_rank!r}"
+                )
             if (use_error_feedback or warm_start) and start_powerSGD_iter < 2:
                 raise ValueError(
                     f"start_powerSGD_iter must be >= 2 with error feedback or warm start (DDP rebuilds its buckets "
@@ -140,8 +145,12 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
         if not self.has_worker_state():
             return None
         assert self._counting_state is not None
-        return {"powersgd": {"state": powersgd_state_dict(self.hook_state),
-                             "layouts": [list(layout) for layout in self._counting_state.layouts]}}
+        return {
+            "powersgd": {
+                "state": powersgd_state_dict(self.hook_state),
+                "layouts": [list(layout) for layout in self._counting_state.layouts],
+            }
+        }
 
     def load_worker_state(self, state: dict) -> None:
         if "powersgd" not in state:
@@ -150,8 +159,9 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
                 "by another strategy; resume it with the strategy that saved it"
             )
         if not self.has_worker_state():
-            raise ValueError(f"the checkpoint carries PowerSGD state but this run's hook is {self.hook!r}, not "
-                             "'powersgd'")
+            raise ValueError(
+                f"the checkpoint carries PowerSGD state but this run's hook is {self.hook!r}, not 'powersgd'"
+            )
         entry = state["powersgd"]
         load_powersgd_state_dict(self.hook_state, entry["state"], self.root_device)
         assert self._counting_state is not None
@@ -159,10 +169,22 @@ class TorchHookDDPStrategy(WorkerStateDDPStrategy):
 
 
 # PowerSGDState fields that decide what the state means; a resume must not change them.
-_POWERSGD_OPTIONS = ("matrix_approximation_rank", "start_powerSGD_iter", "min_compression_rate",
-                     "orthogonalization_epsilon", "use_error_feedback", "warm_start", "batch_tensors_with_same_shape")
-_POWERSGD_COUNTERS = ("iter", "total_numel_before_compression", "total_numel_after_compression",
-                      "compression_stats_logging_frequency", "next_stats_report")
+_POWERSGD_OPTIONS = (
+    "matrix_approximation_rank",
+    "start_powerSGD_iter",
+    "min_compression_rate",
+    "orthogonalization_epsilon",
+    "use_error_feedback",
+    "warm_start",
+    "batch_tensors_with_same_shape",
+)
+_POWERSGD_COUNTERS = (
+    "iter",
+    "total_numel_before_compression",
+    "total_numel_after_compression",
+    "compression_stats_logging_frequency",
+    "next_stats_report",
+)
 _POWERSGD_MEMORIES = ("error_dict", "p_memory_dict", "q_memory_dict")
 
 
@@ -178,25 +200,46 @@ def powersgd_state_dict(state: powerSGD_hook.PowerSGDState) -> dict:
     return {
         "options": {name: getattr(state, name) for name in _POWERSGD_OPTIONS},
         "counters": {name: int(getattr(state, name)) for name in _POWERSGD_COUNTERS},
-        "rng": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        **{name: {int(index): tensor.detach().clone() for index, tensor in getattr(state, name).items()}
-           for name in _POWERSGD_MEMORIES},
+        "rng": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        **{
+            name: {int(index): tensor.detach().clone() for index, tensor in getattr(state, name).items()}
+            for name in _POWERSGD_MEMORIES
+        },
     }
 
 
-def load_powersgd_state_dict(state: powerSGD_hook.PowerSGDState, state_dict: dict, device: torch.device) -> None:
+def load_powersgd_state_dict(
+    state: powerSGD_hook.PowerSGDState, state_dict: dict, device: torch.device
+) -> None:
     """Restore :func:`powersgd_state_dict` into ``state``, its tensors moved to ``device``."""
-    changed = [f"{name}={state_dict['options'].get(name)!r} (this run: {getattr(state, name)!r})"
-               for name in _POWERSGD_OPTIONS if state_dict["options"].get(name) != getattr(state, name)]
+    changed = [
+        f"{name}={state_dict['options'].get(name)!r} (this run: {getattr(state, name)!r})"
+        for name in _POWERSGD_OPTIONS
+        if state_dict["options"].get(name) != getattr(state, name)
+    ]
     if changed:
-        raise ValueError(f"the checkpoint's PowerSGD state was saved with other options: {', '.join(changed)}; "
-                         "resume with the options that saved it")
+        raise ValueError(
+            f"the checkpoint's PowerSGD state was saved with other options: {', '.join(changed)}; "
+            "resume with the options that saved it"
+        )
     for name in _POWERSGD_COUNTERS:
         setattr(state, name, state_dict["counters"][name])
     rng = state_dict["rng"]
-    state.rng.set_state((rng["kind"], rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
-                         rng["cached_gaussian"]))
+    state.rng.set_state(
+        (
+            rng["kind"],
+            rng["keys"].numpy().astype(np.uint32),
+            rng["pos"],
+            rng["has_gauss"],
+            rng["cached_gaussian"],
+        )
+    )
     for name in _POWERSGD_MEMORIES:
         setattr(state, name, {int(index): tensor.to(device) for index, tensor in state_dict[name].items()})
 
@@ -269,7 +312,9 @@ def _counting_hook(inner_hook):
         else:  # allreduce, and PowerSGD's allreduce warm-up
             sent = numel * size
         entries_sent = numel if state.hook == "fp16" else sent // size
-        state.stats.record(bytes_sent=sent, bytes_dense=numel * size, entries_sent=entries_sent, entries=numel)
+        state.stats.record(
+            bytes_sent=sent, bytes_dense=numel * size, entries_sent=entries_sent, entries=numel
+        )
         if state.synchronous:
             fut.wait()
         return fut
@@ -287,7 +332,9 @@ def _counting_hook(inner_hook):
             gradients = dict(zip(keys, bucket.gradients()))
             for i, unit in enumerate(units):
                 index = state._saved_index[unit]
-                sub = _SubBucket(index, [gradients[k] for k in unit], last=bucket.is_last() and i == len(units) - 1)
+                sub = _SubBucket(
+                    index, [gradients[k] for k in unit], last=bucket.is_last() and i == len(units) - 1
+                )
                 state._step_layouts[index] = unit
                 reduced = run(state, sub).wait()
                 offset = 0

@@ -44,8 +44,17 @@ import torch.multiprocessing as mp
 
 from ec_hooks.validation import check_int
 
-__all__ = ["DEFAULT_METHODS", "CurvePoint", "MethodResult", "compare", "format_table", "main", "plot",
-           "write_csv", "write_curves_csv"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "CurvePoint",
+    "MethodResult",
+    "compare",
+    "format_table",
+    "main",
+    "plot",
+    "write_csv",
+    "write_curves_csv",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +159,33 @@ def _recorder():
     return _Recorder()
 
 
-def _run_method(name: str, config: Path, devices: int, accelerator: str, overrides: list[str],
-                out_dir: Path) -> MethodResult:
+def _run_method(
+    name: str, config: Path, devices: int, accelerator: str, overrides: list[str], out_dir: Path
+) -> MethodResult:
     import lightning.pytorch as pl
 
     from recipes.train import main as cli_main
 
     # The run's full configuration is saved as <out_dir>/<method>/config.yaml.
-    args = ["--config", str(config), "--trainer.devices", str(devices), "--trainer.accelerator", accelerator,
-            "--trainer.default_root_dir", str(out_dir / name),
-            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.enable_checkpointing", "false", *overrides]
+    args = [
+        "--config",
+        str(config),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.default_root_dir",
+        str(out_dir / name),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        *overrides,
+    ]
     cli = cli_main(args, run=False)
     recorder = _recorder()
     cli.trainer.callbacks.append(recorder)  # type: ignore[attr-defined]  # set by Lightning's connector
@@ -174,14 +199,28 @@ def _run_method(name: str, config: Path, devices: int, accelerator: str, overrid
     accuracy = float(trainer.callback_metrics.get("val/acc", float("nan")))
     sent, seconds = _mean_over_workers([sent, seconds])
     per_step = sent / steps
-    return MethodResult(name, str(config), accuracy, per_step, float(dense), dense / per_step if per_step else math.inf,
-                        trainer.global_step, seconds, recorder.curve)
+    return MethodResult(
+        name,
+        str(config),
+        accuracy,
+        per_step,
+        float(dense),
+        dense / per_step if per_step else math.inf,
+        trainer.global_step,
+        seconds,
+        recorder.curve,
+    )
 
 
 def _worker(rank, world_size, port, jobs, accelerator, overrides, out_dir, results):
     """Train ``jobs`` (``(index, method, config)``) in turn; rank 0 reports each start and result."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
     sys.argv = sys.argv[:1]  # the configs are the arguments of LightningCLI, not this command line
     import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; quieten them after
@@ -234,8 +273,10 @@ def _run_jobs(jobs, devices, accelerator, overrides, out_dir, method_timeout, st
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, devices, port, jobs, accelerator, overrides, out_dir, queue))
-             for r in range(devices)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, devices, port, jobs, accelerator, overrides, out_dir, queue))
+        for r in range(devices)
+    ]
     for p in procs:
         p.start()
     remaining = [index for index, _, _ in jobs]
@@ -249,11 +290,16 @@ def _run_jobs(jobs, devices, accelerator, overrides, out_dir, method_timeout, st
             except queue_module.Empty:
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    failure = (remaining[0] if current is None else current,
-                               f"a worker process exited (exit code {dead[0]})")
+                    failure = (
+                        remaining[0] if current is None else current,
+                        f"a worker process exited (exit code {dead[0]})",
+                    )
                 elif time.monotonic() > deadline:
-                    what = f"timeout: no result within {method_timeout:g} s" if current is not None else \
-                        f"timeout: the workers did not start within {startup_timeout:g} s"
+                    what = (
+                        f"timeout: no result within {method_timeout:g} s"
+                        if current is not None
+                        else f"timeout: the workers did not start within {startup_timeout:g} s"
+                    )
                     failure = (remaining[0] if current is None else current, what)
                 if failure:
                     break
@@ -267,7 +313,10 @@ def _run_jobs(jobs, devices, accelerator, overrides, out_dir, method_timeout, st
                 current = None
                 deadline = time.monotonic() + method_timeout  # until the next one starts
             else:  # "fatal": a worker's own code broke outside a method
-                failure = (remaining[0] if current is None else current, f"worker failed: {value.splitlines()[-1]}")
+                failure = (
+                    remaining[0] if current is None else current,
+                    f"worker failed: {value.splitlines()[-1]}",
+                )
                 logger.error("a compare worker failed:\n%s", value)
                 break
     finally:
@@ -291,7 +340,11 @@ def compare(
     Each method's full configuration is saved in ``out_dir/<method>/config.yaml``.
     """
     check_int("devices", devices, 1)
-    if isinstance(method_timeout, bool) or not isinstance(method_timeout, (int, float)) or not method_timeout > 0:
+    if (
+        isinstance(method_timeout, bool)
+        or not isinstance(method_timeout, (int, float))
+        or not method_timeout > 0
+    ):
         raise ValueError(f"method_timeout must be a number of seconds > 0, got {method_timeout!r}")
     if accelerator not in ("cpu", "gpu", "cuda"):
         raise ValueError(f"accelerator must be one of ['cpu', 'gpu', 'cuda'], got {accelerator!r}")
@@ -302,7 +355,9 @@ def compare(
         path = Path(config_dir) / f"{dataset}_{name}.yaml"
         if not path.is_file():
             known = sorted(p.stem[len(dataset) + 1 :] for p in Path(config_dir).glob(f"{dataset}_*.yaml"))
-            raise ValueError(f"methods: no config {path} for method {name!r}; methods of {dataset!r}: {known}")
+            raise ValueError(
+                f"methods: no config {path} for method {name!r}; methods of {dataset!r}: {known}"
+            )
         config_paths.append(path)
     overrides = list(overrides or [])
     if max_epochs is not None:
@@ -319,12 +374,23 @@ def compare(
     # are stopped, that method gets a failed row, and fresh workers train the methods after it.
     while len(done) < len(jobs):
         pending = [job for job in jobs if job[0] not in done]
-        failure = _run_jobs(pending, devices, accelerator, overrides, Path(out_dir), method_timeout,
-                            max(method_timeout, STARTUP_TIMEOUT), on_result)
+        failure = _run_jobs(
+            pending,
+            devices,
+            accelerator,
+            overrides,
+            Path(out_dir),
+            method_timeout,
+            max(method_timeout, STARTUP_TIMEOUT),
+            on_result,
+        )
         if failure is not None:
             index, reason = failure
-            logger.error("method %s failed: %s; restarting the workers for the methods after it",
-                         methods[index], reason)
+            logger.error(
+                "method %s failed: %s; restarting the workers for the methods after it",
+                methods[index],
+                reason,
+            )
             on_result(index, MethodResult(methods[index], str(config_paths[index]), error=reason))
     return [done[index] for index in range(len(jobs))]
 
@@ -332,26 +398,41 @@ def compare(
 def _progress_line(r: MethodResult) -> str:
     if r.error:
         return f"{r.method}: FAILED ({r.error})"
-    return (f"{r.method}: accuracy {r.accuracy:.4f}, {r.bytes_per_step:,.0f} bytes/step, "
-            f"compression {r.compression_ratio:,.1f}x vs allreduce, {r.seconds:.1f} s")
+    return (
+        f"{r.method}: accuracy {r.accuracy:.4f}, {r.bytes_per_step:,.0f} bytes/step, "
+        f"compression {r.compression_ratio:,.1f}x vs allreduce, {r.seconds:.1f} s"
+    )
 
 
 def format_table(results: list[MethodResult]) -> str:
     """A Markdown table of the results."""
-    lines = ["| method | final accuracy | bytes sent / step / worker | compression vs allreduce | steps | train time (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | final accuracy | bytes sent / step / worker | compression vs allreduce | steps | train time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if r.error:
             lines.append(f"| {r.method} | failed: {r.error.splitlines()[0][:80]} | | | | |")
             continue
-        lines.append(f"| {r.method} | {r.accuracy:.4f} | {r.bytes_per_step:,.0f} | {r.compression_ratio:,.1f}x | "
-                     f"{r.steps} | {r.seconds:.1f} |")
+        lines.append(
+            f"| {r.method} | {r.accuracy:.4f} | {r.bytes_per_step:,.0f} | {r.compression_ratio:,.1f}x | "
+            f"{r.steps} | {r.seconds:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def write_csv(results: list[MethodResult], path: Path) -> None:
-    columns = ["method", "config", "accuracy", "bytes_per_step", "dense_bytes_per_step", "compression_ratio",
-               "steps", "seconds", "error"]
+    columns = [
+        "method",
+        "config",
+        "accuracy",
+        "bytes_per_step",
+        "dense_bytes_per_step",
+        "compression_ratio",
+        "steps",
+        "seconds",
+        "error",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -431,11 +512,31 @@ def figure(results: list[MethodResult], title: str = ""):
         heights = [float(to_axes.transform((x, y))[1]) for _, _, _, x, y in points]
         gap = min(0.05, 1.0 / max(len(points) - 1, 1))
         for (method, color, marker, x, y), height in zip(points, spread_labels(heights, gap)):
-            right.annotate("", xy=(x, y), xycoords="data", xytext=(1.04, height), textcoords="axes fraction",
-                           arrowprops={"arrowstyle": "-", "color": color, "lw": 0.7, "alpha": 0.6,
-                                       "shrinkA": 0, "shrinkB": 4})
-            right.scatter([1.04], [height], transform=right.transAxes, color=color, marker=marker, s=22,
-                          clip_on=False, zorder=3)
+            right.annotate(
+                "",
+                xy=(x, y),
+                xycoords="data",
+                xytext=(1.04, height),
+                textcoords="axes fraction",
+                arrowprops={
+                    "arrowstyle": "-",
+                    "color": color,
+                    "lw": 0.7,
+                    "alpha": 0.6,
+                    "shrinkA": 0,
+                    "shrinkB": 4,
+                },
+            )
+            right.scatter(
+                [1.04],
+                [height],
+                transform=right.transAxes,
+                color=color,
+                marker=marker,
+                s=22,
+                clip_on=False,
+                zorder=3,
+            )
             right.annotate(method, xy=(1.07, height), xycoords="axes fraction", va="center", fontsize=8.5)
     if title:
         fig.suptitle(title)
@@ -477,8 +578,17 @@ def main(
         config_dir: the folder of the ``<dataset>_<method>.yaml`` configs.
     """
     started = time.perf_counter()
-    results = compare(methods or DEFAULT_METHODS, dataset, devices, accelerator, max_epochs, overrides,
-                      config_dir=config_dir, method_timeout=method_timeout, out_dir=out_dir)
+    results = compare(
+        methods or DEFAULT_METHODS,
+        dataset,
+        devices,
+        accelerator,
+        max_epochs,
+        overrides,
+        config_dir=config_dir,
+        method_timeout=method_timeout,
+        out_dir=out_dir,
+    )
     total = time.perf_counter() - started
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,8 +599,11 @@ def main(
     write_csv(results, out / "results.csv")
     write_curves_csv(results, out / "curves.csv")
     plot(results, out / "accuracy_vs_bytes.png", title=header)
-    print(f"\n{header}\n\n{table}\n\nwritten: {out / 'results.md'}, {out / 'results.csv'}, "
-          f"{out / 'curves.csv'}, {out / 'accuracy_vs_bytes.png'}", flush=True)
+    print(
+        f"\n{header}\n\n{table}\n\nwritten: {out / 'results.md'}, {out / 'results.csv'}, "
+        f"{out / 'curves.csv'}, {out / 'accuracy_vs_bytes.png'}",
+        flush=True,
+    )
     return results
 
 

@@ -99,11 +99,14 @@ def _download(root: Path, url: str, md5: str | None, timeout: float) -> Path:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
                 shutil.copyfileobj(response, out)
         except OSError as exc:  # URLError, timeouts, refused or broken connections are all OSErrors
-            raise FileNotFoundError(f"CIFAR-10 is not in {root} and downloading {url} failed ({exc}). "
-                                    f"{_where_to_put(root)}") from exc
+            raise FileNotFoundError(
+                f"CIFAR-10 is not in {root} and downloading {url} failed ({exc}). {_where_to_put(root)}"
+            ) from exc
         if md5 is not None and _md5(partial) != md5:
-            raise RuntimeError(f"the download of {url} does not have md5 {md5} (truncated or altered); try "
-                               f"again. {_where_to_put(root)}")
+            raise RuntimeError(
+                f"the download of {url} does not have md5 {md5} (truncated or altered); try "
+                f"again. {_where_to_put(root)}"
+            )
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)  # nothing half-downloaded is left behind
@@ -123,12 +126,16 @@ def _extract(archive: Path, root: Path, md5: str | None) -> None:
             names = set(tar.getnames())
             missing = [n for n in (*_TRAIN_BATCHES, "test_batch") if f"{CIFAR10_FOLDER}/{n}" not in names]
             if missing:
-                raise RuntimeError(f"{archive} does not hold {CIFAR10_FOLDER}/{missing[0]}: not the CIFAR-10 "
-                                   f"python archive. {_where_to_put(root)}")
+                raise RuntimeError(
+                    f"{archive} does not hold {CIFAR10_FOLDER}/{missing[0]}: not the CIFAR-10 "
+                    f"python archive. {_where_to_put(root)}"
+                )
             _extract_atomically(tar, root)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise RuntimeError(f"cannot read {archive} ({exc}): the archive is corrupted. Delete it and download it "
-                           f"again. {_where_to_put(root)}") from exc
+        raise RuntimeError(
+            f"cannot read {archive} ({exc}): the archive is corrupted. Delete it and download it "
+            f"again. {_where_to_put(root)}"
+        ) from exc
 
 
 def _extract_atomically(tar: tarfile.TarFile, root: Path) -> None:
@@ -147,8 +154,14 @@ def _extract_atomically(tar: tarfile.TarFile, root: Path) -> None:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(tmp, filter="data")
         else:  # Python < 3.10.12 has no extraction filters: extract only the batch files
-            tar.extractall(tmp, members=[m for m in tar.getmembers() if m.isfile()
-                                         and m.name.startswith(f"{CIFAR10_FOLDER}/") and ".." not in m.name])
+            tar.extractall(
+                tmp,
+                members=[
+                    m
+                    for m in tar.getmembers()
+                    if m.isfile() and m.name.startswith(f"{CIFAR10_FOLDER}/") and ".." not in m.name
+                ],
+            )
         try:
             os.rename(Path(tmp) / CIFAR10_FOLDER, target)
         except OSError as exc:
@@ -161,8 +174,10 @@ def _extract_atomically(tar: tarfile.TarFile, root: Path) -> None:
 
 def _read_batch(path: Path, md5: str | None) -> tuple[np.ndarray, np.ndarray]:
     if md5 is not None and _md5(path) != md5:
-        raise RuntimeError(f"{path} does not have its official md5 {md5}: the file is corrupted. Delete "
-                           f"{path.parent} and extract the archive again.")
+        raise RuntimeError(
+            f"{path} does not have its official md5 {md5}: the file is corrupted. Delete "
+            f"{path.parent} and extract the archive again."
+        )
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
@@ -171,7 +186,9 @@ def _read_batch(path: Path, md5: str | None) -> tuple[np.ndarray, np.ndarray]:
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise RuntimeError(f"{path} is not a CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise RuntimeError(f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and {len(labels)}")
+        raise RuntimeError(
+            f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and {len(labels)}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise RuntimeError(f"{path}: labels outside 0..9")
     return data.reshape(-1, 3, 32, 32), labels
@@ -191,7 +208,9 @@ def prepare_cifar10(
         archive = root / CIFAR10_ARCHIVE
         if not archive.is_file():
             if not download:
-                raise FileNotFoundError(f"CIFAR-10 is not in {root} and download=False. {_where_to_put(root)}")
+                raise FileNotFoundError(
+                    f"CIFAR-10 is not in {root} and download=False. {_where_to_put(root)}"
+                )
             archive = _download(root, url, archive_md5, timeout)
         _extract(archive, root, archive_md5)
     return folder
@@ -217,15 +236,19 @@ def load_cifar10(
     for name in (*_TRAIN_BATCHES, "test_batch"):
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the extracted folder is incomplete. Delete {folder}. "
-                                    f"{_where_to_put(Path(root).expanduser())}")
+            raise FileNotFoundError(
+                f"{path} is missing: the extracted folder is incomplete. Delete {folder}. "
+                f"{_where_to_put(Path(root).expanduser())}"
+            )
         parts.append(_read_batch(path, batch_md5.get(name)))
     train_x = torch.from_numpy(np.concatenate([p[0] for p in parts[:-1]]))
     train_y = torch.from_numpy(np.concatenate([p[1] for p in parts[:-1]]))
     return train_x, train_y, torch.from_numpy(parts[-1][0]), torch.from_numpy(parts[-1][1])
 
 
-def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop_flip(
+    images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Random crops of the zero-padded images (same size as the input) and random horizontal flips.
 
     One crop offset and one flip coin per image, drawn from ``generator`` (default: the global RNG,
@@ -238,7 +261,9 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Ge
     ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
     flip = torch.rand(n, generator=generator).to(dev) < 0.5
     cols = torch.arange(w, device=dev)
-    cols = torch.where(flip[:, None], cols.flip(0), cols) + ox[:, None]  # flipping = reading columns backwards
+    cols = (
+        torch.where(flip[:, None], cols.flip(0), cols) + ox[:, None]
+    )  # flipping = reading columns backwards
     rows = torch.arange(h, device=dev) + oy[:, None]
     batch = torch.arange(n, device=dev)[:, None, None, None]
     channel = torch.arange(images.shape[1], device=dev)[None, :, None, None]
@@ -271,8 +296,14 @@ class TensorDataModule(pl.LightningDataModule):
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle,
+        )
 
     def _eval_loader(self, dataset) -> DataLoader:
         """Every sample on exactly one rank, none repeated.
@@ -293,12 +324,20 @@ class TensorDataModule(pl.LightningDataModule):
             return self._loader(dataset, shuffle=False)
         num_replicas = trainer.world_size
         if len(dataset) < num_replicas:
-            raise ValueError(f"the evaluation set has {len(dataset)} samples, fewer than the {num_replicas} ranks: "
-                             "every rank needs one at least")
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=trainer.global_rank,
-                                               shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+            raise ValueError(
+                f"the evaluation set has {len(dataset)} samples, fewer than the {num_replicas} ranks: "
+                "every rank needs one at least"
+            )
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=num_replicas, rank=trainer.global_rank, shuffle=False
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -369,11 +408,18 @@ class CIFAR10DataModule(TensorDataModule):
         if self.train_set is not None:
             return
         train_x, train_y, test_x, test_y = load_cifar10(
-            self.data_dir, download=False, archive_md5=self.archive_md5,
+            self.data_dir,
+            download=False,
+            archive_md5=self.archive_md5,
             batch_md5=None if self.archive_md5 == CIFAR10_ARCHIVE_MD5 else {},
         )
         if self.subset:
-            train_x, train_y, test_x, test_y = train_x[: self.subset], train_y[: self.subset], test_x[: self.subset], test_y[: self.subset]
+            train_x, train_y, test_x, test_y = (
+                train_x[: self.subset],
+                train_y[: self.subset],
+                test_x[: self.subset],
+                test_y[: self.subset],
+            )
         self.train_set = TensorDataset(train_x, train_y)
         self.val_set = TensorDataset(test_x, test_y)
 
@@ -393,7 +439,9 @@ class DigitsDataModule(TensorDataModule):
     in_channels = 1
     image_size = 8
 
-    def __init__(self, batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.2, split_seed: int = 0) -> None:
+    def __init__(
+        self, batch_size: int = 32, num_workers: int = 0, val_fraction: float = 0.2, split_seed: int = 0
+    ) -> None:
         super().__init__(batch_size, num_workers)
         if not (isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
@@ -441,8 +489,12 @@ class SyntheticDataModule(TensorDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, 0)
-        for name, value in (("num_samples", num_samples), ("num_classes", num_classes),
-                            ("in_channels", in_channels), ("image_size", image_size)):
+        for name, value in (
+            ("num_samples", num_samples),
+            ("num_classes", num_classes),
+            ("in_channels", in_channels),
+            ("image_size", image_size),
+        ):
             check_int(name, value, 1)
         self.num_samples = num_samples
         self.num_classes = num_classes

@@ -124,26 +124,42 @@ def sparse_problem(
     ranks = torch.arange(d, dtype=torch.float64)
     word_freq = 1.0 / (ranks + 10.0)
     word_freq /= word_freq.sum()
-    per_row = 1 + torch.poisson(torch.full((n,), max(density * d - 1.0, 0.0), dtype=torch.float64), generator=g).long()
+    per_row = (
+        1
+        + torch.poisson(
+            torch.full((n,), max(density * d - 1.0, 0.0), dtype=torch.float64), generator=g
+        ).long()
+    )
     rows = torch.repeat_interleave(torch.arange(n), per_row)
     cols = torch.multinomial(word_freq, int(per_row.sum()), replacement=True, generator=g)
-    values = (0.5 + torch.rand(cols.numel(), generator=g, dtype=torch.float64)) * torch.log(1.0 / word_freq[cols])
-    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, d), check_invariants=False).coalesce()
+    values = (0.5 + torch.rand(cols.numel(), generator=g, dtype=torch.float64)) * torch.log(
+        1.0 / word_freq[cols]
+    )
+    coo = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), values, (n, d), check_invariants=False
+    ).coalesce()
     rows, cols = coo.indices()
     values = coo.values()
     norms = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, values**2).sqrt()
     values = values / norms[rows]
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the matrix products used here are not
         warnings.simplefilter("ignore", UserWarning)
-        features = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, d),
-                                           check_invariants=False).coalesce().to_sparse_csr()
+        features = (
+            torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (n, d), check_invariants=False)
+            .coalesce()
+            .to_sparse_csr()
+        )
     w_star = torch.randn(d, generator=g, dtype=torch.float64)
     margins = features @ w_star
     margins *= margin_scale / margins.std()
     labels = _planted_labels(margins, g)
     nnz = values.numel()
-    return Problem("sparse (RCV1-like)", features, labels,
-                   f"n={n:,}, d={d:,}, {nnz / (n * d):.2%} non-zeros ({nnz / n:.0f} per row), unit-norm rows")
+    return Problem(
+        "sparse (RCV1-like)",
+        features,
+        labels,
+        f"n={n:,}, d={d:,}, {nnz / (n * d):.2%} non-zeros ({nnz / n:.0f} per row), unit-norm rows",
+    )
 
 
 def _planted_labels(margins: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -172,8 +188,9 @@ def default_methods(d: int, ks: tuple[int, ...], qsgd_bits: tuple[int, ...] = (8
     # torch.topk is the fastest selection at these sizes (k of at most 30, d of at most 47k).
     methods += [Method(f"top-{k}", "memory", TopK(density=k / d, backend="torch"), k) for k in ks]
     methods += [Method(f"rand-{k}", "memory", RandK(density=k / d, seed=i), k) for i, k in enumerate(ks)]
-    methods.append(Method(f"top-{min(ks)} no memory", "no_memory", TopK(density=min(ks) / d, backend="torch"),
-                          min(ks)))
+    methods.append(
+        Method(f"top-{min(ks)} no memory", "no_memory", TopK(density=min(ks) / d, backend="torch"), min(ks))
+    )
     methods += [Method(f"QSGD {b}-bit", "unbiased", QSGD.from_bits(b, seed=b)) for b in qsgd_bits]
     return methods
 
@@ -181,8 +198,15 @@ def default_methods(d: int, ks: tuple[int, ...], qsgd_bits: tuple[int, ...] = (8
 def optimum(problem: Problem, lam: float, iterations: int = 200) -> float:
     """f* by full-batch L-BFGS (the problem is strongly convex)."""
     w = torch.zeros(1, problem.d, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iterations, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1.0,
+        max_iter=iterations,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -219,8 +243,9 @@ def run_methods(
     lam = 1.0 / n
     num = len(methods)
     k_min = min(m.k for m in methods if m.k is not None)
-    shifts = torch.tensor([shift_factor * d / (m.k if m.k is not None else k_min) for m in methods],
-                          dtype=torch.float64)
+    shifts = torch.tensor(
+        [shift_factor * d / (m.k if m.k is not None else k_min) for m in methods], dtype=torch.float64
+    )
     # fp32 like the wire; the compressors' rounding stays in memory.  Losses are evaluated in fp64.
     w = torch.zeros(num, d)
     w_bar = torch.zeros(num, d)
@@ -286,7 +311,9 @@ def _add_scaled(target: torch.Tensor, idx: torch.Tensor | None, a: torch.Tensor,
         target.index_add_(0, idx, a, alpha=scale)
 
 
-def format_table(problem: Problem, results: list[Result], f_star: float, seconds: float, paper: dict | None) -> str:
+def format_table(
+    problem: Problem, results: list[Result], f_star: float, seconds: float, paper: dict | None
+) -> str:
     lines = [
         f"### {problem.name}: {problem.description}",
         "",
@@ -317,11 +344,24 @@ def _run_plan(kind: str, n: int, d: int, epochs: int, gamma: float, seed: int, t
     start = time.perf_counter()
     results = run_methods(problem, default_methods(problem.d, ks), epochs, gamma, shift_factor, seed)
     seconds = time.perf_counter() - start
-    rows = [{"dataset": problem.name, "method": r.method.name, "shift": r.shift, "f_star": f_star,
-             "bits_per_update": r.bits_per_update, "seconds": round(seconds, 1),
-             **{f"loss_epoch{e + 1}": v for e, v in enumerate(r.losses)}} for r in results]
-    return {"name": problem.name, "results": results, "rows": rows,
-            "table": format_table(problem, results, f_star, seconds, paper)}
+    rows = [
+        {
+            "dataset": problem.name,
+            "method": r.method.name,
+            "shift": r.shift,
+            "f_star": f_star,
+            "bits_per_update": r.bits_per_update,
+            "seconds": round(seconds, 1),
+            **{f"loss_epoch{e + 1}": v for e, v in enumerate(r.losses)},
+        }
+        for r in results
+    ]
+    return {
+        "name": problem.name,
+        "results": results,
+        "rows": rows,
+        "table": format_table(problem, results, f_star, seconds, paper),
+    }
 
 
 def main(

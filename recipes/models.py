@@ -23,7 +23,16 @@ from torch import nn
 
 from ec_hooks.validation import check_int
 
-__all__ = ["ARCH_NAMES", "MLP", "BasicBlock", "CifarResNet", "DigitsCNN", "build_model", "resnet18", "resnet20"]
+__all__ = [
+    "ARCH_NAMES",
+    "MLP",
+    "BasicBlock",
+    "CifarResNet",
+    "DigitsCNN",
+    "build_model",
+    "resnet18",
+    "resnet20",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +142,16 @@ class DigitsCNN(nn.Module):
     test (nothing is kept per worker).  38,282 parameters for 1 channel and 10 classes.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, hidden: int = 64) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, width: int = 16, hidden: int = 64
+    ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width),
-                            ("hidden", hidden)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("in_channels", in_channels),
+            ("width", width),
+            ("hidden", hidden),
+        ):
             check_int(name, value, 1)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
@@ -159,7 +174,9 @@ class MLP(nn.Module):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_features", in_features), ("hidden", hidden)):
             check_int(name, value, 1)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

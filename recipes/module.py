@@ -111,14 +111,20 @@ class ClassificationModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                        weight_decay=hp.weight_decay)
+            optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=hp.lr,
+                momentum=hp.momentum,
+                nesterov=hp.nesterov,
+                weight_decay=hp.weight_decay,
+            )
         else:
             adam = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
             optimizer = adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(hp.schedule, total, hp.warmup_steps,
-                                                                           tuple(hp.milestones), hp.gamma))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _Schedule(hp.schedule, total, hp.warmup_steps, tuple(hp.milestones), hp.gamma)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -128,8 +134,16 @@ class ClassificationModule(pl.LightningModule):
 class _Schedule:
     """Multiplier of the peak learning rate at optimizer step ``step`` (a picklable callable)."""
 
-    def __init__(self, kind: str, total: int, warmup: int, milestones: tuple[float, ...], gamma: float) -> None:
-        self.kind, self.total, self.warmup, self.milestones, self.gamma = kind, total, warmup, milestones, gamma
+    def __init__(
+        self, kind: str, total: int, warmup: int, milestones: tuple[float, ...], gamma: float
+    ) -> None:
+        self.kind, self.total, self.warmup, self.milestones, self.gamma = (
+            kind,
+            total,
+            warmup,
+            milestones,
+            gamma,
+        )
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:

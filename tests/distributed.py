@@ -61,7 +61,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> list:
     ctx = context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, object] = {}

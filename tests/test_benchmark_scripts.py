@@ -15,13 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return done.stdout
 
 
 def _table(out: str) -> list[list[str]]:
-    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [
+        line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and "---" not in line
+    ]
     return [[cell.strip() for cell in row] for row in rows[1:]]
 
 
@@ -31,19 +38,35 @@ def test_topk_wire_cost_reports_the_exact_payload_sizes():
     expected = {
         "int32 + fp32": TopK(density).wire_bytes(numel, torch.float32),
         "delta16 + fp32": TopK(density, index_encoding="delta16").wire_bytes(numel, torch.float32),
-        "delta16 + bf16": TopK(density, index_encoding="delta16", value_dtype="bf16").wire_bytes(numel, torch.float32),
+        "delta16 + bf16": TopK(density, index_encoding="delta16", value_dtype="bf16").wire_bytes(
+            numel, torch.float32
+        ),
     }
     assert {name: int(row[1].replace(",", "")) for name, row in rows.items()} == expected
     assert expected["delta16 + bf16"] < 0.51 * expected["int32 + fp32"]
 
 
 def test_gossip_step_cost_measures_every_requested_case():
-    out = _run("gossip_step_cost.py", "--numel", "50000", "--steps", "1", "--threads", "1",
-               "--algorithms", "ChocoSGD", "DeepSqueeze", "--compressors", "topk", "identity")
+    out = _run(
+        "gossip_step_cost.py",
+        "--numel",
+        "50000",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--algorithms",
+        "ChocoSGD",
+        "DeepSqueeze",
+        "--compressors",
+        "topk",
+        "identity",
+    )
     rows = _table(out)
     assert [(r[0], r[1], r[2]) for r in rows] == [
         (algorithm, compressor, "this checkout")
-        for algorithm in ("ChocoSGD", "DeepSqueeze") for compressor in ("topk", "identity")
+        for algorithm in ("ChocoSGD", "DeepSqueeze")
+        for compressor in ("topk", "identity")
     ]
     # each step allocates something (the payloads) and takes some time
     assert all(float(r[3]) >= 0 and float(r[5]) > 0 for r in rows)
@@ -57,11 +80,22 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
 
     from recipes.train import main
 
-    names = ["ddp_adam", "topk1_ef", "topk1_mc_masking", "topk1_mc_warmup", "topk01_mc_ramp", "topk1_mc_wd_in_optimizer",
-             "sign_mc"]
+    names = [
+        "ddp_adam",
+        "topk1_ef",
+        "topk1_mc_masking",
+        "topk1_mc_warmup",
+        "topk01_mc_ramp",
+        "topk1_mc_wd_in_optimizer",
+        "sign_mc",
+    ]
     memsgd_accuracy.write_configs(names, tmp_path)
-    built = {name: main(["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"], run=False)
-             for name in names}
+    built = {
+        name: main(
+            ["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"], run=False
+        )
+        for name in names
+    }
     assert built["ddp_adam"].model.hparams.optimizer == "adam" and built["ddp_adam"].model.hparams.lr == 0.003
     assert built["topk1_ef"].trainer.strategy.momentum_correction is False
     assert built["topk1_mc_masking"].trainer.strategy.momentum_masking is True
@@ -80,11 +114,22 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
     from ec_hooks import CyclicTopK
     from recipes.train import main
 
-    names = ["cyclic1", "cyclic1_mc", "cyclic1_ef_filter0.9", "cyclic2_bf16", "cyclic1_global_oracle_ef",
-             "cyclic1_ef_private33", "topk1_sparse_allreduce"]
+    names = [
+        "cyclic1",
+        "cyclic1_mc",
+        "cyclic1_ef_filter0.9",
+        "cyclic2_bf16",
+        "cyclic1_global_oracle_ef",
+        "cyclic1_ef_private33",
+        "topk1_sparse_allreduce",
+    ]
     cyclic_accuracy.write_configs(names, tmp_path)
-    built = {name: main(["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"],
-                        run=False).trainer.strategy for name in names}
+    built = {
+        name: main(
+            ["--config", str(tmp_path / f"digits_{name}.yaml"), "--trainer.logger", "false"], run=False
+        ).trainer.strategy
+        for name in names
+    }
     assert built["cyclic1"].momentum_correction is False  # the compressor's choice
     assert built["cyclic1_mc"].momentum_correction is True
     assert built["cyclic1_ef_filter0.9"].compressor.memory_filter == 0.9
@@ -99,10 +144,14 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
 def test_gossip_bf16_reports_every_case_and_the_master_copy_mixes_in_fp32():
     rows = _table(_run("gossip_bf16.py", "--workers", "3", "--numel", "200", "--steps", "300"))
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        (algorithm, dtype, steps) for algorithm in ("ChocoSGD", "DeepSqueeze", "DPSGD")
-        for steps in ("no", "yes") for dtype in ("float32", "bfloat16")
+        (algorithm, dtype, steps)
+        for algorithm in ("ChocoSGD", "DeepSqueeze", "DPSGD")
+        for steps in ("no", "yes")
+        for dtype in ("float32", "bfloat16")
     ]
     choco = {(r[1], r[2]): [float(v) for v in r[3:]] for r in rows if r[0] == "ChocoSGD"}
     fp32, bf16 = choco[("float32", "no")], choco[("bfloat16", "no")]
     assert fp32[0] == fp32[1] and fp32[2] == fp32[3]  # an fp32 model has no master copy
-    assert bf16[1] < 10 * fp32[1] + 1e-6 < bf16[0]  # the master copy agrees like fp32; the bf16 parameters cannot
+    assert (
+        bf16[1] < 10 * fp32[1] + 1e-6 < bf16[0]
+    )  # the master copy agrees like fp32; the bf16 parameters cannot

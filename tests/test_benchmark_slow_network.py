@@ -37,8 +37,19 @@ def test_defaults_cover_every_method_with_four_ranks_at_100mbit():
     args = slow.parse_args([])
     assert args.world_size == 4 and args.rates == ["100mbit"] and not args.no_netns
     assert args.methods == list(slow.METHODS) and args.batch_size == 8
-    for required in ("allreduce", "fp16", "powersgd_r2", "powersgd_r4", "memsgd_topk_1pct", "memsgd_topk_0.1pct",
-                     "memsgd_randk_1pct", "ef_sign", "deepsqueeze_ring", "deepsqueeze_one_peer_exp", "choco_ring"):
+    for required in (
+        "allreduce",
+        "fp16",
+        "powersgd_r2",
+        "powersgd_r4",
+        "memsgd_topk_1pct",
+        "memsgd_topk_0.1pct",
+        "memsgd_randk_1pct",
+        "ef_sign",
+        "deepsqueeze_ring",
+        "deepsqueeze_one_peer_exp",
+        "choco_ring",
+    ):
         assert required in args.methods
     tta = slow.parse_args(["--mode", "time-to-accuracy"])
     assert tta.methods == list(slow.DEFAULT_TTA_METHODS) and tta.batch_size == 32
@@ -140,10 +151,44 @@ def test_namespace_commands_and_removal_on_error(monkeypatch):
     assert run.commands == [
         ["ip", "netns", "add", "ecb-test"],
         ["ip", "netns", "exec", "ecb-test", "ip", "link", "set", "lo", "mtu", "9000", "up"],
-        ["ip", "netns", "exec", "ecb-test", "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "100mbit",
-         "burst", "50000b", "latency", "50ms"],
-        ["ip", "netns", "exec", "ecb-test", "tc", "qdisc", "replace", "dev", "lo", "root", "tbf", "rate", "1gbit",
-         "burst", "500000b", "latency", "50ms"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            "ecb-test",
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "lo",
+            "root",
+            "tbf",
+            "rate",
+            "100mbit",
+            "burst",
+            "50000b",
+            "latency",
+            "50ms",
+        ],
+        [
+            "ip",
+            "netns",
+            "exec",
+            "ecb-test",
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "lo",
+            "root",
+            "tbf",
+            "rate",
+            "1gbit",
+            "burst",
+            "500000b",
+            "latency",
+            "50ms",
+        ],
         ["ip", "netns", "del", "ecb-test"],
     ]
 
@@ -175,12 +220,25 @@ def test_real_namespace_is_shaped_and_always_removed():
     with pytest.raises(RuntimeError, match="boom"):
         with netns.RateLimitedNamespace("100mbit", name=name) as ns:
             assert listed(name)
-            qdisc = subprocess.run(ns.exec_prefix() + ["tc", "qdisc", "show", "dev", "lo"], capture_output=True,
-                                   text=True, check=True).stdout
+            qdisc = subprocess.run(
+                ns.exec_prefix() + ["tc", "qdisc", "show", "dev", "lo"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             assert "tbf" in qdisc and "100Mbit" in qdisc
-            counters = subprocess.run(ns.exec_prefix() + [sys.executable, "-c", "import sys; sys.path.insert(0, "
-                                      f"{BENCHMARKS!r}); import _netns; print(_netns.loopback_counters()['tx_bytes'])"],
-                                      capture_output=True, text=True, check=True).stdout
+            counters = subprocess.run(
+                ns.exec_prefix()
+                + [
+                    sys.executable,
+                    "-c",
+                    "import sys; sys.path.insert(0, "
+                    f"{BENCHMARKS!r}); import _netns; print(_netns.loopback_counters()['tx_bytes'])",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             assert int(counters) == 0  # a fresh namespace: its own loopback, nothing sent yet
             raise RuntimeError("boom")
     assert not listed(name)
@@ -199,8 +257,12 @@ def test_loopback_counters_parse_proc_net_dev(tmp_path):
         "      0          0\n"
         "  eth0: 1 2 0 0 0 0 0 0 3 4 0 0 0 0 0 0\n"
     )
-    assert netns.loopback_counters(str(path)) == {"rx_bytes": 123456, "rx_packets": 789, "tx_bytes": 123456,
-                                                  "tx_packets": 789}
+    assert netns.loopback_counters(str(path)) == {
+        "rx_bytes": 123456,
+        "rx_packets": 789,
+        "tx_bytes": 123456,
+        "tx_packets": 789,
+    }
     path.write_text("header\nheader\n  eth0: 1 2 0 0 0 0 0 0 3 4 0 0 0 0 0 0\n")
     with pytest.raises(RuntimeError, match="no 'lo'"):
         netns.loopback_counters(str(path))
@@ -208,12 +270,22 @@ def test_loopback_counters_parse_proc_net_dev(tmp_path):
 
 def test_csv_ratios_and_table(tmp_path):
     def row(method, step, sent, factor, lo):
-        return {"rate": "100mbit", "method": method, "label": method, "median_step_s": step,
-                "bytes_per_step_per_worker": sent, "bytes_source": "CommStats",
-                "expected_wire_bytes_per_worker": sent * factor, "lo_bytes_per_step_per_worker": lo,
-                "compress_s_per_step": 0.01, "profile_compress_s": None}
+        return {
+            "rate": "100mbit",
+            "method": method,
+            "label": method,
+            "median_step_s": step,
+            "bytes_per_step_per_worker": sent,
+            "bytes_source": "CommStats",
+            "expected_wire_bytes_per_worker": sent * factor,
+            "lo_bytes_per_step_per_worker": lo,
+            "compress_s_per_step": 0.01,
+            "profile_compress_s": None,
+        }
 
-    rows = slow.finish_step_time_rows([row("allreduce", 20.0, 44e6, 1.5, 66.6e6), row("topk", 1.0, 0.88e6, 3, 2.7e6)])
+    rows = slow.finish_step_time_rows(
+        [row("allreduce", 20.0, 44e6, 1.5, 66.6e6), row("topk", 1.0, 0.88e6, 3, 2.7e6)]
+    )
     assert rows[0]["step_vs_allreduce"] == 1.0 and rows[1]["step_vs_allreduce"] == pytest.approx(0.05)
     assert rows[1]["lo_over_expected"] == pytest.approx(2.7 / 2.64)
     path = tmp_path / "sub" / "step_time.csv"
@@ -238,8 +310,23 @@ def test_plain_loopback_run_writes_csv_plot_and_bytes_that_match_the_compressors
     methods = ["allreduce", "memsgd_topk_1pct", "memsgd_randk_1pct", "powersgd_r2"]
     if hasattr(ec_hooks, "DeepSqueeze"):
         methods.append("deepsqueeze_ring")
-    code = slow.main(["--no-netns", "--world-size", "2", "--mlp-width", "32", "--steps", "2", "--warmup", "1",
-                      "--methods", *methods, "--out", str(out)])
+    code = slow.main(
+        [
+            "--no-netns",
+            "--world-size",
+            "2",
+            "--mlp-width",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--methods",
+            *methods,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert (out / "step_time.png").stat().st_size > 1000
     with open(out / "step_time.csv") as f:
@@ -251,8 +338,11 @@ def test_plain_loopback_run_writes_csv_plot_and_bytes_that_match_the_compressors
     assert float(rows["allreduce"]["bytes_per_step_per_worker"]) == 4 * numel
     assert float(rows["allreduce"]["step_vs_allreduce"]) == 1.0
     # Mem-SGD top-k: per bucket k int32 indices + k fp32 values + the 4-byte status word.
-    buckets = [int(n) for n in rows["memsgd_topk_1pct"]["bucket_numels"].split()] if rows["memsgd_topk_1pct"][
-        "bucket_numels"] else None
+    buckets = (
+        [int(n) for n in rows["memsgd_topk_1pct"]["bucket_numels"].split()]
+        if rows["memsgd_topk_1pct"]["bucket_numels"]
+        else None
+    )
     topk = ec_hooks.TopK(0.01)
     sent = float(rows["memsgd_topk_1pct"]["bytes_per_step_per_worker"])
     if buckets:
@@ -261,7 +351,9 @@ def test_plain_loopback_run_writes_csv_plot_and_bytes_that_match_the_compressors
         assert sent == topk.wire_bytes(numel) + 4
     assert float(rows["memsgd_randk_1pct"]["bytes_per_step_per_worker"]) < sent
     assert 0 < float(rows["powersgd_r2"]["bytes_per_step_per_worker"]) < 4 * numel
-    if "deepsqueeze_ring" in rows:  # a ring of 2: one neighbour, one top-k payload of the whole model + status
+    if (
+        "deepsqueeze_ring" in rows
+    ):  # a ring of 2: one neighbour, one top-k payload of the whole model + status
         assert float(rows["deepsqueeze_ring"]["bytes_per_step_per_worker"]) == topk.wire_bytes(numel) + 4
     for r in rows.values():
         assert int(r["steps"]) == 2 and float(r["median_step_s"]) > 0
@@ -272,9 +364,26 @@ def test_plain_loopback_run_writes_csv_plot_and_bytes_that_match_the_compressors
 @pytest.mark.slow
 def test_time_to_accuracy_run_on_plain_loopback(tmp_path):
     out = tmp_path / "tta"
-    code = slow.main(["--mode", "time-to-accuracy", "--no-netns", "--world-size", "2", "--tta-steps", "12",
-                      "--tta-eval-every", "4", "--tta-target", "0.3", "--methods", "allreduce", "memsgd_topk_1pct",
-                      "--out", str(out)])
+    code = slow.main(
+        [
+            "--mode",
+            "time-to-accuracy",
+            "--no-netns",
+            "--world-size",
+            "2",
+            "--tta-steps",
+            "12",
+            "--tta-eval-every",
+            "4",
+            "--tta-target",
+            "0.3",
+            "--methods",
+            "allreduce",
+            "memsgd_topk_1pct",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     with open(out / "time_to_accuracy.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
@@ -292,8 +401,10 @@ def test_time_to_accuracy_run_on_plain_loopback(tmp_path):
             first = next(c for c in points if float(c["val_accuracy"]) >= 0.3)
             assert float(row["time_to_target_s"]) == float(first["wall_s"])
     assert float(rows["allreduce"]["final_accuracy"]) > 0.3  # 12 steps of SGD on the digits beat chance (0.1)
-    assert float(rows["memsgd_topk_1pct"]["bytes_per_step_per_worker"]) < float(
-        rows["allreduce"]["bytes_per_step_per_worker"]) / 10
+    assert (
+        float(rows["memsgd_topk_1pct"]["bytes_per_step_per_worker"])
+        < float(rows["allreduce"]["bytes_per_step_per_worker"]) / 10
+    )
 
 
 def _default_sigint() -> None:
@@ -320,17 +431,35 @@ def _namespaces() -> list[str]:
 
 
 @pytest.mark.skipif(not _can_create_namespaces(), reason="needs root and iproute2")
-@pytest.mark.parametrize("sig, background", [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["ctrl-c", "ctrl-c-from-background", "sigterm"])
+@pytest.mark.parametrize(
+    "sig, background",
+    [(signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "ctrl-c-from-background", "sigterm"],
+)
 @pytest.mark.slow
 def test_interrupted_run_stops_its_ranks_and_removes_the_namespace(tmp_path, sig, background):
-    command = [sys.executable, os.path.join(BENCHMARKS, "slow_network.py"), "--world-size", "2", "--mlp-width", "32",
-               "--steps", "1000", "--min-steps", "1000", "--methods", "allreduce", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        os.path.join(BENCHMARKS, "slow_network.py"),
+        "--world-size",
+        "2",
+        "--mlp-width",
+        "32",
+        "--steps",
+        "1000",
+        "--min-steps",
+        "1000",
+        "--methods",
+        "allreduce",
+        "--out",
+        str(tmp_path),
+    ]
     # The suite run as `nohup pytest &` has SIGINT ignored; so does every child unless it restores it.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if background else None
     try:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                preexec_fn=_default_sigint)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_default_sigint
+        )
     finally:
         if background:
             signal.signal(signal.SIGINT, previous)

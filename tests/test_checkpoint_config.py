@@ -26,8 +26,11 @@ def _warnings(caplog, logger):
 
 def test_config_is_versioned_plain_data_and_survives_a_weights_only_load():
     config = TopK(0.25, index_encoding="delta16", value_dtype=torch.bfloat16).config()
-    assert config == {"version": 1, "name": "topk", "args": {"density": 0.25, "backend": "auto",
-                                                             "index_encoding": "delta16", "value_dtype": "bfloat16"}}
+    assert config == {
+        "version": 1,
+        "name": "topk",
+        "args": {"density": 0.25, "backend": "auto", "index_encoding": "delta16", "value_dtype": "bfloat16"},
+    }
     assert BF16().config() == {"version": 1, "name": "bf16", "args": {"dtype": "bfloat16"}}
     buffer = io.BytesIO()
     torch.save({"compressor": config}, buffer)
@@ -40,14 +43,21 @@ def test_differences_are_reported_field_by_field():
     assert TopK(0.25).config_differences(None) == []
     assert TopK(0.25).config_differences(TopK(0.5).config()) == ["density 0.5 (saved), 0.25 (here)"]
     assert QSGD(levels=3).config_differences(TopK(0.5).config()) == [
-        "name 'topk' (saved), 'qsgd' (here)", "backend 'auto' (saved), '-' (here)",
-        "density 0.5 (saved), '-' (here)", "levels '-' (saved), 3 (here)", "seed '-' (saved), 0 (here)"]
+        "name 'topk' (saved), 'qsgd' (here)",
+        "backend 'auto' (saved), '-' (here)",
+        "density 0.5 (saved), '-' (here)",
+        "levels '-' (saved), 3 (here)",
+        "seed '-' (saved), 0 (here)",
+    ]
     newer = {**TopK(0.25).config(), "version": 2}
-    assert TopK(0.25).config_differences(newer) == [f"compressor config of version 2 ({newer!r}), this version reads 1"]
+    assert TopK(0.25).config_differences(newer) == [
+        f"compressor config of version 2 ({newer!r}), this version reads 1"
+    ]
     # older checkpoints: the repr string
     assert TopK(0.25).config_differences("TopK(density=0.25, backend='auto')") == []
     assert TopK(0.25).config_differences("TopK(density=0.5, backend='auto')") == [
-        "compressor TopK(density=0.5, backend='auto') (saved), TopK(density=0.25, backend='auto') (here)"]
+        "compressor TopK(density=0.5, backend='auto') (saved), TopK(density=0.25, backend='auto') (here)"
+    ]
 
 
 def test_gossip_state_records_the_config_and_loads_old_repr_states(caplog):
@@ -90,13 +100,22 @@ def test_hook_state_records_the_config_and_loads_old_repr_states(one_rank_group,
 def test_one_checker_refuses_another_kind_world_size_or_rank():
     from ec_hooks.checkpoints import check_state_dict
 
-    kwargs = {"kind": "a test state dict", "required": ("a", "b"), "owner": "Thing", "world_size": 4, "rank": 1,
-              "why_world_size": "it belongs to another run", "why_rank": "load each worker's own state"}
+    kwargs = {
+        "kind": "a test state dict",
+        "required": ("a", "b"),
+        "owner": "Thing",
+        "world_size": 4,
+        "rank": 1,
+        "why_world_size": "it belongs to another run",
+        "why_rank": "load each worker's own state",
+    }
     good = {"a": 0, "b": 0, "world_size": 4, "rank": 1}
     assert check_state_dict(good, **kwargs) is good
     with pytest.raises(ValueError, match=r"state_dict is not a test state dict \(no 'a' / 'b' entries\)"):
         check_state_dict({"a": 0}, **kwargs)
-    with pytest.raises(ValueError, match=r"world_size=3, this Thing has world_size=4: it belongs to another run"):
+    with pytest.raises(
+        ValueError, match=r"world_size=3, this Thing has world_size=4: it belongs to another run"
+    ):
         check_state_dict({**good, "world_size": 3}, **kwargs)
     with pytest.raises(ValueError, match=r"rank=2, this Thing has rank=1: load each worker's own state"):
         check_state_dict({**good, "rank": 2}, **kwargs)
@@ -112,5 +131,7 @@ def test_gossip_and_hook_refuse_another_rank_through_the_same_checker(one_rank_g
     state = ErrorFeedbackState(compressor=TopK(0.5), module=torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match=r"saved with rank=1, this ErrorFeedbackState has rank=0: load each"):
         state.load_state_dict({**state.state_dict(), "rank": 1})
-    with pytest.raises(ValueError, match=r"saved with world_size=2, this ErrorFeedbackState has world_size=1"):
+    with pytest.raises(
+        ValueError, match=r"saved with world_size=2, this ErrorFeedbackState has world_size=1"
+    ):
         state.load_state_dict({**state.state_dict(), "world_size": 2})

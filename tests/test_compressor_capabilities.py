@@ -29,15 +29,27 @@ class Halve(Compressor):
 
 # (compressor, DeepSqueeze eta, ChocoSGD gamma): the table of default_consensus_step's docstring
 STEPS = [
-    (TopK(0.01), 0.01, 0.02), (TopK(0.001), 0.005, 0.01), (TopK(0.9), 0.5, 1.0),
-    (RandK(0.01), 0.005, 0.005), (RandK(0.001), 0.002, 0.002), (RandK(0.9), 0.25, 0.45),
-    (ScaledSign(), 0.1, 0.5), (QSGD(levels=7), 0.049, 0.21), (QSGD(levels=1), 0.007, 0.03),
-    (QSGD(levels=100), 0.1, 0.5), (Identity(), 1.0, 1.0), (FP16(), 1.0, 1.0), (BF16(), 1.0, 1.0),
-    (CyclicTopK(0.01), 0.01, 0.1), (Halve(), 0.01, 0.1),
+    (TopK(0.01), 0.01, 0.02),
+    (TopK(0.001), 0.005, 0.01),
+    (TopK(0.9), 0.5, 1.0),
+    (RandK(0.01), 0.005, 0.005),
+    (RandK(0.001), 0.002, 0.002),
+    (RandK(0.9), 0.25, 0.45),
+    (ScaledSign(), 0.1, 0.5),
+    (QSGD(levels=7), 0.049, 0.21),
+    (QSGD(levels=1), 0.007, 0.03),
+    (QSGD(levels=100), 0.1, 0.5),
+    (Identity(), 1.0, 1.0),
+    (FP16(), 1.0, 1.0),
+    (BF16(), 1.0, 1.0),
+    (CyclicTopK(0.01), 0.01, 0.1),
+    (Halve(), 0.01, 0.1),
 ]
 
 
-@pytest.mark.parametrize(("compressor", "eta", "gamma"), STEPS, ids=lambda v: repr(v) if isinstance(v, Compressor) else "")
+@pytest.mark.parametrize(
+    ("compressor", "eta", "gamma"), STEPS, ids=lambda v: repr(v) if isinstance(v, Compressor) else ""
+)
 def test_consensus_step_defaults_come_from_the_compressor(compressor, eta, gamma):
     assert default_consensus_step("deepsqueeze", compressor) == pytest.approx(eta, abs=1e-12)
     assert default_consensus_step("choco", compressor) == pytest.approx(gamma, abs=1e-12)
@@ -53,8 +65,13 @@ def test_contraction_scale_is_qsgds_rescaling_and_1_elsewhere():
 
 def test_a_plain_subclass_gets_the_defaults_and_the_reference_error_feedback():
     c = Halve()
-    assert (c.summable, c.shares_indices, c.index_value_pairs, c.backend, c.local_args) == (False, False, False,
-                                                                                           "auto", ())
+    assert (c.summable, c.shares_indices, c.index_value_pairs, c.backend, c.local_args) == (
+        False,
+        False,
+        False,
+        "auto",
+        (),
+    )
     memory = torch.tensor([2.0, 4.0, 6.0])
     grad = torch.tensor([2.0, float("inf"), 0.0])
     payload, finite = c.compress_error_feedback_(memory, grad)

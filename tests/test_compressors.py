@@ -179,8 +179,7 @@ def test_randk_samples_every_coordinate_equally_often():
     assert (counts - expected).abs().max() < 6 * math.sqrt(expected)
 
 
-@pytest.mark.parametrize("compressor", [FP16(), TopK(0.5), RandK(1.0), Identity()],
-                         ids=repr)
+@pytest.mark.parametrize("compressor", [FP16(), TopK(0.5), RandK(1.0), Identity()], ids=repr)
 def test_memory_beyond_the_fp16_range_travels_clamped_and_stays_finite(compressor):
     memory = torch.tensor([7e4, -2e5, 1.0, 3.0])
     total = memory.clone()

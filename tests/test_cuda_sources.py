@@ -32,7 +32,9 @@ def test_loader_ships_every_source():
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_source_compiles(source, target, tmp_path):
-    out = tmp_path / f"{source.stem}.ptx" if target.startswith("compute") else tmp_path / f"{source.stem}.cubin"
+    out = (
+        tmp_path / f"{source.stem}.ptx" if target.startswith("compute") else tmp_path / f"{source.stem}.cubin"
+    )
     kind = "--ptx" if target.startswith("compute") else "--cubin"
     result = subprocess.run(
         [NVCC, kind, *TARGETS[target], "--Werror", "all-warnings", "-o", str(out), str(source)],

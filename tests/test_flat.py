@@ -13,8 +13,11 @@ def test_spans_are_consecutive():
 
 
 def test_flatten_then_split_gives_the_tensors_back_as_views():
-    tensors = [torch.arange(6.0).view(2, 3), torch.tensor([7.0], dtype=torch.float64),
-               torch.ones(2, 1, 2, dtype=torch.bfloat16)]
+    tensors = [
+        torch.arange(6.0).view(2, 3),
+        torch.tensor([7.0], dtype=torch.float64),
+        torch.ones(2, 1, 2, dtype=torch.bfloat16),
+    ]
     buffer = flatten(tensors, torch.float32)
     assert buffer.dtype == torch.float32 and buffer.tolist() == [0, 1, 2, 3, 4, 5, 7, 1, 1, 1, 1]
     parts = split(buffer, tensors)

@@ -88,7 +88,9 @@ def logistic_regression(rank, world_size, steps=300, lr=0.5):
         shards.append((features, labels))
 
     def loss(w, features, labels):
-        return torch.nn.functional.binary_cross_entropy_with_logits(features @ w, labels) + 5e-3 * w.pow(2).sum()
+        return (
+            torch.nn.functional.binary_cross_entropy_with_logits(features @ w, labels) + 5e-3 * w.pow(2).sum()
+        )
 
     def local_step(w, opt):
         opt.zero_grad()
@@ -141,7 +143,11 @@ def four_rank_suite(rank, world_size):
         mean = group_mean(params)
         for _ in range(steps):
             gossip.step()
-        consensus[label] = (start, gossip.consensus_distance(), float((group_mean(params) - mean).abs().max()))
+        consensus[label] = (
+            start,
+            gossip.consensus_distance(),
+            float((group_mean(params) - mean).abs().max()),
+        )
     out["consensus"] = consensus
 
     # DeepSqueeze(Identity, eta=1) is D-PSGD bit for bit, on a static and a time-varying graph.
@@ -172,9 +178,11 @@ def four_rank_suite(rank, world_size):
 
     # Exact resume from a state dict, and bytes per step.
     resume = {}
-    for label, cls, build in [("DeepSqueeze", DeepSqueeze, lambda: ec_hooks.TopK(0.25)),
-                              ("ChocoSGD", ChocoSGD, lambda: ec_hooks.RandK(0.25)),
-                              ("DeepSqueeze/qsgd", DeepSqueeze, lambda: ec_hooks.QSGD.from_bits(4))]:
+    for label, cls, build in [
+        ("DeepSqueeze", DeepSqueeze, lambda: ec_hooks.TopK(0.25)),
+        ("ChocoSGD", ChocoSGD, lambda: ec_hooks.RandK(0.25)),
+        ("DeepSqueeze/qsgd", DeepSqueeze, lambda: ec_hooks.QSGD.from_bits(4)),
+    ]:
         params = make_params(rank)
         gossip = cls(params, "ring", build(), 0.3, watch_every=2)
         drift = torch.Generator().manual_seed(rank)
@@ -197,8 +205,12 @@ def four_rank_suite(rank, world_size):
         restored.load_state_dict(saved_state)
         drift.set_state(saved_rng)
         run(fresh, restored, 4, drift)
-        resume[label] = (float((flat(fresh) - continued).abs().max()), restored.iteration,
-                         restored.stats.steps, restored.last_consensus_distance == gossip.last_consensus_distance)
+        resume[label] = (
+            float((flat(fresh) - continued).abs().max()),
+            restored.iteration,
+            restored.stats.steps,
+            restored.last_consensus_distance == gossip.last_consensus_distance,
+        )
     out["resume"] = resume
 
     # Statistics, mean model and consensus distance against gathered models.
@@ -213,15 +225,22 @@ def four_rank_suite(rank, world_size):
         float((flat(mean) - stacked.mean(dim=0)).abs().max()),
         gossip.consensus_distance(),
         math.sqrt(float((stacked - stacked.mean(dim=0)).pow(2).sum()) / world_size),
-        all(m.shape == p.shape and m.dtype == p.dtype and m.data_ptr() != p.data_ptr() for m, p in zip(mean, params)),
+        all(
+            m.shape == p.shape and m.dtype == p.dtype and m.data_ptr() != p.data_ptr()
+            for m, p in zip(mean, params)
+        ),
     )
     out["stats"] = gossip.stats.as_dict()
 
     # Divergence watch: DeepSqueeze with top-k and eta = 1 drifts apart; D-PSGD does not.
     watch = {}
-    for label, build in [("DeepSqueeze", lambda p: DeepSqueeze(p, "ring", ec_hooks.TopK(0.1), 1.0,
-                                                               watch_every=10, watch_patience=2)),
-                         ("DPSGD", lambda p: DPSGD(p, "ring", watch_every=10, watch_patience=2))]:
+    for label, build in [
+        (
+            "DeepSqueeze",
+            lambda p: DeepSqueeze(p, "ring", ec_hooks.TopK(0.1), 1.0, watch_every=10, watch_patience=2),
+        ),
+        ("DPSGD", lambda p: DPSGD(p, "ring", watch_every=10, watch_patience=2)),
+    ]:
         params = [torch.randn(200, generator=torch.Generator().manual_seed(rank))]
         gossip = build(params)
         with warnings.catch_warnings(record=True) as caught:
@@ -385,15 +404,21 @@ def test_average_model_invariant_odd_world_size_and_asymmetric_peers():
 
 def pair_suite(rank, world_size):
     out = {}
-    for label, build in [("DPSGD", lambda p: DPSGD(p, "ring")),
-                         ("DeepSqueeze", lambda p: DeepSqueeze(p, "ring", ec_hooks.TopK(0.5), 0.5)),
-                         ("ChocoSGD", lambda p: ChocoSGD(p, "ring", ec_hooks.ScaledSign()))]:
+    for label, build in [
+        ("DPSGD", lambda p: DPSGD(p, "ring")),
+        ("DeepSqueeze", lambda p: DeepSqueeze(p, "ring", ec_hooks.TopK(0.5), 0.5)),
+        ("ChocoSGD", lambda p: ChocoSGD(p, "ring", ec_hooks.ScaledSign())),
+    ]:
         params = make_params(rank)
         mean = group_mean(params)
         gossip = build(params)
         gossip.step()
-        out[label] = (float((group_mean(params) - mean).abs().max()), float((flat(params) - mean).abs().max()),
-                      gossip.topology.weights(rank), gossip.stats.last_bytes_sent)
+        out[label] = (
+            float((group_mean(params) - mean).abs().max()),
+            float((flat(params) - mean).abs().max()),
+            gossip.topology.weights(rank),
+            gossip.stats.last_bytes_sent,
+        )
     return out
 
 
@@ -492,8 +517,9 @@ def test_state_dict_validation():
     same = DeepSqueeze.simulated([make_params(r) for r in range(4)], "ring", ec_hooks.TopK(0.25), 0.3)
     with pytest.raises(ValueError, match="rank=1"):
         same[2].load_state_dict(state)
-    bigger = DeepSqueeze.simulated([make_params(r) + [torch.zeros(2)] for r in range(4)], "ring",
-                                   ec_hooks.TopK(0.25), 0.3)
+    bigger = DeepSqueeze.simulated(
+        [make_params(r) + [torch.zeros(2)] for r in range(4)], "ring", ec_hooks.TopK(0.25), 0.3
+    )
     with pytest.raises(ValueError, match="numel=17"):
         bigger[1].load_state_dict(state)
     choco = ChocoSGD.simulated([make_params(r) for r in range(4)], "ring", ec_hooks.TopK(0.25), 0.3)
@@ -502,29 +528,34 @@ def test_state_dict_validation():
     with pytest.raises(ValueError, match="not a gossip state dict"):
         same[1].load_state_dict({"iteration": 3})
     simulate_step(choco)
-    on_exponential = ChocoSGD.simulated([make_params(r) for r in range(4)], "exponential", ec_hooks.TopK(0.25), 0.3)
+    on_exponential = ChocoSGD.simulated(
+        [make_params(r) for r in range(4)], "exponential", ec_hooks.TopK(0.25), 0.3
+    )
     with pytest.raises(ValueError, match="only valid for the topology"):
         on_exponential[1].load_state_dict(choco[1].state_dict())
     same[1].load_state_dict(state)
     assert same[1].iteration == 1 and torch.equal(same[1]._delta, workers[1]._delta)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda p: DeepSqueeze(p, consensus_step=0), "consensus_step must be a float in \\(0, 1\\]"),
-    (lambda p: DeepSqueeze(p, consensus_step=1.5), "consensus_step"),
-    (lambda p: ChocoSGD(p, consensus_step="big"), "consensus_step"),
-    (lambda p: DeepSqueeze(p, compressor="zip"), "compressor must be a Compressor or one of"),
-    (lambda p: DeepSqueeze(p, compressor=ec_hooks.TopK(0.0)), "density"),
-    (lambda p: DPSGD(p, compressor=ec_hooks.TopK(0.1)), "compressor must be None or Identity"),
-    (lambda p: DeepSqueeze(p, topology="star"), "topology must be"),
-    (lambda p: DeepSqueeze(p, watch_every=-1), "watch_every"),
-    (lambda p: DeepSqueeze(p, watch_patience=0), "watch_patience"),
-    (lambda p: DeepSqueeze(p, watch_growth=1.0), "watch_growth"),
-    (lambda p: DeepSqueeze([]), "params is empty"),
-    (lambda p: DeepSqueeze([torch.zeros(3, dtype=torch.int64)]), "floating-point"),
-    (lambda p: DeepSqueeze([p[0], p[0]]), "same tensor twice"),
-    (lambda p: DeepSqueeze([p[0], "w"]), "must be tensors"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: DeepSqueeze(p, consensus_step=0), "consensus_step must be a float in \\(0, 1\\]"),
+        (lambda p: DeepSqueeze(p, consensus_step=1.5), "consensus_step"),
+        (lambda p: ChocoSGD(p, consensus_step="big"), "consensus_step"),
+        (lambda p: DeepSqueeze(p, compressor="zip"), "compressor must be a Compressor or one of"),
+        (lambda p: DeepSqueeze(p, compressor=ec_hooks.TopK(0.0)), "density"),
+        (lambda p: DPSGD(p, compressor=ec_hooks.TopK(0.1)), "compressor must be None or Identity"),
+        (lambda p: DeepSqueeze(p, topology="star"), "topology must be"),
+        (lambda p: DeepSqueeze(p, watch_every=-1), "watch_every"),
+        (lambda p: DeepSqueeze(p, watch_patience=0), "watch_patience"),
+        (lambda p: DeepSqueeze(p, watch_growth=1.0), "watch_growth"),
+        (lambda p: DeepSqueeze([]), "params is empty"),
+        (lambda p: DeepSqueeze([torch.zeros(3, dtype=torch.int64)]), "floating-point"),
+        (lambda p: DeepSqueeze([p[0], p[0]]), "same tensor twice"),
+        (lambda p: DeepSqueeze([p[0], "w"]), "must be tensors"),
+    ],
+)
 def test_bad_arguments_raise_at_construction(call, match):
     with pytest.raises(ValueError, match=match):
         call(make_params(0))
@@ -545,9 +576,13 @@ def test_bf16_model_sends_bf16_values_and_keeps_the_error_in_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gossip_on_cuda_tensors():
-    for cls, compressor in [(DeepSqueeze, ec_hooks.TopK(0.25)), (DeepSqueeze, ec_hooks.RandK(0.25)),
-                            (ChocoSGD, ec_hooks.ScaledSign()), (ChocoSGD, ec_hooks.QSGD.from_bits(4)),
-                            (DPSGD, None)]:
+    for cls, compressor in [
+        (DeepSqueeze, ec_hooks.TopK(0.25)),
+        (DeepSqueeze, ec_hooks.RandK(0.25)),
+        (ChocoSGD, ec_hooks.ScaledSign()),
+        (ChocoSGD, ec_hooks.QSGD.from_bits(4)),
+        (DPSGD, None),
+    ]:
         params = [[p.cuda() for p in make_params(r)] for r in range(4)]
         workers = cls.simulated(params, "ring", compressor, None)
         mean = torch.stack([flat(p) for p in params]).mean(dim=0)

@@ -92,8 +92,11 @@ def test_a_message_from_a_non_finite_buffer_is_refused():
     state = workers[1].state_dict()
     state["buffers"]["delta"][4] = float("inf")
     workers[1].load_state_dict(state)
-    with pytest.raises(GossipRefusedError, match=r"worker 1: its compressed message has inf/NaN .* model is finite "
-                                                 r"\(its buffers \['delta'\] are not\)"):
+    with pytest.raises(
+        GossipRefusedError,
+        match=r"worker 1: its compressed message has inf/NaN .* model is finite "
+        r"\(its buffers \['delta'\] are not\)",
+    ):
         simulate_step(workers)
     assert all(torch.isfinite(flat(p)).all() for p in params)
 
@@ -114,10 +117,16 @@ def _poisoned_runs(rank, world_size, poisoned_rank, at_step):
                 gossip.step()
             except GossipRefusedError as error:
                 unchanged = same(flat(params), before_params) and all(
-                    same(a, b) for a, b in zip(before_buffers.values(), buffers(gossip).values()))
-                out[name] = {"step": error.step, "workers": error.workers, "message": str(error),
-                             "unchanged": unchanged, "iteration": gossip.iteration,
-                             "finite": bool(torch.isfinite(flat(params)).all())}
+                    same(a, b) for a, b in zip(before_buffers.values(), buffers(gossip).values())
+                )
+                out[name] = {
+                    "step": error.step,
+                    "workers": error.workers,
+                    "message": str(error),
+                    "unchanged": unchanged,
+                    "iteration": gossip.iteration,
+                    "finite": bool(torch.isfinite(flat(params)).all()),
+                }
                 break
         else:
             out[name] = None
@@ -151,8 +160,12 @@ def _far_worker(rank, world_size):
         except GossipRefusedError as error:
             return {"refused": error.workers, "iteration": gossip.iteration}
         except RuntimeError as error:  # a neighbour's process ended: its connection closed
-            return {"failed": str(error)[:200], "iteration": gossip.iteration,
-                    "seconds": time.monotonic() - started, "finite": bool(torch.isfinite(flat(params)).all())}
+            return {
+                "failed": str(error)[:200],
+                "iteration": gossip.iteration,
+                "seconds": time.monotonic() - started,
+                "finite": bool(torch.isfinite(flat(params)).all()),
+            }
     return {"stepped": gossip.iteration}
 
 
@@ -180,8 +193,11 @@ def test_load_state_dict_with_assign_is_refused_with_what_to_do():
     gossip.step()
     net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
     for call in (gossip.step, gossip.average_parameters, gossip.consensus_distance):
-        with pytest.raises(GossipRefusedError, match=r"parameter 'weight' of Linear, 'bias' of Linear.*assign=True"
-                           r".*Build the optimizer and the DeepSqueeze again from model.parameters\(\)"):
+        with pytest.raises(
+            GossipRefusedError,
+            match=r"parameter 'weight' of Linear, 'bias' of Linear.*assign=True"
+            r".*Build the optimizer and the DeepSqueeze again from model.parameters\(\)",
+        ):
             call()
     # built after the load, a gossip mixes the new tensors
     DeepSqueeze(net.parameters()).step()
@@ -242,21 +258,28 @@ def _simulated_run(cls, compressor, dtype, steps, noise, n=4, numel=1000):
             mean += (flat(p) - before) / n
         simulate_step(workers)
     models = torch.stack([w._model_fp64() for w in workers])
-    return workers, params, simulated_consensus_distance(workers), float((models.mean(dim=0) - mean).abs().max())
+    return (
+        workers,
+        params,
+        simulated_consensus_distance(workers),
+        float((models.mean(dim=0) - mean).abs().max()),
+    )
 
 
 def test_bf16_choco_reaches_consensus_and_the_mean_model_stays_put():
     # Before the master copy: distance 0.11 and a mean that moved by 0.03 with 1000 entries and 2000
     # steps (fp32: 1.6e-6 and 1e-6); 0.058 and 0.037 in this shorter run.
-    workers, params, distance, drift = _simulated_run(ChocoSGD, ec_hooks.TopK(0.1), torch.bfloat16, 600, 0.0,
-                                                      numel=300)
+    workers, params, distance, drift = _simulated_run(
+        ChocoSGD, ec_hooks.TopK(0.1), torch.bfloat16, 600, 0.0, numel=300
+    )
     assert distance < 1e-5 and drift < 1e-5
     for worker, p in zip(workers, params):  # the parameters are the master copy, rounded
         assert p[0].dtype == torch.bfloat16 and torch.equal(p[0], worker._master.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("cls, compressor", [(ChocoSGD, ec_hooks.TopK(0.1)), (DeepSqueeze, ec_hooks.TopK(0.1)),
-                                             (DPSGD, None)])
+@pytest.mark.parametrize(
+    "cls, compressor", [(ChocoSGD, ec_hooks.TopK(0.1)), (DeepSqueeze, ec_hooks.TopK(0.1)), (DPSGD, None)]
+)
 def test_bf16_mean_model_moves_exactly_as_the_local_steps(cls, compressor):
     # Before: 0.23 (CHOCO), 0.16 (DeepSqueeze), 0.12 (D-PSGD) after 300 steps of local noise.
     _, _, _, drift = _simulated_run(cls, compressor, torch.bfloat16, 300, 0.01)
@@ -266,7 +289,9 @@ def test_bf16_mean_model_moves_exactly_as_the_local_steps(cls, compressor):
 @pytest.mark.parametrize("cls", [ChocoSGD, DeepSqueeze])
 def test_bf16_state_dict_carries_the_master_copy_and_resumes_exactly(cls):
     def make():
-        return cls.simulated([model_params(r, torch.bfloat16) for r in range(3)], "ring", ec_hooks.TopK(0.25), None)
+        return cls.simulated(
+            [model_params(r, torch.bfloat16) for r in range(3)], "ring", ec_hooks.TopK(0.25), None
+        )
 
     def local_steps(workers, step):
         for rank, w in enumerate(workers):
@@ -306,8 +331,13 @@ def _bf16_gloo(rank, world_size):
     gossip = ChocoSGD(params, compressor=ec_hooks.TopK(0.25), watch_every=0)
     for _ in range(300):
         gossip.step()
-    return {"distance": gossip.consensus_distance(), "initial": initial, "master": gossip.state_dict()["master"],
-            "average": torch.cat([m.reshape(-1) for m in gossip.average_parameters()]), "params": flat(params)}
+    return {
+        "distance": gossip.consensus_distance(),
+        "initial": initial,
+        "master": gossip.state_dict()["master"],
+        "average": torch.cat([m.reshape(-1) for m in gossip.average_parameters()]),
+        "params": flat(params),
+    }
 
 
 @pytest.mark.slow
@@ -321,5 +351,7 @@ def test_bf16_gossip_on_gloo_reaches_consensus_through_the_master_copy(world_siz
         assert r["distance"] < 1e-5, r["distance"]  # written back in bf16 each step: about 1e-2
         assert r["average"].dtype == torch.bfloat16
         # the mean of the fp32 models, rounded to bf16 once, on the way out
-        assert float((r["average"].double() - masters.mean(dim=0)).abs().max()) <= 2**-8 * float(initial.abs().max())
+        assert float((r["average"].double() - masters.mean(dim=0)).abs().max()) <= 2**-8 * float(
+            initial.abs().max()
+        )
         assert torch.equal(r["params"], r["master"].to(torch.bfloat16).double())

@@ -23,19 +23,28 @@ def stepped_state(shapes, cls=DeepSqueeze, dtype=torch.float32):
 
 
 def fresh_worker(shapes, cls=DeepSqueeze, dtype=torch.float32):
-    return cls.simulated([params_of(shapes, 10 + r, dtype) for r in range(3)], "ring", ec_hooks.TopK(0.5), 0.3)[1]
+    return cls.simulated(
+        [params_of(shapes, 10 + r, dtype) for r in range(3)], "ring", ec_hooks.TopK(0.5), 0.3
+    )[1]
 
 
 # ------------------------------------------------------------------ per-parameter checks
 
 
-@pytest.mark.parametrize("saved, mine, match", [
-    # same total number of entries (17), another model
-    ([(4, 3), (5,)], [(3, 4), (5,)], r"parameter 0 was saved with shape \(4, 3\), here it has shape \(3, 4\)"),
-    ([(12,), (5,)], [(5,), (12,)], r"parameter 0 was saved with shape \(12,\), here it has shape \(5,\)"),
-    ([(2, 2), (4, 3), (1,)], [(2, 2), (3, 4), (1,)], r"parameter 1 was saved with shape \(4, 3\)"),
-    ([(12,), (5,)], [(17,)], "saved for 2 parameter tensors, this one gossips 1"),
-])
+@pytest.mark.parametrize(
+    "saved, mine, match",
+    [
+        # same total number of entries (17), another model
+        (
+            [(4, 3), (5,)],
+            [(3, 4), (5,)],
+            r"parameter 0 was saved with shape \(4, 3\), here it has shape \(3, 4\)",
+        ),
+        ([(12,), (5,)], [(5,), (12,)], r"parameter 0 was saved with shape \(12,\), here it has shape \(5,\)"),
+        ([(2, 2), (4, 3), (1,)], [(2, 2), (3, 4), (1,)], r"parameter 1 was saved with shape \(4, 3\)"),
+        ([(12,), (5,)], [(17,)], "saved for 2 parameter tensors, this one gossips 1"),
+    ],
+)
 def test_a_state_of_another_model_with_the_same_size_is_refused_naming_the_parameter(saved, mine, match):
     for cls in (DeepSqueeze, ChocoSGD):
         state = stepped_state(saved, cls)
@@ -48,9 +57,13 @@ def test_a_state_of_another_model_with_the_same_size_is_refused_naming_the_param
 
 def test_a_state_of_another_dtype_is_refused_and_another_size_still_names_numel():
     state = stepped_state([(4, 3), (5,)])
-    with pytest.raises(ValueError, match="parameter 0 was saved with dtype float32, here it has dtype bfloat16"):
+    with pytest.raises(
+        ValueError, match="parameter 0 was saved with dtype float32, here it has dtype bfloat16"
+    ):
         fresh_worker([(4, 3), (5,)], dtype=torch.bfloat16).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"numel=17, this DeepSqueeze has 19 .*parameter 1 was saved with shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"numel=17, this DeepSqueeze has 19 .*parameter 1 was saved with shape \(5,\)"
+    ):
         fresh_worker([(4, 3), (7,)]).load_state_dict(state)
 
 
@@ -80,8 +93,11 @@ def test_lightning_strategy_refuses_the_state_before_loading_anything():
     strategy._lightning_module = Module()
     strategy.gossips = [fresh_worker([(3, 4), (5,)])]
     state = {"model": {}, "gossip": [stepped_state([(4, 3), (5,)])]}
-    with pytest.raises(ValueError, match=r"gossip group 0 .*parameter 0 was saved with shape \(4, 3\), here it has "
-                                         r"shape \(3, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"gossip group 0 .*parameter 0 was saved with shape \(4, 3\), here it has "
+        r"shape \(3, 4\)",
+    ):
         strategy.load_worker_state(state)
     assert not Module.loaded
     strategy.gossips = [fresh_worker([(4, 3), (5,)])]
@@ -118,7 +134,9 @@ class ReferenceChoco:
             if self.x_hat[r] is None:
                 self.x_hat[r] = torch.zeros_like(x)
                 self.d[r] = torch.zeros_like(x, dtype=torch.float64)
-            payload = self.compressor.compress(x - self.x_hat[r], step=t, key=0, rank=r, wire_dtype=torch.float32)
+            payload = self.compressor.compress(
+                x - self.x_hat[r], step=t, key=0, rank=r, wire_dtype=torch.float32
+            )
             q = self.decode(payload)
             self.x_hat[r].add_(q)
             payloads.append(payload)
@@ -129,7 +147,9 @@ class ReferenceChoco:
             own = sent[r].reshape(-1).to(torch.float64)
             mixed = own * weights.get(r, 0.0)
             for peer in sorted(self.topology.in_peers(r, t)):
-                mixed.add_(self.decode(payloads[r].with_data(inbox[peer])).to(torch.float64), alpha=weights[peer])
+                mixed.add_(
+                    self.decode(payloads[r].with_data(inbox[peer])).to(torch.float64), alpha=weights[peer]
+                )
             self.d[r].add_(mixed.sub_(own))
             x.add_(self.d[r].to(x.dtype), alpha=self.gamma)
             offset = 0
@@ -142,10 +162,17 @@ class ReferenceChoco:
 SHAPES = [(9, 7), (7,), (4, 4, 3)]
 
 
-@pytest.mark.parametrize("compressor", [
-    lambda: ec_hooks.TopK(0.2), lambda: ec_hooks.RandK(0.3, seed=2), lambda: ec_hooks.QSGD(levels=5, seed=1),
-    lambda: ec_hooks.ScaledSign(), lambda: ec_hooks.Identity(),
-], ids=["topk", "randk", "qsgd", "sign", "identity"])
+@pytest.mark.parametrize(
+    "compressor",
+    [
+        lambda: ec_hooks.TopK(0.2),
+        lambda: ec_hooks.RandK(0.3, seed=2),
+        lambda: ec_hooks.QSGD(levels=5, seed=1),
+        lambda: ec_hooks.ScaledSign(),
+        lambda: ec_hooks.Identity(),
+    ],
+    ids=["topk", "randk", "qsgd", "sign", "identity"],
+)
 def test_choco_step_in_place_is_bit_identical_to_the_reference_on_a_3_ring(compressor):
     gamma = 0.4
     mine = [params_of(SHAPES, r) for r in range(3)]
@@ -158,7 +185,9 @@ def test_choco_step_in_place_is_bit_identical_to_the_reference_on_a_3_ring(compr
         simulate_step(workers)
         reference.step()
         for r in range(3):
-            assert all(torch.equal(a, b) for a, b in zip(mine[r], theirs[r])), f"worker {r} differs at step {step}"
+            assert all(torch.equal(a, b) for a, b in zip(mine[r], theirs[r])), (
+                f"worker {r} differs at step {step}"
+            )
             assert torch.equal(workers[r]._x_hat, reference.x_hat[r])
             assert torch.equal(workers[r]._disagreement, reference.d[r])
             error = torch.cat([p.reshape(-1) for p in mine[r]]) - reference.x_hat[r]
@@ -177,4 +206,6 @@ def test_choco_step_in_place_is_bit_identical_to_the_reference_on_a_3_ring(compr
     assert workers[0]._error.data_ptr() == buffers["error"]
     assert set(buffers) == {"flat", "difference", "error", "mixed", "received"}
     # the workers really moved towards each other
-    assert reference.step_count == 6 and not torch.equal(workers[0]._disagreement, torch.zeros_like(reference.d[0]))
+    assert reference.step_count == 6 and not torch.equal(
+        workers[0]._disagreement, torch.zeros_like(reference.d[0])
+    )

@@ -48,14 +48,23 @@ def _two_by_two(rank, world_size):
             mask[owned] = False
             outside = max(outside, float(buffer[mask].abs().max()) if mask.any() else 0.0)
         to_reference = max(float((a - b).abs().max()) for a, b in zip(params, reference))
-        report[name] = (same, residual, float(grad_total.abs().max()), outside, to_reference, state.stats.as_dict())
+        report[name] = (
+            same,
+            residual,
+            float(grad_total.abs().max()),
+            outside,
+            to_reference,
+            state.stats.as_dict(),
+        )
     # bytes between nodes per rank: each rank sends its shard's payload once, not n payloads
     flat_model = DDP(make_model(), bucket_cap_mb=25)
     flat = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=flat_model)
     flat_model.register_comm_hook(flat, error_feedback_hook)
     train(flat_model, 2, rank)
     hier_model = DDP(make_model(), bucket_cap_mb=25)
-    hier = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=hier_model, hierarchical=True, nodes=TWO_BY_TWO)
+    hier = ErrorFeedbackState(
+        compressor=ec_hooks.TopK(0.1), module=hier_model, hierarchical=True, nodes=TWO_BY_TWO
+    )
     hier_model.register_comm_hook(hier, error_feedback_hook)
     train(hier_model, 2, rank)
     report["bytes"] = (flat.stats.last_bytes_sent, hier.stats.last_bytes_sent)
@@ -105,10 +114,12 @@ class _Counted:
 
 def _gather_paths(rank, world_size):
     results = {}
-    for name, build, nodes in (("sparse", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO),
-                               ("overflow", lambda: _Undercounting(0.1), TWO_BY_TWO),
-                               ("dense", lambda: _Dense(0.1), TWO_BY_TWO),
-                               ("unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]])):
+    for name, build, nodes in (
+        ("sparse", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO),
+        ("overflow", lambda: _Undercounting(0.1), TWO_BY_TWO),
+        ("dense", lambda: _Dense(0.1), TWO_BY_TWO),
+        ("unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]]),
+    ):
         model = DDP(make_model(), bucket_cap_mb=0.0005)
         state = ErrorFeedbackState(compressor=build(), module=model, hierarchical=True, nodes=nodes)
         calls = {}
@@ -123,8 +134,10 @@ def _gather_paths(rank, world_size):
         calls["stale buffers"] = len(owners - state.memory.layouts())
         calls["buffered buckets"] = len(owners)
         results[name] = (torch.cat([p.reshape(-1) for p in params]), memories, calls)
-    return {name: (torch.equal(params, results["sparse"][0]), _gather([params]), memories, calls)
-            for name, (params, memories, calls) in results.items()}
+    return {
+        name: (torch.equal(params, results["sparse"][0]), _gather([params]), memories, calls)
+        for name, (params, memories, calls) in results.items()
+    }
 
 
 def test_node_gather_paths_and_node_orders_give_bit_identical_results():
@@ -145,7 +158,11 @@ def test_node_gather_paths_and_node_orders_give_bit_identical_results():
     # the owner of a shard keeps its memory: local rank 0 of [1, 0] is global rank 1 (to
     # rounding: the memory a rank left on another's shard at DDP's rebuild is added in another order)
     for a, b in ((0, 1), (2, 3)):
-        mine, swapped, other = per_rank[a]["sparse"][2], per_rank[b]["unsorted nodes"][2], per_rank[b]["sparse"][2]
+        mine, swapped, other = (
+            per_rank[a]["sparse"][2],
+            per_rank[b]["unsorted nodes"][2],
+            per_rank[b]["sparse"][2],
+        )
         assert float((mine - swapped).abs().max()) <= 1e-6 < float((other - swapped).abs().max())
 
 
@@ -184,7 +201,9 @@ def test_nodes_of_one_rank_are_flat_mem_sgd_and_one_node_is_plain_allreduce():
 def _void_and_resume(rank, world_size):
     def fresh():
         model = DDP(make_model(), bucket_cap_mb=0.0005)
-        state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, hierarchical=True, nodes=TWO_BY_TWO)
+        state = ErrorFeedbackState(
+            compressor=ec_hooks.TopK(0.1), module=model, hierarchical=True, nodes=TWO_BY_TWO
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         return model, state, opt
 
@@ -193,8 +212,9 @@ def _void_and_resume(rank, world_size):
     def poison(state, bucket):
         if state.iteration == 2 and rank == 3:
             bucket.buffer()[3] = float("inf")
-        return error_feedback_hook(state, bucket).then(lambda f: outputs.append((state.iteration, f.value().clone()))
-                                                       or f.value())
+        return error_feedback_hook(state, bucket).then(
+            lambda f: outputs.append((state.iteration, f.value().clone())) or f.value()
+        )
 
     def steps(model, state, opt, start, stop, memories=None):
         for step in range(start, stop):
@@ -253,9 +273,12 @@ def test_overflow_voids_the_step_on_every_node_and_resume_is_exact():
 
 def _bad_arguments(rank, world_size):
     errors = []
-    for options in ({"hierarchical": "yes"}, {"nodes": [[0], [1]]},
-                    {"hierarchical": True, "process_group": dist.group.WORLD},
-                    {"hierarchical": True, "nodes": [[0], [1]], "momentum": 0.9}):
+    for options in (
+        {"hierarchical": "yes"},
+        {"nodes": [[0], [1]]},
+        {"hierarchical": True, "process_group": dist.group.WORLD},
+        {"hierarchical": True, "nodes": [[0], [1]], "momentum": 0.9},
+    ):
         try:
             ErrorFeedbackState(**options)
         except ValueError as exc:
@@ -317,9 +340,11 @@ def _world_mean(t):
 
 def _gossip_two_by_two(rank, world_size):
     report = {}
-    for name, build in (("deepsqueeze", lambda p, **kw: ec_hooks.DeepSqueeze(p, compressor=ec_hooks.TopK(0.1), **kw)),
-                        ("choco", lambda p, **kw: ec_hooks.ChocoSGD(p, compressor=ec_hooks.TopK(0.1), **kw)),
-                        ("dpsgd", lambda p, **kw: ec_hooks.DPSGD(p, **kw))):
+    for name, build in (
+        ("deepsqueeze", lambda p, **kw: ec_hooks.DeepSqueeze(p, compressor=ec_hooks.TopK(0.1), **kw)),
+        ("choco", lambda p, **kw: ec_hooks.ChocoSGD(p, compressor=ec_hooks.TopK(0.1), **kw)),
+        ("dpsgd", lambda p, **kw: ec_hooks.DPSGD(p, **kw)),
+    ):
         model = make_model(seed=rank)  # different on every rank
         gossip = build(model.parameters(), hierarchical=True, nodes=TWO_BY_TWO, watch_every=0)
         drift, node_gap = 0.0, 0.0
@@ -330,21 +355,31 @@ def _gossip_two_by_two(rank, world_size):
             after = _flat_params(model)
             drift = max(drift, float((_world_mean(after) - before).abs().max()))
             peers = _gather([after])
-            node_gap = max(node_gap, float((peers[0] - peers[1]).abs().max()), float((peers[2] - peers[3]).abs().max()))
+            node_gap = max(
+                node_gap, float((peers[0] - peers[1]).abs().max()), float((peers[2] - peers[3]).abs().max())
+            )
         spread = float((peers[0] - peers[2]).abs().max())
         average = torch.cat([p.reshape(-1) for p in gossip.average_parameters()])
         copy = make_model()
         gossip.average_into(copy)
         assert torch.equal(_flat_params(copy), average), f"{name}: average_into is not the mean model"
-        report[name] = (drift, node_gap, spread, float((average.double() - _world_mean(after)).abs().max()),
-                        gossip.stats.bytes_sent, gossip.consensus_distance(), gossip.iteration)
+        report[name] = (
+            drift,
+            node_gap,
+            spread,
+            float((average.double() - _world_mean(after)).abs().max()),
+            gossip.stats.bytes_sent,
+            gossip.consensus_distance(),
+            gossip.iteration,
+        )
     # D-PSGD between two nodes (pair weights 1/2) is the exact mean of everything
     report["dpsgd_exact"] = float((after.double() - _world_mean(after)).abs().max())
     model = make_model()
     flat_model = make_model()
     flat = ec_hooks.DeepSqueeze(flat_model.parameters(), compressor=ec_hooks.TopK(0.1), watch_every=0)
-    hier = ec_hooks.DeepSqueeze(model.parameters(), compressor=ec_hooks.TopK(0.1), hierarchical=True,
-                                nodes=TWO_BY_TWO, watch_every=0)
+    hier = ec_hooks.DeepSqueeze(
+        model.parameters(), compressor=ec_hooks.TopK(0.1), hierarchical=True, nodes=TWO_BY_TWO, watch_every=0
+    )
     flat.step()
     hier.step()
     report["bytes"] = (flat.stats.bytes_sent, hier.stats.bytes_sent)
@@ -352,8 +387,9 @@ def _gossip_two_by_two(rank, world_size):
     # exact resume: 6 steps straight against 3, state dict round trip into a fresh object, 3 more
     def fresh():
         m = make_model(seed=rank)
-        return m, ec_hooks.DeepSqueeze(m.parameters(), compressor=ec_hooks.TopK(0.1), hierarchical=True,
-                                       nodes=TWO_BY_TWO, watch_every=0)
+        return m, ec_hooks.DeepSqueeze(
+            m.parameters(), compressor=ec_hooks.TopK(0.1), hierarchical=True, nodes=TWO_BY_TWO, watch_every=0
+        )
 
     model, gossip = fresh()
     for step in range(6):
@@ -364,7 +400,9 @@ def _gossip_two_by_two(rank, world_size):
     for step in range(3):
         _local_steps(model, rank, step)
         gossip.step()
-    saved = torch.load(_roundtrip({"model": model.state_dict(), "gossip": gossip.state_dict()}), weights_only=False)
+    saved = torch.load(
+        _roundtrip({"model": model.state_dict(), "gossip": gossip.state_dict()}), weights_only=False
+    )
     model, gossip = fresh()
     model.load_state_dict(saved["model"])
     gossip.load_state_dict(saved["gossip"])
@@ -397,20 +435,28 @@ def test_hierarchical_gossip_averages_nodes_exactly_keeps_the_mean_and_resumes_e
         errors = per_rank.pop("errors")
         assert len(errors) == 4
         assert "flat gossip" in errors[0] and "not a gossip state dict" in errors[1]
-        assert "hierarchical must be True or False" in errors[2] and "only used with hierarchical" in errors[3]
+        assert (
+            "hierarchical must be True or False" in errors[2] and "only used with hierarchical" in errors[3]
+        )
         for name, (drift, node_gap, spread, average_gap, sent, distance, iteration) in per_rank.items():
             assert drift < 1e-5, f"{name}: the mean model moved ({drift})"
             assert node_gap == 0.0, f"{name}: ranks of one node differ"
             assert iteration == 5 and sent > 0
             assert average_gap < 1e-6
             if name != "dpsgd":
-                assert spread > 0 and distance > 0, f"{name}: compressed gossip cannot reach consensus in 5 steps"
+                assert spread > 0 and distance > 0, (
+                    f"{name}: compressed gossip cannot reach consensus in 5 steps"
+                )
 
 
 def test_strategies_check_the_hierarchy_arguments_at_construction():
     import lightning_plugin
 
-    for cls in (lightning_plugin.MemSGDStrategy, lightning_plugin.DeepSqueezeStrategy, lightning_plugin.ChocoStrategy):
+    for cls in (
+        lightning_plugin.MemSGDStrategy,
+        lightning_plugin.DeepSqueezeStrategy,
+        lightning_plugin.ChocoStrategy,
+    ):
         with pytest.raises(ValueError, match="hierarchical must be True or False"):
             cls(hierarchical="yes")
         with pytest.raises(ValueError, match="nodes is only used with hierarchical=True"):

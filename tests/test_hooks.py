@@ -59,8 +59,11 @@ def _equivalence(rank, world_size, dtype):
     reference = DDP(make_model(dtype=dtype))
     ref_grads = []
     ref_params = train(reference, 3, rank, dtype, record=ref_grads)
-    for name, compressor in [("identity", ec_hooks.Identity()), ("topk1", ec_hooks.TopK(1.0)),
-                             ("randk1", ec_hooks.RandK(1.0))]:
+    for name, compressor in [
+        ("identity", ec_hooks.Identity()),
+        ("topk1", ec_hooks.TopK(1.0)),
+        ("randk1", ec_hooks.RandK(1.0)),
+    ]:
         model = DDP(make_model(dtype=dtype))
         model.register_comm_hook(ErrorFeedbackState(compressor=compressor, module=model), error_feedback_hook)
         grads = []
@@ -112,8 +115,11 @@ class Recorder:
 
         def keep(fut):
             out = fut.value()
-            for p, g_p, o_p in zip(params, grads.split([p.numel() for p in params]),
-                                   out.double().split([p.numel() for p in params])):
+            for p, g_p, o_p in zip(
+                params,
+                grads.split([p.numel() for p in params]),
+                out.double().split([p.numel() for p in params]),
+            ):
                 key = state._key(p)
                 self.grad_sum[key] = self.grad_sum.get(key, 0) + g_p
                 self.out_sum[key] = self.out_sum.get(key, 0) + o_p
@@ -173,7 +179,8 @@ def _single_worker_invariant(rank, world_size):
     train(model, 20, rank)
     memories = state.memory.state_dict()
     return max(
-        float((recorder.grad_sum[k] - recorder.out_sum[k] - memories[k].double()).abs().max()) for k in memories
+        float((recorder.grad_sum[k] - recorder.out_sum[k] - memories[k].double()).abs().max())
+        for k in memories
     )
 
 
@@ -312,7 +319,9 @@ def _inf_step(rank, world_size):
     def poison(state, bucket):
         if state.iteration == 2 and rank == 0:
             bucket.buffer()[3] = float("inf")
-        return error_feedback_hook(state, bucket).then(lambda f: outputs.append(f.value().clone()) or f.value())
+        return error_feedback_hook(state, bucket).then(
+            lambda f: outputs.append(f.value().clone()) or f.value()
+        )
 
     model.register_comm_hook(state, poison)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -456,7 +465,9 @@ def _bad_state(rank, world_size):
     model = DDP(make_model())
     state = ErrorFeedbackState(module=model)
     try:
-        state.load_state_dict({"memories": {"weight": torch.zeros(9)}, "world_size": world_size, "rank": rank})
+        state.load_state_dict(
+            {"memories": {"weight": torch.zeros(9)}, "world_size": world_size, "rank": rank}
+        )
     except ValueError as exc:
         errors["other_model"] = str(exc)
     try:

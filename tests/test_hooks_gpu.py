@@ -26,12 +26,16 @@ def nccl_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("compressor", [ec_hooks.TopK(0.05), ec_hooks.RandK(0.05), ec_hooks.ScaledSign()], ids=repr)
+@pytest.mark.parametrize(
+    "compressor", [ec_hooks.TopK(0.05), ec_hooks.RandK(0.05), ec_hooks.ScaledSign()], ids=repr
+)
 def test_cuda_hook_conserves_mass(nccl_group, compressor):
     from .test_hooks import Recorder
 
     torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda())
+    model = DDP(
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
+    )
     state = ec_hooks.ErrorFeedbackState(compressor=compressor, module=model)
     recorder = Recorder(state)
     model.register_comm_hook(state, recorder)
@@ -43,14 +47,18 @@ def test_cuda_hook_conserves_mass(nccl_group, compressor):
     memories = state.memory.state_dict()
     for key, memory in memories.items():
         # one worker: the hook's output is C(acc) itself, so sum g = sum C + m
-        drift = (recorder.grad_sum[key] - recorder.out_sum[key] - memory.double().to(recorder.grad_sum[key].device))
+        drift = (
+            recorder.grad_sum[key] - recorder.out_sum[key] - memory.double().to(recorder.grad_sum[key].device)
+        )
         assert drift.abs().max() < 1e-5, key
     assert state.stats.compression_ratio > 1
 
 
 def test_cuda_hook_voids_nonfinite_steps_without_touching_memory(nccl_group):
     torch.manual_seed(0)
-    model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda())
+    model = DDP(
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).cuda()
+    )
     state = ec_hooks.ErrorFeedbackState(compressor=ec_hooks.TopK(0.05), module=model)
     model.register_comm_hook(state, ec_hooks.error_feedback_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

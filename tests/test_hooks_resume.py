@@ -30,9 +30,18 @@ CONFIGS = {
     "topk": (lambda: ec_hooks.TopK(0.1), 0, {}),
     "randk_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1, {}),  # resumes inside the warm-up
     # momentum correction with everything on, resumed inside the density warm-up (25% for 5 steps)
-    "topk_momentum": (lambda: ec_hooks.TopK(0.1), 0, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3,
-                                                      "clip_norm": 1.0, "momentum_masking": True,
-                                                      "density_warmup_steps": 5}),
+    "topk_momentum": (
+        lambda: ec_hooks.TopK(0.1),
+        0,
+        {
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 1e-3,
+            "clip_norm": 1.0,
+            "momentum_masking": True,
+            "density_warmup_steps": 5,
+        },
+    ),
     # velocities through a dense warm-up (start_iter) that the resume falls into
     "randk_momentum_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1, {"momentum": 0.9}),
     # the leader rotates with the step and the bucket: a resume must pick the same leaders
@@ -44,7 +53,11 @@ CONFIGS = {
 def make_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)
+        torch.nn.Linear(8, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 16),
+        torch.nn.Tanh(),
+        torch.nn.Linear(16, 4),
     )
 
 
@@ -68,18 +81,26 @@ def train(rank, module, model, state, opt, start, checkpoint_path=None):
     trajectory = []
     for step in range(start, STEPS):
         if step == RESUME_AT and checkpoint_path is not None:
-            torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
-                       checkpoint_path)
+            torch.save(
+                {"model": module.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
+                checkpoint_path,
+            )
         x, y = batch(rank, step)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         trajectory.append(torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()]))
     correction = state.momentum_correction
-    return {"trajectory": trajectory, "memories": state.memory.state_dict(), "iteration": state.iteration,
-            "velocities": {} if correction is None else correction.velocity.state_dict(),
-            "bytes_sent": state.stats.bytes_sent, "memory_norm": state.memory.norm(), "residual_norm": state.stats.residual_norm,
-            "layouts": sorted(state.memory.layouts())}
+    return {
+        "trajectory": trajectory,
+        "memories": state.memory.state_dict(),
+        "iteration": state.iteration,
+        "velocities": {} if correction is None else correction.velocity.state_dict(),
+        "bytes_sent": state.stats.bytes_sent,
+        "memory_norm": state.memory.norm(),
+        "residual_norm": state.stats.residual_norm,
+        "layouts": sorted(state.memory.layouts()),
+    }
 
 
 def _uninterrupted(rank, world_size, directory, configs):
@@ -162,7 +183,9 @@ def test_without_whole_saved_layouts_the_first_step_differs_and_nothing_is_lost(
         assert b["layouts"] == a["layouts"]  # DDP's rebuilt layout rules afterwards
         assert bool(b["log"]) == (edit == "straddle")
     # the memories stay consistent across ranks: every rank still applies the same update
-    assert all(torch.equal(resumed[0]["randk"]["trajectory"][-1], r["randk"]["trajectory"][-1]) for r in resumed)
+    assert all(
+        torch.equal(resumed[0]["randk"]["trajectory"][-1], r["randk"]["trajectory"][-1]) for r in resumed
+    )
 
 
 def _layout_key_check(rank, world_size):
@@ -171,7 +194,9 @@ def _layout_key_check(rank, world_size):
     errors = {}
     for name, layouts in (("unknown", [["nope"]]), ("twice", [["0.bias"], ["0.bias"]]), ("shape", "0.bias")):
         try:
-            state.load_state_dict({"memories": {}, "world_size": world_size, "rank": rank, "layouts": layouts})
+            state.load_state_dict(
+                {"memories": {}, "world_size": world_size, "rank": rank, "layouts": layouts}
+            )
         except ValueError as exc:
             errors[name] = str(exc)
     return errors, state._layout_seed(("0.weight", "0.bias"))

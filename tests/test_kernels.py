@@ -73,7 +73,10 @@ def test_reference_rules_on_a_hand_made_example():
 
 @pytest.mark.parametrize(
     "kind, dtype",
-    [(kind, torch.float32) for kind in ("randn", "ties", "zeros", "nan_inf", "equal", "ascending", "outliers")]
+    [
+        (kind, torch.float32)
+        for kind in ("randn", "ties", "zeros", "nan_inf", "equal", "ascending", "outliers")
+    ]
     + [(kind, dtype) for kind in ("randn", "ties", "nan_inf") for dtype in (torch.bfloat16, torch.float16)]
     + [("zeros", torch.bfloat16), ("randn", torch.float64)],
     ids=str,
@@ -112,7 +115,11 @@ def test_threshold_path_survives_a_bad_sample(monkeypatch, sample):
         for dtype in DTYPES:
             x = make_input(kind, 3_001, dtype, seed=seed)
             for k in (1, 3, 30, 300, 1_500, 3_000):
-                assert torch.equal(topk_magnitude_threshold(x, k), topk_magnitude_reference(x, k)), (kind, dtype, k)
+                assert torch.equal(topk_magnitude_threshold(x, k), topk_magnitude_reference(x, k)), (
+                    kind,
+                    dtype,
+                    k,
+                )
 
 
 def test_threshold_path_all_nan_and_mostly_nan():
@@ -165,7 +172,9 @@ def test_auto_falls_back_without_cupy_and_says_so_once(fresh_status, monkeypatch
         assert resolve_backend("auto", "cpu", numel=kernels.CPU_THRESHOLD_MIN_NUMEL) == "cpu"
         assert resolve_backend("auto", "cpu", numel=kernels.CPU_THRESHOLD_MIN_NUMEL - 1) == "torch"
     messages = [r.getMessage() for r in caplog.records if r.name == "ec_hooks.kernels"]
-    assert len([m for m in messages if "falls back to torch.topk" in m and "CuPy is not importable" in m]) == 1
+    assert (
+        len([m for m in messages if "falls back to torch.topk" in m and "CuPy is not importable" in m]) == 1
+    )
     assert len([m for m in messages if "sampled-threshold" in m]) == 1
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cuda:0: CuPy is not importable"):
         resolve_backend("cuda", "cuda:0")
@@ -215,8 +224,9 @@ def test_error_feedback_step_matches_plain_torch(grad_dtype, wire_dtype, backend
         for k in (1, 400, n):
             m_ref, m_got = memory.clone(), memory.clone()
             ref = _torch_step(m_ref, grad, k, wire_dtype, subtract_sent)
-            got = error_feedback_topk_(m_got, grad, k, wire_dtype=wire_dtype, subtract_sent=subtract_sent,
-                                       backend=backend)
+            got = error_feedback_topk_(
+                m_got, grad, k, wire_dtype=wire_dtype, subtract_sent=subtract_sent, backend=backend
+            )
             assert got.indices.dtype == torch.int32 and got.values.dtype == wire_dtype
             assert torch.equal(got.indices, ref[0])
             assert torch.equal(got.values.view(torch.uint8), ref[1].view(torch.uint8))

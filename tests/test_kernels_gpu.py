@@ -84,7 +84,10 @@ def test_every_stage_two_path_gives_the_same_set(monkeypatch, rank):
     for kind in ("randn", "ties", "nan_inf", "outliers"):
         check_topk(make_input(kind, 300_007, torch.float32, seed=rank), (1, 300, 3_000, 30_000, 150_000))
     check_topk(adversarial("two_low_digits", 300_007, seed=rank), (1, 3_000, 150_000))
-    memory, grad = make_input("randn", 300_007, torch.float32, seed=1), make_input("ties", 300_007, torch.bfloat16)
+    memory, grad = (
+        make_input("randn", 300_007, torch.float32, seed=1),
+        make_input("ties", 300_007, torch.bfloat16),
+    )
     m_ref, m_gpu = memory.clone(), memory.cuda()
     ref = _torch_step(m_ref, grad, 3_000, torch.bfloat16, True)
     got = error_feedback_topk_(m_gpu, grad.cuda(), 3_000, backend="cuda")
@@ -94,8 +97,13 @@ def test_every_stage_two_path_gives_the_same_set(monkeypatch, rank):
 
 
 def test_workspace_is_reused_across_sizes_and_types():
-    for n, dtype in ((2_000_003, torch.float32), (10, torch.bfloat16), (3_000_001, torch.float16),
-                     (1_000_000, torch.float32), (300_000, torch.bfloat16)):
+    for n, dtype in (
+        (2_000_003, torch.float32),
+        (10, torch.bfloat16),
+        (3_000_001, torch.float16),
+        (1_000_000, torch.float32),
+        (300_000, torch.bfloat16),
+    ):
         x = make_input("ties", n, dtype, seed=n)
         check_topk(x, (1, max(1, n // 100)))
 
@@ -130,8 +138,9 @@ def test_fused_step_matches_plain_torch_bit_for_bit(grad_dtype, wire_dtype, subt
     for k in (1, 2_000, 20_000, n - 1):
         m_ref, m_gpu = memory.clone(), memory.cuda()
         ref = _torch_step(m_ref, grad, k, wire_dtype, subtract_sent)
-        got = error_feedback_topk_(m_gpu, grad.cuda(), k, wire_dtype=wire_dtype, subtract_sent=subtract_sent,
-                                   backend="cuda")
+        got = error_feedback_topk_(
+            m_gpu, grad.cuda(), k, wire_dtype=wire_dtype, subtract_sent=subtract_sent, backend="cuda"
+        )
         assert torch.equal(got.indices.cpu(), ref[0]), k
         assert_same(got.values, ref[1])
         assert_same(m_gpu, m_ref)
@@ -194,9 +203,15 @@ def test_topk_compressor_cuda_backend_gives_the_reference_payload(wire_dtype):
     x = make_input("ties", 123_457, torch.float32, seed=9).cuda()
     ref = ec_hooks.TopK(0.01, backend="torch").compress(x, wire_dtype=wire_dtype)
     for backend in ("cuda", "auto"):
-        assert torch.equal(ec_hooks.TopK(0.01, backend=backend).compress(x, wire_dtype=wire_dtype).data, ref.data)
+        assert torch.equal(
+            ec_hooks.TopK(0.01, backend=backend).compress(x, wire_dtype=wire_dtype).data, ref.data
+        )
     memory, grad = torch.randn(123_457, device="cuda"), x.to(wire_dtype)
     plain = memory + grad.float()
-    payload, finite = ec_hooks.TopK(0.01, backend="cuda").compress_error_feedback_(memory, grad, wire_dtype=wire_dtype)
+    payload, finite = ec_hooks.TopK(0.01, backend="cuda").compress_error_feedback_(
+        memory, grad, wire_dtype=wire_dtype
+    )
     assert bool(finite) and torch.equal(memory, plain)
-    assert torch.equal(payload.data, ec_hooks.TopK(0.01, backend="torch").compress(plain, wire_dtype=wire_dtype).data)
+    assert torch.equal(
+        payload.data, ec_hooks.TopK(0.01, backend="torch").compress(plain, wire_dtype=wire_dtype).data
+    )

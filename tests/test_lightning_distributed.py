@@ -60,12 +60,21 @@ def build_module(seed: int = 0, lr: float = 0.1, optimizer: str = "sgd"):
             generator_state = torch.random.get_rng_state()
             torch.manual_seed(seed)
             self.net = nn.Sequential(
-                nn.Linear(FEATURES, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                nn.Linear(FEATURES, 64),
+                nn.BatchNorm1d(64),
+                nn.ReLU(),
+                nn.Linear(64, 64),
+                nn.ReLU(),
                 nn.Linear(64, CLASSES),
             )
             torch.random.set_rng_state(generator_state)
             self.lr = lr
-            self.records: dict[str, list] = {"train_start": [], "val": [], "local_before_val": [], "local_after_val": []}
+            self.records: dict[str, list] = {
+                "train_start": [],
+                "val": [],
+                "local_before_val": [],
+                "local_after_val": [],
+            }
             self._after_val = False
 
         def forward(self, x):
@@ -204,8 +213,11 @@ def fit_record(out, name, devices, strategy, max_epochs, ckpt_path=None, val=Tru
     from lightning_plugin import CompressionMonitor
 
     # What the monitor would log now, on every rank (a collective, like the logging itself).
-    monitor = CompressionMonitor().collect(trainer.strategy, module.device) if hasattr(
-        trainer.strategy, "comm_stats") else None
+    monitor = (
+        CompressionMonitor().collect(trainer.strategy, module.device)
+        if hasattr(trainer.strategy, "comm_stats")
+        else None
+    )
     per_rank = gather(
         {
             "final": module.flat(),
@@ -213,8 +225,9 @@ def fit_record(out, name, devices, strategy, max_epochs, ckpt_path=None, val=Tru
             "records": module.records,
             "strategy": strategy_state(trainer),
             "warnings": [str(w.message) for w in caught],
-            "optimizer_groups": [{k: v for k, v in g.items() if k != "params"}
-                                 for g in trainer.optimizers[0].param_groups],
+            "optimizer_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in trainer.optimizers[0].param_groups
+            ],
             "gradient_clip_val": trainer.gradient_clip_val,
         }
     )
@@ -224,19 +237,31 @@ def fit_record(out, name, devices, strategy, max_epochs, ckpt_path=None, val=Tru
 def scenario_baseline(out: Path, devices: int) -> None:
     import lightning_plugin
 
-    result = fit_record(out, "ddp", devices, "ddp", 4, checkpoints=True, callbacks=[lightning_plugin.CompressionMonitor()])
+    result = fit_record(
+        out, "ddp", devices, "ddp", 4, checkpoints=True, callbacks=[lightning_plugin.CompressionMonitor()]
+    )
     result.pop("trainer")
     save(out, "ddp", result)
 
 
-def _fit_and_resume(out: Path, devices: int, name: str, make_strategy, loggers=None, epochs=4, **kwargs) -> None:
+def _fit_and_resume(
+    out: Path, devices: int, name: str, make_strategy, loggers=None, epochs=4, **kwargs
+) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     import lightning_plugin
 
     full = fit_record(
-        out, f"{name}_full", devices, make_strategy(), epochs, checkpoints=True, loggers=loggers,
-        callbacks=[lightning_plugin.CompressionMonitor()], log_every_n_steps=2, **kwargs,
+        out,
+        f"{name}_full",
+        devices,
+        make_strategy(),
+        epochs,
+        checkpoints=True,
+        loggers=loggers,
+        callbacks=[lightning_plugin.CompressionMonitor()],
+        log_every_n_steps=2,
+        **kwargs,
     )
     trainer = full.pop("trainer")
     for logger in trainer.loggers:
@@ -244,8 +269,16 @@ def _fit_and_resume(out: Path, devices: int, name: str, make_strategy, loggers=N
             logger.experiment.finish()  # writes the run summary now rather than at exit
     save(out, f"{name}_full", full)
     ckpt = out / f"{name}_full" / "ckpt" / f"epoch={epochs // 2 - 1}.ckpt"
-    resumed = fit_record(out, f"{name}_resume", devices, make_strategy(), epochs, ckpt_path=str(ckpt),
-                         checkpoints=True, **kwargs)
+    resumed = fit_record(
+        out,
+        f"{name}_resume",
+        devices,
+        make_strategy(),
+        epochs,
+        ckpt_path=str(ckpt),
+        checkpoints=True,
+        **kwargs,
+    )
     resumed.pop("trainer")
     save(out, f"{name}_resume", resumed)
 
@@ -260,7 +293,9 @@ def scenario_deepsqueeze(out: Path, devices: int) -> None:
     loggers = [CSVLogger(out / "deepsqueeze_full", name="csv", version=0)]
     if os.environ.get("EC_HOOKS_TEST_WANDB") == "1":
         loggers.append(
-            WandbLogger(offline=True, save_dir=str(out / "wandb"), project="ec-hooks-tests", name="deepsqueeze")
+            WandbLogger(
+                offline=True, save_dir=str(out / "wandb"), project="ec-hooks-tests", name="deepsqueeze"
+            )
         )
     _fit_and_resume(out, devices, "deepsqueeze", lambda: "deepsqueeze", loggers=loggers)
 
@@ -276,7 +311,9 @@ class StepRecorder:
                 self.stepped: list[int] = []
 
             def on_train_start(self, trainer, pl_module):
-                trainer.optimizers[0].register_step_post_hook(lambda *_: self.stepped.append(trainer.global_step))
+                trainer.optimizers[0].register_step_post_hook(
+                    lambda *_: self.stepped.append(trainer.global_step)
+                )
 
         return _StepRecorder()
 
@@ -300,15 +337,21 @@ class MemoryRecorder:
                 return torch.cat([memories[k].reshape(-1) for k in sorted(memories)]) if memories else None
 
             def on_train_start(self, trainer, pl_module):
-                trainer.optimizers[0].register_step_post_hook(lambda *_: self.batches[-1].update(stepped=True))
+                trainer.optimizers[0].register_step_post_hook(
+                    lambda *_: self.batches[-1].update(stepped=True)
+                )
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 scale = trainer.precision_plugin.scaler.get_scale()
-                self.batches.append({"memory_before": self._memory(trainer), "scale_before": scale, "stepped": False})
+                self.batches.append(
+                    {"memory_before": self._memory(trainer), "scale_before": scale, "stepped": False}
+                )
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                self.batches[-1].update(memory_after=self._memory(trainer),
-                                        scale_after=trainer.precision_plugin.scaler.get_scale())
+                self.batches[-1].update(
+                    memory_after=self._memory(trainer),
+                    scale_after=trainer.precision_plugin.scaler.get_scale(),
+                )
 
         return _MemoryRecorder()
 
@@ -330,8 +373,13 @@ def scenario_variants(out: Path, devices: int) -> None:
 
     for name, make, kwargs in (
         ("memsgd_clip", MemSGDStrategy, {"gradient_clip_val": 0.5}),
-        ("memsgd_nocorr", lambda: MemSGDStrategy(momentum_correction=False, density_warmup_steps=2,
-                                                 density_warmup_start=0.0625), {"gradient_clip_val": 0.5}),
+        (
+            "memsgd_nocorr",
+            lambda: MemSGDStrategy(
+                momentum_correction=False, density_warmup_steps=2, density_warmup_start=0.0625
+            ),
+            {"gradient_clip_val": 0.5},
+        ),
         ("memsgd_adam", MemSGDStrategy, {"optimizer": "adam"}),
     ):
         result = fit_record(out, name, devices, make(), 1, val=False, **kwargs)
@@ -341,7 +389,13 @@ def scenario_variants(out: Path, devices: int) -> None:
     recorder = StepRecorder()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
     result = fit_record(
-        out, "deepsqueeze_fp16", devices, "deepsqueeze", 1, val=False, callbacks=[recorder],
+        out,
+        "deepsqueeze_fp16",
+        devices,
+        "deepsqueeze",
+        1,
+        val=False,
+        callbacks=[recorder],
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
     )
     result.pop("trainer")
@@ -352,7 +406,13 @@ def scenario_variants(out: Path, devices: int) -> None:
     recorder = MemoryRecorder()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     result = fit_record(
-        out, "memsgd_fp16", devices, "memsgd", 2, val=False, callbacks=[recorder],
+        out,
+        "memsgd_fp16",
+        devices,
+        "memsgd",
+        2,
+        val=False,
+        callbacks=[recorder],
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
     )
     result.pop("trainer")
@@ -384,9 +444,20 @@ def scenario_unused(out: Path, devices: int) -> None:
     trainer = trainer_for(out, "memsgd_unused", devices, strategy, 1, limit_train_batches=4)
     trainer.fit(module, loaders(val=False)[0])
     memory = trainer.strategy.comm_state.memory.state_dict()["extra"]
-    save(out, "memsgd_unused", {"ranks": gather({"extra": module.extra.detach().clone(), "memory": memory,
-                                                 "steps": trainer.global_step,
-                                                 "tracks_unused": trainer.strategy.comm_state._usage is not None})})
+    save(
+        out,
+        "memsgd_unused",
+        {
+            "ranks": gather(
+                {
+                    "extra": module.extra.detach().clone(),
+                    "memory": memory,
+                    "steps": trainer.global_step,
+                    "tracks_unused": trainer.strategy.comm_state._usage is not None,
+                }
+            )
+        },
+    )
 
 
 def scenario_single(out: Path, devices: int) -> None:
@@ -411,8 +482,15 @@ def scenario_single(out: Path, devices: int) -> None:
 def scenario_gpu(out: Path, devices: int) -> None:
     """On CUDA (NCCL): both strategies with 16-mixed (a real GradScaler), checkpoint and resume."""
     for strategy in ("memsgd", "deepsqueeze"):
-        _fit_and_resume(out, devices, f"gpu_{strategy}", lambda s=strategy: s, epochs=2,
-                        precision="16-mixed", accelerator="gpu")
+        _fit_and_resume(
+            out,
+            devices,
+            f"gpu_{strategy}",
+            lambda s=strategy: s,
+            epochs=2,
+            precision="16-mixed",
+            accelerator="gpu",
+        )
 
 
 def scenario_gpu_gloo(out: Path, devices: int) -> None:
@@ -423,8 +501,16 @@ def scenario_gpu_gloo(out: Path, devices: int) -> None:
     from lightning_plugin import MemSGDStrategy
 
     nodes = int(os.environ["EC_HOOKS_TEST_NODES"])
-    _fit_and_resume(out, devices, "gloo_memsgd", lambda: MemSGDStrategy(process_group_backend="gloo"), epochs=2,
-                    precision="16-mixed", accelerator="gpu", num_nodes=nodes)
+    _fit_and_resume(
+        out,
+        devices,
+        "gloo_memsgd",
+        lambda: MemSGDStrategy(process_group_backend="gloo"),
+        epochs=2,
+        precision="16-mixed",
+        accelerator="gpu",
+        num_nodes=nodes,
+    )
 
 
 SCENARIOS = {
@@ -490,20 +576,44 @@ if __name__ == "__main__":
 # The tests (run the script above in fresh processes, then check what it wrote)
 # ---------------------------------------------------------------------------------------------
 
-_LAUNCH_ENV = ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-               "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "SLURM_NTASKS", "SLURM_JOB_NAME")
+_LAUNCH_ENV = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "PL_GLOBAL_SEED",
+    "SLURM_NTASKS",
+    "SLURM_JOB_NAME",
+)
 
 
 def launch(out: Path, devices: int, *scenarios: str, timeout: float = 420.0, **env_extra) -> Path:
     """Run the scenarios in ``devices`` processes (Lightning's own launcher); fail with their output."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(out), PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), **env_extra)
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(out),
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        **env_extra,
+    )
     log = out / f"log-{devices}.txt"
     out.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
-        proc = subprocess.Popen([sys.executable, __file__, str(out), str(devices), *scenarios], stdout=handle,
-                                stderr=subprocess.STDOUT, env=env, cwd=str(out), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, str(out), str(devices), *scenarios],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(out),
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -521,8 +631,16 @@ def load(out: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory) -> Path:
-    return launch(tmp_path_factory.mktemp("two"), 2, "baseline", "memsgd", "deepsqueeze", "variants", "unused",
-                  EC_HOOKS_TEST_WANDB="1")
+    return launch(
+        tmp_path_factory.mktemp("two"),
+        2,
+        "baseline",
+        "memsgd",
+        "deepsqueeze",
+        "variants",
+        "unused",
+        EC_HOOKS_TEST_WANDB="1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -550,7 +668,9 @@ def test_two_process_fit_trains_from_identical_initial_weights(two, strategy):
     # Built from different seeds on each rank; the strategy starts everyone from rank 0's weights.
     assert not torch.equal(build_module(seed=1000).flat(), build_module(seed=1001).flat())
     assert torch.equal(ranks[0]["records"]["train_start"][0], build_module(seed=1000).flat())
-    assert all(torch.equal(r["records"]["train_start"][0], ranks[0]["records"]["train_start"][0]) for r in ranks)
+    assert all(
+        torch.equal(r["records"]["train_start"][0], ranks[0]["records"]["train_start"][0]) for r in ranks
+    )
     steps = 4 * SAMPLES // (2 * BATCH)
     for r in ranks:
         assert r["strategy"]["global_step"] == steps
@@ -584,8 +704,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(request, strategy, work
     # (the monitor measured in the first run only); and the statistics' residual norm, which
     # still counts the DDP bucket layout of the first step after each (re)start (the memories
     # themselves are compared exactly).
-    _assert_same(a["ec_hooks"], b["ec_hooks"], ignore=("watch", "compress_time_s", "last_compress_time_s",
-                                                         "residual_norm", "residual_sq"))
+    _assert_same(
+        a["ec_hooks"],
+        b["ec_hooks"],
+        ignore=("watch", "compress_time_s", "last_compress_time_s", "residual_norm", "residual_sq"),
+    )
 
 
 def _assert_same(a, b, ignore=(), path="checkpoint"):
@@ -640,7 +763,9 @@ def test_deepsqueeze_checkpoint_is_the_average_model_and_loads_strictly(two):
     assert ckpt["ec_hooks"]["world_size"] == 2 and len(workers) == 2
     module = build_module()
     module.load_state_dict(ckpt["state_dict"], strict=True)
-    average = {k: (workers[0]["model"][k].float() + workers[1]["model"][k].float()) / 2 for k in workers[0]["model"]}
+    average = {
+        k: (workers[0]["model"][k].float() + workers[1]["model"][k].float()) / 2 for k in workers[0]["model"]
+    }
     for name, tensor in ckpt["state_dict"].items():
         if tensor.is_floating_point():  # BatchNorm running statistics are averaged too
             torch.testing.assert_close(tensor, average[name], rtol=0, atol=1e-6)
@@ -654,7 +779,9 @@ def test_deepsqueeze_checkpoint_is_the_average_model_and_loads_strictly(two):
         assert w["gossip"][0]["algorithm"] == "DeepSqueeze"
         assert w["gossip"][0]["buffers"]["delta"].numel() == sum(p.numel() for p in module.parameters())
         assert len(w["optimizer_states"]) == 1 and w["optimizer_states"][0]["state"]  # momentum buffers
-    assert not torch.equal(workers[0]["gossip"][0]["buffers"]["delta"], workers[1]["gossip"][0]["buffers"]["delta"])
+    assert not torch.equal(
+        workers[0]["gossip"][0]["buffers"]["delta"], workers[1]["gossip"][0]["buffers"]["delta"]
+    )
     # After fit, every worker's module holds the average model, the one saved last.
     full = load(two, "deepsqueeze_full")
     assert torch.equal(full["ranks"][0]["final"], module.flat())
@@ -730,7 +857,10 @@ def test_single_device_is_plain_training(one):
         assert torch.equal(r["final"], reference["final"]), strategy
     assert "hook_iteration" not in load(one, "single_memsgd")["ranks"][0]["strategy"]  # no hook registered
     gossip = load(one, "single_deepsqueeze")["ranks"][0]["strategy"]
-    assert gossip["gossip_iteration"] == reference["strategy"]["global_step"] and gossip["stats"]["bytes_sent"] == 0
+    assert (
+        gossip["gossip_iteration"] == reference["strategy"]["global_step"]
+        and gossip["stats"]["bytes_sent"] == 0
+    )
 
 
 def test_two_worker_checkpoint_refuses_to_resume_on_one(one):
@@ -800,7 +930,8 @@ def test_compression_monitor_figures_are_reduced_and_equal_on_every_rank(request
     assert figures[0]["comm/bytes_sent"] == pytest.approx(sum(s["bytes_sent"] for s in stats) / workers)
     assert figures[0]["comm/bytes_dense"] == pytest.approx(sum(s["bytes_dense"] for s in stats) / workers)
     assert figures[0]["comm/compression_ratio"] == pytest.approx(
-        sum(s["bytes_dense"] for s in stats) / sum(s["bytes_sent"] for s in stats))
+        sum(s["bytes_dense"] for s in stats) / sum(s["bytes_sent"] for s in stats)
+    )
     # Root mean square over the workers, whose residuals differ.
     residuals = [s["residual_norm"] for s in stats]
     assert len(set(residuals)) == workers
@@ -813,8 +944,14 @@ def test_compression_monitor_writes_the_keys_to_wandb_offline_run(two):
     runs = glob.glob(str(two / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1, runs
     data = Path(runs[0]).read_bytes()
-    for key in ("comm/compression_ratio", "comm/bytes_sent", "comm/bytes_dense", "comm/residual_norm",
-                "gossip/consensus_distance", "train_loss"):
+    for key in (
+        "comm/compression_ratio",
+        "comm/bytes_sent",
+        "comm/bytes_dense",
+        "comm/residual_norm",
+        "gossip/consensus_distance",
+        "train_loss",
+    ):
         assert key.encode() in data, key
 
 
@@ -829,7 +966,12 @@ def test_compression_monitor_with_plain_ddp_warns_once_and_logs_nothing(two):
 def test_memsgd_moves_sgd_momentum_weight_decay_and_clipping_into_the_hook(two):
     for r in load(two, "memsgd_clip")["ranks"]:
         assert r["strategy"]["momentum_correction"] == {
-            "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, "clip_norm": 0.5 / 2**0.5, "masking": False}
+            "momentum": 0.9,
+            "nesterov": False,
+            "weight_decay": 1e-4,
+            "clip_norm": 0.5 / 2**0.5,
+            "masking": False,
+        }
         assert [(g["momentum"], g["weight_decay"]) for g in r["optimizer_groups"]] == [(0.0, 0.0)]
         assert r["gradient_clip_val"] is None  # the aggregated step is no longer clipped by Lightning
     for r in load(two, "memsgd_nocorr")["ranks"]:

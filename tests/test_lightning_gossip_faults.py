@@ -62,14 +62,20 @@ def scenario_nonfinite(out: Path, devices: int) -> None:
     results = {}
     for strategy in ("deepsqueeze", "choco", "dpsgd"):
         module = build_module(seed=1000 + rank())
-        trainer = trainer_for(out, f"nonfinite_{strategy}", devices, strategy, 2, callbacks=[PoisonGradient()])
+        trainer = trainer_for(
+            out, f"nonfinite_{strategy}", devices, strategy, 2, callbacks=[PoisonGradient()]
+        )
         train, _ = loaders(val=False)
         record = {"error": None}
         try:
             trainer.fit(module, train)
         except GossipRefusedError as error:
-            record = {"error": type(error).__name__, "message": str(error), "step": error.step,
-                      "workers": sorted(error.workers)}
+            record = {
+                "error": type(error).__name__,
+                "message": str(error),
+                "step": error.step,
+                "workers": sorted(error.workers),
+            }
         except Exception as error:  # noqa: BLE001 - reported to the test
             record = {"error": type(error).__name__, "message": str(error)[:500]}
         gossip = trainer.strategy.gossips[0]
@@ -88,7 +94,9 @@ def _fit_bf16(out: Path, devices: int, name: str, ckpt_path: str | None = None) 
 
 def scenario_bf16_resume(out: Path, devices: int) -> None:
     _fit_bf16(out, devices, "choco_bf16_full")
-    _fit_bf16(out, devices, "choco_bf16_resume", ckpt_path=str(out / "choco_bf16_full" / "ckpt" / "epoch=1.ckpt"))
+    _fit_bf16(
+        out, devices, "choco_bf16_resume", ckpt_path=str(out / "choco_bf16_full" / "ckpt" / "epoch=1.ckpt")
+    )
 
 
 SCENARIOS = {"nonfinite": scenario_nonfinite, "bf16_resume": scenario_bf16_resume}
@@ -120,8 +128,14 @@ def two(tmp_path_factory) -> Path:
     env.update(PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     log = out / "log.txt"
     with open(log, "w") as handle:
-        proc = subprocess.Popen([sys.executable, __file__, str(out), "2", "nonfinite", "bf16_resume"], stdout=handle,
-                                stderr=subprocess.STDOUT, env=env, cwd=str(out), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, str(out), "2", "nonfinite", "bf16_resume"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(out),
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=420)
         except subprocess.TimeoutExpired:
@@ -159,8 +173,16 @@ def test_bf16_true_gossip_resumes_exactly_with_its_master_copy(two):
         master = worker["gossip"][0]["master"]
         assert master is not None and master.dtype == torch.float32
         # the bf16 parameters are the master copy, rounded
-        local = torch.cat([t.reshape(-1) for n, t in worker["model"].items() if not n.endswith(("running_mean",
-                           "running_var", "num_batches_tracked"))])
+        local = torch.cat(
+            [
+                t.reshape(-1)
+                for n, t in worker["model"].items()
+                if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            ]
+        )
         assert torch.equal(local, master.to(torch.bfloat16))
-    _assert_same(a["ec_hooks"], b["ec_hooks"], ignore=("watch", "compress_time_s", "last_compress_time_s",
-                                                         "residual_norm", "residual_sq"))
+    _assert_same(
+        a["ec_hooks"],
+        b["ec_hooks"],
+        ignore=("watch", "compress_time_s", "last_compress_time_s", "residual_norm", "residual_sq"),
+    )

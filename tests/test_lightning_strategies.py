@@ -54,14 +54,18 @@ def test_trainer_takes_a_strategy_object():
     import lightning as L
 
     strategy = DeepSqueezeStrategy(topology="complete", compressor="sign", consensus_step=0.2)
-    trainer = L.Trainer(accelerator="cpu", devices=3, strategy=strategy, logger=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=3, strategy=strategy, logger=False, enable_checkpointing=False
+    )
     assert trainer.strategy is strategy
     assert strategy.consensus_step == 0.2 and strategy.topology == "complete"
 
 
 def test_defaults():
     memsgd = MemSGDStrategy()
-    assert isinstance(memsgd.compressor, TopK) and memsgd.compressor.density == 0.01 and memsgd.start_iter == 0
+    assert (
+        isinstance(memsgd.compressor, TopK) and memsgd.compressor.density == 0.01 and memsgd.start_iter == 0
+    )
     assert MemSGDStrategy(compressor="randk", density=0.1).compressor.density == 0.1
     qsgd = QSGD(levels=3)
     assert MemSGDStrategy(compressor=qsgd).compressor is qsgd
@@ -132,7 +136,9 @@ def _stats(sent, dense, residual=None):
 
 def test_monitor_figures_on_one_process():
     monitor = CompressionMonitor()
-    metrics = monitor.collect(_FakeStrategy([_stats(100, 4000, 3.0), _stats(60, 1000, 4.0)], 0.25), torch.device("cpu"))
+    metrics = monitor.collect(
+        _FakeStrategy([_stats(100, 4000, 3.0), _stats(60, 1000, 4.0)], 0.25), torch.device("cpu")
+    )
     assert metrics == {
         "comm/bytes_sent": 160,
         "comm/bytes_dense": 5000,

@@ -48,17 +48,26 @@ def _flat(tensors: dict) -> torch.Tensor:
 
 
 def _dense_equals_sgd(rank, world_size):
-    return [_dense_case(rank, nesterov, weight_decay) for nesterov, weight_decay in ((False, 0.0), (True, 0.01))]
+    return [
+        _dense_case(rank, nesterov, weight_decay) for nesterov, weight_decay in ((False, 0.0), (True, 0.01))
+    ]
 
 
 def _dense_case(rank, nesterov, weight_decay):
     out = {}
     reference = DDP(make_model())
-    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        reference.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay
+    )
     out["sgd"] = _train_plain(reference, rank, opt)
     model = DDP(make_model())
-    state = ErrorFeedbackState(compressor=ec_hooks.Identity(), module=model, momentum=0.9, nesterov=nesterov,
-                               weight_decay=weight_decay)
+    state = ErrorFeedbackState(
+        compressor=ec_hooks.Identity(),
+        module=model,
+        momentum=0.9,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+    )
     out["hook"] = _train(model, state, rank, 6, torch.optim.SGD(model.parameters(), lr=0.1))
     return out
 
@@ -125,8 +134,9 @@ def _topk_records(rank, world_size):
 
 def _topk_record(rank, nesterov, masking):
     model = DDP(_one_parameter_model())
-    state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, nesterov=nesterov,
-                               momentum_masking=masking)
+    state = ErrorFeedbackState(
+        compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, nesterov=nesterov, momentum_masking=masking
+    )
     record = {"grads": [], "u_before": [], "out": []}
     _train(model, state, rank, 6, torch.optim.SGD(model.parameters(), lr=0.1), record)
     grads = [torch.stack(g) for g in zip(*[_all(t) for t in record["grads"]])]
@@ -159,17 +169,25 @@ def test_topk_matches_a_transcription_of_dgc(world_size):
 
 
 def _invariants(rank, world_size):
-    compressors = {"topk": ec_hooks.TopK(0.1), "randk": ec_hooks.RandK(0.1), "sign": ec_hooks.ScaledSign(),
-                   "topk_delta16": ec_hooks.TopK(0.1, index_encoding="delta16", value_dtype="bf16")}
-    return {(name, nesterov): _invariant(compressor, nesterov) for name, compressor in compressors.items()
-            for nesterov in (False, True)}
+    compressors = {
+        "topk": ec_hooks.TopK(0.1),
+        "randk": ec_hooks.RandK(0.1),
+        "sign": ec_hooks.ScaledSign(),
+        "topk_delta16": ec_hooks.TopK(0.1, index_encoding="delta16", value_dtype="bf16"),
+    }
+    return {
+        (name, nesterov): _invariant(compressor, nesterov)
+        for name, compressor in compressors.items()
+        for nesterov in (False, True)
+    }
 
 
 def _invariant(compressor, nesterov):
     model = DDP(_one_parameter_model())
     # with masking: the velocity is changed between steps, and the invariant still holds
-    state = ErrorFeedbackState(compressor=compressor, module=model, momentum=0.9, nesterov=nesterov,
-                               momentum_masking=True)
+    state = ErrorFeedbackState(
+        compressor=compressor, module=model, momentum=0.9, nesterov=nesterov, momentum_masking=True
+    )
     record = {"grads": [], "u_before": [], "out": []}
     _train(model, state, 0, 8, torch.optim.SGD(model.parameters(), lr=0.05), record)
     mu = 0.9
@@ -200,7 +218,9 @@ def _overflow(rank, world_size):
     def hook(state, bucket):
         if state.iteration == 2 and rank == 0:
             bucket.buffer()[3] = float("inf")
-        return error_feedback_hook(state, bucket).then(lambda f: outputs.append(f.value().clone()) or f.value())
+        return error_feedback_hook(state, bucket).then(
+            lambda f: outputs.append(f.value().clone()) or f.value()
+        )
 
     model.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -232,8 +252,9 @@ def _loss_scaled(rank, world_size, scales):
     """Train with the loss multiplied by scales[t] (powers of 2: exact), gradients unscaled before the
     step and the state rescaled whenever the scale changes; return the parameters."""
     model = DDP(make_model())
-    state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, nesterov=True,
-                               clip_norm=0.3 * scales[0])
+    state = ErrorFeedbackState(
+        compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, nesterov=True, clip_norm=0.3 * scales[0]
+    )
     model.register_comm_hook(state, error_feedback_hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step, scale in enumerate(scales):
@@ -265,8 +286,11 @@ def _state_roundtrip(rank, world_size):
     _train(model, state, rank, 3, torch.optim.SGD(model.parameters(), lr=0.1))
     sd = state.state_dict()
     errors = {}
-    for name, kwargs in (("none", {}), ("other", {"momentum": 0.8}), ("masking", {"momentum": 0.9,
-                                                                               "momentum_masking": True})):
+    for name, kwargs in (
+        ("none", {}),
+        ("other", {"momentum": 0.8}),
+        ("masking", {"momentum": 0.9, "momentum_masking": True}),
+    ):
         try:
             ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, **kwargs).load_state_dict(sd)
         except ValueError as exc:
@@ -283,8 +307,11 @@ def _state_roundtrip(rank, world_size):
 
 def test_velocities_are_in_the_state_dict_by_name_and_checked_on_load():
     sd, errors, reloaded = run_distributed(_state_roundtrip, 2)[0]
-    assert set(sd["velocities"]) == set(sd["memories"]) == {"body.0.weight", "body.0.bias", "body.2.weight",
-                                                            "body.2.bias"}
+    assert (
+        set(sd["velocities"])
+        == set(sd["memories"])
+        == {"body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias"}
+    )
     assert all(v.abs().sum() > 0 for v in sd["velocities"].values())
     assert all(torch.equal(sd["velocities"][k], reloaded["velocities"][k]) for k in sd["velocities"])
     assert set(errors) == {"none", "other", "masking", "shape"}
@@ -295,11 +322,17 @@ def test_velocities_are_in_the_state_dict_by_name_and_checked_on_load():
 def _bad_arguments(rank, world_size):
     errors = {}
     cases = {
-        "momentum_one": {"momentum": 1.0}, "momentum_negative": {"momentum": -0.1}, "momentum_str": {"momentum": "0.9"},
-        "nesterov_no_momentum": {"nesterov": True}, "nesterov_int": {"momentum": 0.9, "nesterov": 1},
-        "weight_decay": {"weight_decay": -1e-4}, "clip_zero": {"clip_norm": 0.0}, "clip_nan": {"clip_norm": float("nan")},
+        "momentum_one": {"momentum": 1.0},
+        "momentum_negative": {"momentum": -0.1},
+        "momentum_str": {"momentum": "0.9"},
+        "nesterov_no_momentum": {"nesterov": True},
+        "nesterov_int": {"momentum": 0.9, "nesterov": 1},
+        "weight_decay": {"weight_decay": -1e-4},
+        "clip_zero": {"clip_norm": 0.0},
+        "clip_nan": {"clip_norm": float("nan")},
         "warmup_sign": {"compressor": ec_hooks.ScaledSign(), "density_warmup_steps": 10},
-        "warmup_negative": {"density_warmup_steps": -1}, "masking": {"momentum": 0.9, "momentum_masking": "yes"},
+        "warmup_negative": {"density_warmup_steps": -1},
+        "masking": {"momentum": 0.9, "momentum_masking": "yes"},
         "warmup_start_zero": {"density_warmup_steps": 10, "density_warmup_start": 0},
         "warmup_start_above_one": {"density_warmup_start": 1.5},
     }
@@ -313,9 +346,21 @@ def _bad_arguments(rank, world_size):
 
 def test_bad_momentum_arguments_raise_at_construction():
     errors = run_distributed(_bad_arguments, 1)[0]
-    assert set(errors) == {"momentum_one", "momentum_negative", "momentum_str", "nesterov_no_momentum", "nesterov_int",
-                           "weight_decay", "clip_zero", "clip_nan", "warmup_sign", "warmup_negative", "masking",
-                           "warmup_start_zero", "warmup_start_above_one"}
+    assert set(errors) == {
+        "momentum_one",
+        "momentum_negative",
+        "momentum_str",
+        "nesterov_no_momentum",
+        "nesterov_int",
+        "weight_decay",
+        "clip_zero",
+        "clip_nan",
+        "warmup_sign",
+        "warmup_negative",
+        "masking",
+        "warmup_start_zero",
+        "warmup_start_above_one",
+    }
     assert "density_warmup_start must be a float in (0, 1]" in errors["warmup_start_zero"]
     assert "1.5" in errors["warmup_start_above_one"]
     assert "momentum must be a float in [0, 1)" in errors["momentum_one"]
@@ -326,16 +371,40 @@ def test_bad_momentum_arguments_raise_at_construction():
 def test_warmup_density_ramp():
     # 25% -> 6.25% -> 1.5625% -> 0.390625% over 40 steps for a 0.1% target, then the target
     assert [warmup_density(t, 0.001, 40) for t in (0, 9, 10, 19, 20, 29, 30, 39, 40, 1000)] == [
-        0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625, 0.00390625, 0.00390625, 0.001, 0.001]
+        0.25,
+        0.25,
+        0.0625,
+        0.0625,
+        0.015625,
+        0.015625,
+        0.00390625,
+        0.00390625,
+        0.001,
+        0.001,
+    ]
     assert [warmup_density(t, 0.01, 30) for t in (0, 9, 10, 19, 20, 29, 30)] == [
-        0.25, 0.25, 0.0625, 0.0625, 0.015625, 0.015625, 0.01]
+        0.25,
+        0.25,
+        0.0625,
+        0.0625,
+        0.015625,
+        0.015625,
+        0.01,
+    ]
     assert warmup_density(0, 0.5, 30) == 0.5
     ramp = DensityWarmup(ec_hooks.TopK(0.01, index_encoding="delta16"), 30)
     assert ramp.at(0).density == 0.25 and ramp.at(0).index_encoding == "delta16"
     assert ramp.at(0) is ramp.at(1) and ramp.at(30) is ramp.compressor and ramp.compressor.density == 0.01
     # a ramp that starts at 6.25%: 6.25% -> 1.5625% -> 0.390625% over 66 steps for a 0.1% target
     assert [warmup_density(t, 0.001, 66, start=0.0625) for t in (0, 21, 22, 43, 44, 65, 66)] == [
-        0.0625, 0.0625, 0.015625, 0.015625, 0.00390625, 0.00390625, 0.001]
+        0.0625,
+        0.0625,
+        0.015625,
+        0.015625,
+        0.00390625,
+        0.00390625,
+        0.001,
+    ]
     assert warmup_density(0, 0.1, 66, start=0.0625) == 0.1  # the target is above the start: no ramp
     assert DensityWarmup(ec_hooks.TopK(0.01), 30, start=0.0625).at(14).density == 0.0625
     assert DensityWarmup(ec_hooks.TopK(0.01), 30, start=0.0625).at(15).density == 0.015625
@@ -346,8 +415,13 @@ def _warmup_bytes(rank, world_size):
     for steps, start in ((6, 0.25), (4, 0.0625)):
         torch.manual_seed(0)
         model = DDP(torch.nn.Linear(100, 100))  # one bucket of 10,100 entries
-        state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.01), module=model, momentum=0.9,
-                                   density_warmup_steps=steps, density_warmup_start=start)
+        state = ErrorFeedbackState(
+            compressor=ec_hooks.TopK(0.01),
+            module=model,
+            momentum=0.9,
+            density_warmup_steps=steps,
+            density_warmup_start=start,
+        )
         model.register_comm_hook(state, error_feedback_hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         sent = []

@@ -21,7 +21,18 @@ PACKAGES = ("ec_hooks", "lightning_plugin")
 @pytest.mark.slow
 def test_wheel_holds_the_packages_the_cuda_sources_and_py_typed_but_not_recipes(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         cwd=tmp_path,
     )

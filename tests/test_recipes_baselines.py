@@ -29,13 +29,27 @@ def _fit(root, name, world_size, warm_start, ckpt_path=None, seed=0):
     torch.manual_seed(seed)
     module = ClassificationModule(arch="digits_cnn", lr=0.05, schedule="constant")
     data = SyntheticDataModule(num_samples=72, batch_size=8, noise=2.0)
-    strategy = TorchHookDDPStrategy(hook="powersgd", matrix_approximation_rank=1, start_powerSGD_iter=2,
-                                    warm_start=warm_start, bucket_cap_mb=0.05)
+    strategy = TorchHookDDPStrategy(
+        hook="powersgd",
+        matrix_approximation_rank=1,
+        start_powerSGD_iter=2,
+        warm_start=warm_start,
+        bucket_cap_mb=0.05,
+    )
     checkpoints = ModelCheckpoint(dirpath=os.path.join(root, name), filename="{epoch}", save_top_k=-1)
-    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=strategy,
-                         max_epochs=EPOCHS, logger=False, callbacks=[checkpoints], enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         deterministic=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy=strategy,
+        max_epochs=EPOCHS,
+        logger=False,
+        callbacks=[checkpoints],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     params = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
     return trainer, params
@@ -94,8 +108,10 @@ def test_powersgd_resume_is_bit_identical(tmp_path, world_size, warm_start):
         # what the resumed run counted is what the uninterrupted run counted in its second half
         assert r["stats"][1] < r["stats"][0]
     # error feedback is per worker
-    assert not torch.equal(entry["workers"][0]["powersgd"]["state"]["error_dict"][0],
-                           entry["workers"][1]["powersgd"]["state"]["error_dict"][0])
+    assert not torch.equal(
+        entry["workers"][0]["powersgd"]["state"]["error_dict"][0],
+        entry["workers"][1]["powersgd"]["state"]["error_dict"][0],
+    )
     if warm_start:
         assert not torch.equal(results[0]["stripped"], results[0]["full"])
 

@@ -16,7 +16,9 @@ import yaml
 from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNTHETIC = '{"class_path": "recipes.data.SyntheticDataModule", "init_args": {"num_samples": 64, "batch_size": 8}}'
+SYNTHETIC = (
+    '{"class_path": "recipes.data.SyntheticDataModule", "init_args": {"num_samples": 64, "batch_size": 8}}'
+)
 TIMEOUT = 30.0  # long enough for the DDP method on a loaded 2-core machine; the hang waits it out once
 
 
@@ -49,8 +51,15 @@ def test_a_method_that_hangs_or_fails_leaves_the_others_running(tmp_path):
     methods = ["hang", "fail", "ddp"]
     overrides = ["--data", SYNTHETIC, "--trainer.num_sanity_val_steps", "0"]  # one epoch: 4 steps
     started = time.monotonic()
-    results = main(methods=methods, devices=2, max_epochs=1, overrides=overrides, out_dir=str(out),
-                   method_timeout=TIMEOUT, config_dir=str(_configs(tmp_path / "configs")))
+    results = main(
+        methods=methods,
+        devices=2,
+        max_epochs=1,
+        overrides=overrides,
+        out_dir=str(out),
+        method_timeout=TIMEOUT,
+        config_dir=str(_configs(tmp_path / "configs")),
+    )
     assert time.monotonic() - started < 300
     assert [r.method for r in results] == methods
     hang, fail, ddp = results
@@ -75,32 +84,63 @@ def test_method_timeout_must_be_positive(tmp_path):
 def _result(method: str, accuracy: float, bytes_per_step: float, epochs: int = 3):
     from recipes.compare import CurvePoint, MethodResult
 
-    curve = [CurvePoint(bytes_per_step * 10 * (e + 1), accuracy - 0.1 / (e + 1), e, 10 * (e + 1))
-             for e in range(epochs)]
-    return MethodResult(method, f"{method}.yaml", accuracy, bytes_per_step, 153_128.0, 153_128 / bytes_per_step,
-                        10 * epochs, 1.0, curve)
+    curve = [
+        CurvePoint(bytes_per_step * 10 * (e + 1), accuracy - 0.1 / (e + 1), e, 10 * (e + 1))
+        for e in range(epochs)
+    ]
+    return MethodResult(
+        method,
+        f"{method}.yaml",
+        accuracy,
+        bytes_per_step,
+        153_128.0,
+        153_128 / bytes_per_step,
+        10 * epochs,
+        1.0,
+        curve,
+    )
 
 
 # The main job's table: several methods share their bytes and accuracy (two points coincide).
-MAIN_JOB = [("ddp", 0.9833, 153_128), ("fp16", 0.9833, 76_564), ("powersgd", 0.9805, 18_344),
-            ("memsgd_topk1", 0.9721, 3_068), ("memsgd_topk1_nocorr", 0.9610, 3_068),
-            ("memsgd_topk1_compact", 0.9721, 1_536), ("memsgd_cyclic_topk1", 0.9359, 1_728),
-            ("memsgd_topk01", 0.9164, 316), ("memsgd_randk", 0.7409, 1_536), ("ef_sign", 0.9777, 4_796),
-            ("deepsqueeze_topk", 0.9777, 6_136), ("deepsqueeze_sign", 0.9777, 9_592), ("choco", 0.9777, 6_136),
-            ("dpsgd", 0.9749, 306_264)]
+MAIN_JOB = [
+    ("ddp", 0.9833, 153_128),
+    ("fp16", 0.9833, 76_564),
+    ("powersgd", 0.9805, 18_344),
+    ("memsgd_topk1", 0.9721, 3_068),
+    ("memsgd_topk1_nocorr", 0.9610, 3_068),
+    ("memsgd_topk1_compact", 0.9721, 1_536),
+    ("memsgd_cyclic_topk1", 0.9359, 1_728),
+    ("memsgd_topk01", 0.9164, 316),
+    ("memsgd_randk", 0.7409, 1_536),
+    ("ef_sign", 0.9777, 4_796),
+    ("deepsqueeze_topk", 0.9777, 6_136),
+    ("deepsqueeze_sign", 0.9777, 9_592),
+    ("choco", 0.9777, 6_136),
+    ("dpsgd", 0.9749, 306_264),
+]
 
 
 def test_curves_csv_has_one_row_per_validation_of_every_method(tmp_path):
     from recipes.compare import MethodResult, write_curves_csv
 
-    results = [_result("ddp", 0.98, 153_128), MethodResult("broken", "b.yaml", error="timeout"),
-               _result("memsgd_topk1", 0.97, 3_068, epochs=2)]
+    results = [
+        _result("ddp", 0.98, 153_128),
+        MethodResult("broken", "b.yaml", error="timeout"),
+        _result("memsgd_topk1", 0.97, 3_068, epochs=2),
+    ]
     write_curves_csv(results, tmp_path / "curves.csv")
     rows = list(csv.DictReader(open(tmp_path / "curves.csv")))
     assert list(rows[0]) == ["method", "epoch", "step", "accuracy", "bytes_sent"]
     assert [(row["method"], int(row["epoch"]), int(row["step"])) for row in rows] == [
-        ("ddp", 0, 10), ("ddp", 1, 20), ("ddp", 2, 30), ("memsgd_topk1", 0, 10), ("memsgd_topk1", 1, 20)]
-    assert float(rows[2]["bytes_sent"]) == 30 * 153_128 and float(rows[2]["accuracy"]) == pytest.approx(0.98 - 0.1 / 3)
+        ("ddp", 0, 10),
+        ("ddp", 1, 20),
+        ("ddp", 2, 30),
+        ("memsgd_topk1", 0, 10),
+        ("memsgd_topk1", 1, 20),
+    ]
+    assert float(rows[2]["bytes_sent"]) == 30 * 153_128 and float(rows[2]["accuracy"]) == pytest.approx(
+        0.98 - 0.1 / 3
+    )
 
 
 def test_spread_labels_keeps_order_and_gap_and_stays_near_the_points():

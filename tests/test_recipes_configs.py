@@ -18,14 +18,22 @@ STRATEGY = {
     "ddp": (TorchHookDDPStrategy, {"hook": "allreduce"}),
     "fp16": (TorchHookDDPStrategy, {"hook": "fp16"}),
     "powersgd": (TorchHookDDPStrategy, {"hook": "powersgd"}),
-    "memsgd_topk1": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.01, "momentum_correction": True}),
-    "memsgd_topk1_nocorr": (lightning_plugin.MemSGDStrategy,
-                            {"compressor.density": 0.01, "momentum_correction": False}),
-    "memsgd_topk1_compact": (lightning_plugin.MemSGDStrategy,
-                             {"compressor.index_encoding": "delta16", "compressor.value_dtype": torch.bfloat16}),
-    "memsgd_cyclic_topk1": (lightning_plugin.MemSGDStrategy,
-                            {"compressor.name": "cyclic_topk", "compressor.density": 0.01,
-                             "momentum_correction": False}),
+    "memsgd_topk1": (
+        lightning_plugin.MemSGDStrategy,
+        {"compressor.density": 0.01, "momentum_correction": True},
+    ),
+    "memsgd_topk1_nocorr": (
+        lightning_plugin.MemSGDStrategy,
+        {"compressor.density": 0.01, "momentum_correction": False},
+    ),
+    "memsgd_topk1_compact": (
+        lightning_plugin.MemSGDStrategy,
+        {"compressor.index_encoding": "delta16", "compressor.value_dtype": torch.bfloat16},
+    ),
+    "memsgd_cyclic_topk1": (
+        lightning_plugin.MemSGDStrategy,
+        {"compressor.name": "cyclic_topk", "compressor.density": 0.01, "momentum_correction": False},
+    ),
     "memsgd_topk01": (lightning_plugin.MemSGDStrategy, {"compressor.density": 0.001}),
     "memsgd_randk": (lightning_plugin.MemSGDStrategy, {"compressor.name": "randk"}),
     "ef_sign": (lightning_plugin.MemSGDStrategy, {"compressor.name": "sign"}),
@@ -58,19 +66,24 @@ def test_every_method_has_a_config_for_both_data_sets():
 def test_digits_topk_rows_ramp_their_density_over_the_first_half():
     # measured choices (docs/momentum-correction.md): the cheapest ramp that meets each row's target
     for method, start in (("memsgd_topk1", 0.015625), ("memsgd_topk01", 0.0625)):
-        cli = main(["--config", str(CONFIGS / f"digits_{method}.yaml"), "--trainer.logger", "false"], run=False)
+        cli = main(
+            ["--config", str(CONFIGS / f"digits_{method}.yaml"), "--trainer.logger", "false"], run=False
+        )
         strategy = cli.trainer.strategy
         assert (strategy.density_warmup_steps, strategy.density_warmup_start) == (66, start)
         assert strategy.density_warmup_steps * 2 == cli.trainer.max_epochs * 11  # 11 steps per epoch
-    nocorr = main(["--config", str(CONFIGS / "digits_memsgd_topk1_nocorr.yaml"), "--trainer.logger", "false"],
-                  run=False)
+    nocorr = main(
+        ["--config", str(CONFIGS / "digits_memsgd_topk1_nocorr.yaml"), "--trainer.logger", "false"], run=False
+    )
     assert nocorr.trainer.strategy.density_warmup_steps == 0
 
 
 @pytest.mark.parametrize("dataset", ["digits", "resnet20_cifar10"])
 def test_configs_instantiate(dataset):
     for method, (strategy_class, expected) in STRATEGY.items():
-        cli = main(["--config", str(CONFIGS / f"{dataset}_{method}.yaml"), "--trainer.logger", "false"], run=False)
+        cli = main(
+            ["--config", str(CONFIGS / f"{dataset}_{method}.yaml"), "--trainer.logger", "false"], run=False
+        )
         strategy = cli.trainer.strategy
         assert type(strategy) is strategy_class, method
         for name, value in expected.items():
@@ -88,8 +101,10 @@ def test_wandb_config_logs_offline():
     pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    cli = main(["--config", str(CONFIGS / "digits_memsgd_topk1.yaml"), "--config", str(CONFIGS / "wandb.yaml")],
-               run=False)
+    cli = main(
+        ["--config", str(CONFIGS / "digits_memsgd_topk1.yaml"), "--config", str(CONFIGS / "wandb.yaml")],
+        run=False,
+    )
     assert isinstance(cli.trainer.logger, WandbLogger)
     assert cli.trainer.logger._offline is True
     assert any(type(c).__name__ == "CompressionMonitor" for c in cli.trainer.callbacks)

@@ -39,8 +39,11 @@ def make_cifar_archive(folder: Path) -> tuple[Path, dict[str, dict]]:
     folder.mkdir(parents=True, exist_ok=True)
     batches = {f"data_batch_{i}": _batch(i, PER_BATCH) for i in range(1, 6)}
     batches["test_batch"] = _batch(99, PER_BATCH)
-    meta = {b"label_names": [f"class{i}".encode() for i in range(10)], b"num_cases_per_batch": PER_BATCH,
-            b"num_vis": 3072}
+    meta = {
+        b"label_names": [f"class{i}".encode() for i in range(10)],
+        b"num_cases_per_batch": PER_BATCH,
+        b"num_vis": 3072,
+    }
     path = folder / CIFAR10_ARCHIVE
     with tarfile.open(path, "w:gz") as tar:
         for name, content in [*batches.items(), ("batches.meta", meta)]:
@@ -57,11 +60,15 @@ def md5(path: Path) -> str:
 
 def test_cifar_archive_is_checked_extracted_and_read(tmp_path):
     archive, batches = make_cifar_archive(tmp_path)
-    train_x, train_y, test_x, test_y = load_cifar10(tmp_path, download=False, archive_md5=md5(archive), batch_md5={})
+    train_x, train_y, test_x, test_y = load_cifar10(
+        tmp_path, download=False, archive_md5=md5(archive), batch_md5={}
+    )
     assert (tmp_path / "cifar-10-batches-py" / "data_batch_5").is_file()
     assert train_x.shape == (5 * PER_BATCH, 3, 32, 32) and train_x.dtype == torch.uint8
     assert test_x.shape == (PER_BATCH, 3, 32, 32)
-    expected = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    expected = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)]).reshape(
+        -1, 3, 32, 32
+    )
     assert torch.equal(train_x, torch.from_numpy(expected))
     assert train_y.tolist() == sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
     assert test_y.tolist() == batches["test_batch"][b"labels"]
@@ -108,7 +115,9 @@ def test_missing_data_says_where_to_put_the_archive(tmp_path):
 def test_download_fetches_checks_and_extracts(tmp_path):
     archive, batches = make_cifar_archive(tmp_path / "server")
     root = tmp_path / "data"
-    train_x, *_ = load_cifar10(root, download=True, url=archive.as_uri(), archive_md5=md5(archive), batch_md5={})
+    train_x, *_ = load_cifar10(
+        root, download=True, url=archive.as_uri(), archive_md5=md5(archive), batch_md5={}
+    )
     assert (root / CIFAR10_ARCHIVE).is_file() and train_x.shape[0] == 5 * PER_BATCH
     with pytest.raises(RuntimeError, match="does not have md5"):
         load_cifar10(tmp_path / "other", download=True, url=archive.as_uri(), archive_md5="0" * 32)
@@ -139,9 +148,20 @@ def test_random_crop_flip_takes_crops_of_the_padded_image():
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     flips = 0
     for i in range(64):
-        matches = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
-                   if torch.equal(out[i], (padded[i, :, dy:dy + 8, dx:dx + 8].flip(-1) if f
-                                           else padded[i, :, dy:dy + 8, dx:dx + 8]))]
+        matches = [
+            (dy, dx, f)
+            for dy in range(5)
+            for dx in range(5)
+            for f in (False, True)
+            if torch.equal(
+                out[i],
+                (
+                    padded[i, :, dy : dy + 8, dx : dx + 8].flip(-1)
+                    if f
+                    else padded[i, :, dy : dy + 8, dx : dx + 8]
+                ),
+            )
+        ]
         assert matches, f"image {i} is not a crop of its padded original"
         flips += matches[0][2]
     assert 10 < flips < 54  # about half are flipped

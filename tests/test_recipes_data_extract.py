@@ -31,7 +31,9 @@ def _load_after_barrier(root, archive_md5, barrier, queue):
         from recipes.data import load_cifar10
 
         barrier.wait(timeout=60)
-        train_x, train_y, test_x, test_y = load_cifar10(root, download=False, archive_md5=archive_md5, batch_md5={})
+        train_x, train_y, test_x, test_y = load_cifar10(
+            root, download=False, archive_md5=archive_md5, batch_md5={}
+        )
         # numpy arrays travel by value (tensors would be shared with a process that exits)
         queue.put(("ok", [t.numpy() for t in (train_x, train_y, test_x, test_y)]))
     except BaseException as exc:  # noqa: BLE001 - reported to the test
@@ -43,8 +45,10 @@ def test_concurrent_extractions_use_one_whole_folder(tmp_path):
     archive, batches = make_cifar_archive(tmp_path)
     ctx = context()
     barrier, queue = ctx.Barrier(PROCESSES), ctx.Queue()
-    procs = [ctx.Process(target=_load_after_barrier, args=(str(tmp_path), md5(archive), barrier, queue))
-             for _ in range(PROCESSES)]
+    procs = [
+        ctx.Process(target=_load_after_barrier, args=(str(tmp_path), md5(archive), barrier, queue))
+        for _ in range(PROCESSES)
+    ]
     for p in procs:
         p.start()
     try:
@@ -64,4 +68,5 @@ def test_concurrent_extractions_use_one_whole_folder(tmp_path):
     # only the archive and the one folder: every loser removed its temporary copy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     assert sorted(p.name for p in (tmp_path / "cifar-10-batches-py").iterdir()) == sorted(
-        [*batches, "batches.meta"])
+        [*batches, "batches.meta"]
+    )

@@ -47,17 +47,34 @@ def _evaluate(world_size, root, strategy_name):
     module = ClassificationModule(arch="mlp", lr=0.05, schedule="constant")
     data = SyntheticDataModule(num_samples=NUM_SAMPLES, batch_size=BATCH, noise=3.0)
     strategy = TorchHookDDPStrategy() if strategy_name == "ddp" else strategy_name
-    trainer = pl.Trainer(accelerator="cpu", devices=world_size, strategy=strategy, max_epochs=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, default_root_dir=root)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+    )
     trainer.fit(module, datamodule=data)
     fitted = {k: float(trainer.callback_metrics[k]) for k in ("val/acc", "val/loss")}
     batches = len(trainer.val_dataloaders)
     validated = trainer.validate(module, datamodule=data, verbose=False)[0]
     tested = trainer.test(module, datamodule=data, verbose=False)[0]
     accuracy, loss, logits = _whole_set(module, data)
-    return {"fitted": fitted, "validated": validated, "tested": tested, "accuracy": accuracy, "loss": loss,
-            "batches": batches, "logits": logits, "labels": data.val_set.tensors[1]}
+    return {
+        "fitted": fitted,
+        "validated": validated,
+        "tested": tested,
+        "accuracy": accuracy,
+        "loss": loss,
+        "batches": batches,
+        "logits": logits,
+        "labels": data.val_set.tensors[1],
+    }
 
 
 @pytest.mark.slow
@@ -74,8 +91,11 @@ def _check(results):
     assert len(r["labels"]) == NUM_SAMPLES // 4 and 0 < r["accuracy"] < 1
     for rank in results:
         torch.testing.assert_close(rank["logits"], r["logits"])  # the same (average) model everywhere
-        for logged in (rank["fitted"], {k: rank["validated"][k] for k in ("val/acc", "val/loss")},
-                       {"val/acc": rank["tested"]["test/acc"], "val/loss": rank["tested"]["test/loss"]}):
+        for logged in (
+            rank["fitted"],
+            {k: rank["validated"][k] for k in ("val/acc", "val/loss")},
+            {"val/acc": rank["tested"]["test/acc"], "val/loss": rank["tested"]["test/loss"]},
+        ):
             assert logged["val/acc"] == pytest.approx(r["accuracy"], abs=1e-6)
             assert logged["val/loss"] == pytest.approx(r["loss"], rel=1e-5)
     # What a padded sampler would have logged: samples 0 and 1 once more.

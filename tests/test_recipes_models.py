@@ -48,7 +48,11 @@ def test_small_networks_for_digits():
 def test_learning_rate_schedules():
     cosine = _Schedule("cosine", total=100, warmup=10, milestones=(), gamma=0.1)
     assert cosine(0) == pytest.approx(0.1) and cosine(5) == pytest.approx(0.55)
-    assert cosine(10) == pytest.approx(1.0) and cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+    assert (
+        cosine(10) == pytest.approx(1.0)
+        and cosine(55) == pytest.approx(0.5)
+        and cosine(100) == pytest.approx(0.0)
+    )
     step = _Schedule("step", total=100, warmup=0, milestones=(0.5, 0.75), gamma=0.1)
     assert [step(s) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     assert _Schedule("constant", 100, 0, (), 0.1)(77) == 1.0

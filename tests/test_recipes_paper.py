@@ -22,7 +22,11 @@ def test_top_k_with_memory_matches_sgd_and_without_memory_fails(quick):
     dense = {r.method.name: r for r in results["dense (epsilon-like)"]}
     problem = memsgd_paper.dense_problem(1000, 200)
     f_star = memsgd_paper.optimum(problem, 1.0 / problem.n)
-    sgd, top1, no_memory = dense["SGD"].losses[-1], dense["top-1"].losses[-1], dense["top-1 no memory"].losses[-1]
+    sgd, top1, no_memory = (
+        dense["SGD"].losses[-1],
+        dense["top-1"].losses[-1],
+        dense["top-1 no memory"].losses[-1],
+    )
     assert sgd - f_star < 0.02  # SGD itself has converged
     assert abs(top1 - sgd) < 0.01 * sgd  # top-1 with memory ends at the SGD loss
     assert top1 - f_star < 2.5 * (sgd - f_star)
@@ -64,7 +68,9 @@ def test_sparse_problem_has_the_requested_shape():
     nnz_per_row = problem.features.values().numel() / 2000
     assert 20 < nnz_per_row < 32  # 0.15% of 20,000 = 30 draws per row, a few repeats merge
     row_norms = torch.zeros(2000, dtype=torch.float64).index_add_(
-        0, torch.repeat_interleave(torch.arange(2000), problem.features.crow_indices().diff()),
-        problem.features.values() ** 2)
+        0,
+        torch.repeat_interleave(torch.arange(2000), problem.features.crow_indices().diff()),
+        problem.features.values() ** 2,
+    )
     torch.testing.assert_close(row_norms, torch.ones(2000, dtype=torch.float64))
     assert 0.35 < (problem.labels > 0).double().mean() < 0.65

@@ -22,17 +22,36 @@ from tests.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "configs"
-SYNTHETIC = '{"class_path": "recipes.data.SyntheticDataModule", "init_args": {"num_samples": 64, "batch_size": 8}}'
+SYNTHETIC = (
+    '{"class_path": "recipes.data.SyntheticDataModule", "init_args": {"num_samples": 64, "batch_size": 8}}'
+)
 STEPS = 4
 
 
 def _smoke_args(method: str, world_size: int, root: str, csv_logger: bool = False) -> list[str]:
     logger = ["--trainer.logger.init_args.save_dir", root] if csv_logger else ["--trainer.logger", "false"]
-    args = ["fit", "--config", str(CONFIGS / f"digits_{method}.yaml"), "--data", SYNTHETIC,
-            "--trainer.devices", str(world_size), "--trainer.max_steps", str(STEPS),
-            "--trainer.num_sanity_val_steps", "0",
-            "--trainer.log_every_n_steps", "1", *logger, "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", os.path.join(root, method)]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / f"digits_{method}.yaml"),
+        "--data",
+        SYNTHETIC,
+        "--trainer.devices",
+        str(world_size),
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        *logger,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        os.path.join(root, method),
+    ]
     if method == "powersgd":  # compress from the third step on, within the few steps of the test
         args += ["--trainer.strategy.init_args.start_powerSGD_iter", "2"]
     return args
@@ -75,15 +94,18 @@ def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
         # Every method leaves the same model on every rank (the average model for gossip).
         torch.testing.assert_close(r0["params"], r1["params"], msg=method)
         # What the strategy counted is what the monitor logged.
-        assert r0["logged_ratio"] == pytest.approx((r0["bytes_dense"] + r1["bytes_dense"])
-                                                   / (r0["bytes_sent"] + r1["bytes_sent"]), rel=1e-6), method
+        assert r0["logged_ratio"] == pytest.approx(
+            (r0["bytes_dense"] + r1["bytes_dense"]) / (r0["bytes_sent"] + r1["bytes_sent"]), rel=1e-6
+        ), method
     r = results[0]
     # torch's hooks really ran on CPU: their rounding and low-rank errors change the model
     for method in ("fp16", "powersgd"):
         assert not torch.equal(r[method]["params"], r["ddp"]["params"]), method
     assert r["ddp"]["bytes_sent"] == STEPS * dense and r["ddp"]["logged_ratio"] == 1.0
     assert r["fp16"]["last_sent"] == dense // 2
-    assert r["powersgd"]["last_sent"] < dense / 4 and r["powersgd"]["bytes_sent"] > 2 * dense  # 2 dense steps first
+    assert (
+        r["powersgd"]["last_sent"] < dense / 4 and r["powersgd"]["bytes_sent"] > 2 * dense
+    )  # 2 dense steps first
     k = -(-numel // 100)
     assert r["memsgd_topk1"]["last_sent"] == 8 * k + 4  # k (index, value) pairs and a status word
     assert r["memsgd_topk01"]["last_sent"] == 8 * -(-numel // 1000) + 4
@@ -101,10 +123,15 @@ def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
     from recipes.compare import main
 
     methods = ["ddp", "memsgd_topk1", "deepsqueeze_sign", "dpsgd"]
-    overrides = ["--data", SYNTHETIC, "--trainer.max_steps", "3",
-                 "--trainer.num_sanity_val_steps", "0"]
-    results = main(methods=methods, devices=3, max_epochs=2, overrides=overrides, out_dir=str(tmp_path),
-                   method_timeout=300)
+    overrides = ["--data", SYNTHETIC, "--trainer.max_steps", "3", "--trainer.num_sanity_val_steps", "0"]
+    results = main(
+        methods=methods,
+        devices=3,
+        max_epochs=2,
+        overrides=overrides,
+        out_dir=str(tmp_path),
+        method_timeout=300,
+    )
     assert [r.method for r in results] == methods and not any(r.error for r in results)
     by_name = {r.method: r for r in results}
     numel = 38_282
@@ -148,8 +175,14 @@ def test_command_line_entry_point_launches_two_ranks(tmp_path):
     args = _smoke_args("memsgd_topk1", 2, str(tmp_path), csv_logger=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, "-m", "recipes.train", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert len(metrics) == 1

@@ -60,8 +60,13 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path,
     path = tmp_path / "checkpoints" / "last.ckpt"
     cls().save_checkpoint(_checkpoint(1), path)
     assert torch.load(path, weights_only=False)["step"] == 1
-    child = subprocess.run([sys.executable, "-c", _CHILD, cls.__name__, str(path)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, cls.__name__, str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert child.returncode == CRASH_EXIT, child.stderr[-2000:]
     saved = torch.load(path, weights_only=False)
     assert saved["step"] == 1 and torch.equal(saved["state_dict"]["w"], torch.full((50000,), 1.0))

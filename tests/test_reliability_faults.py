@@ -57,7 +57,9 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(algorithm: str, rank: int, checkpoint_dir: Path | None, steps: int = STEPS, kill_at: int | None = None):
+def train(
+    algorithm: str, rank: int, checkpoint_dir: Path | None, steps: int = STEPS, kill_at: int | None = None
+):
     """Train ``steps`` steps (resuming from ``checkpoint_dir`` when it holds this rank's checkpoint).
 
     Returns this rank's parameters and communication state.  With ``kill_at``, rank
@@ -70,8 +72,13 @@ def train(algorithm: str, rank: int, checkpoint_dir: Path | None, steps: int = S
         net.register_comm_hook(comm, ec_hooks.error_feedback_hook)
     else:
         net = model
-        comm = ec_hooks.DeepSqueeze(model.parameters(), topology="ring", compressor=ec_hooks.TopK(0.1),
-                                    consensus_step=0.2, watch_every=0)
+        comm = ec_hooks.DeepSqueeze(
+            model.parameters(),
+            topology="ring",
+            compressor=ec_hooks.TopK(0.1),
+            consensus_step=0.2,
+            watch_every=0,
+        )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     start = 0
     path = None if checkpoint_dir is None else checkpoint_dir / f"{algorithm}-rank{rank}.pt"
@@ -94,12 +101,22 @@ def train(algorithm: str, rank: int, checkpoint_dir: Path | None, steps: int = S
         if algorithm == "deepsqueeze":
             comm.step()
         if path is not None and step % CHECKPOINT_EVERY == 0:
-            _atomic_save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "comm": comm.state_dict()}, path)
+            _atomic_save(
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "comm": comm.state_dict(),
+                },
+                path,
+            )
     state = comm.state_dict()
     buffers = state["memories"] if algorithm == "memsgd" else state["buffers"]
-    return {"params": [p.detach().clone() for p in model.parameters()], "buffers": buffers,
-            "iteration": state["iteration"]}
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": buffers,
+        "iteration": state["iteration"],
+    }
 
 
 # ------------------------------------------------------------------ launching real processes
@@ -109,8 +126,9 @@ def _worker(rank, world_size, port, algorithms, checkpoint_dir, kill_at, queue):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
+    )
     results = {}
     try:
         for algorithm in algorithms:
@@ -133,8 +151,10 @@ def launch(algorithms, checkpoint_dir=None, kill_at=None, timeout=120.0):
     ctx = context()
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, WORLD_SIZE, port, algorithms, checkpoint_dir, kill_at, queue))
-             for r in range(WORLD_SIZE)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, WORLD_SIZE, port, algorithms, checkpoint_dir, kill_at, queue))
+        for r in range(WORLD_SIZE)
+    ]
     for p in procs:
         p.start()
     expected = WORLD_SIZE - (kill_at is not None)
@@ -155,10 +175,12 @@ def launch(algorithms, checkpoint_dir=None, kill_at=None, timeout=120.0):
 
 
 def _same(a: dict, b: dict) -> bool:
-    return (all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
-            and a["buffers"].keys() == b["buffers"].keys()
-            and all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
-            and a["iteration"] == b["iteration"])
+    return (
+        all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+        and a["buffers"].keys() == b["buffers"].keys()
+        and all(torch.equal(a["buffers"][k], b["buffers"][k]) for k in a["buffers"])
+        and a["iteration"] == b["iteration"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +192,9 @@ def uninterrupted():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact(tmp_path, uninterrupted,
-                                                                                   algorithm):
+def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact(
+    tmp_path, uninterrupted, algorithm
+):
     reports, exitcodes = launch([algorithm], tmp_path, kill_at=KILL_STEP)
     killed_at = float((tmp_path / "killed_at").read_text())
     # The killed rank died of SIGKILL; every survivor left its collective with an error and exited.
@@ -181,7 +204,9 @@ def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact
     for rank in survivors:
         status, message, when = reports[rank]
         assert status == "error", f"rank {rank} finished training although rank {KILLED_RANK} died"
-        assert any(word in message.lower() for word in ("connection", "closed", "peer", "timed out", "timeout")), message
+        assert any(
+            word in message.lower() for word in ("connection", "closed", "peer", "timed out", "timeout")
+        ), message
         # CLOCK_MONOTONIC is shared by the processes of one machine.
         assert 0 <= when - killed_at < PG_TIMEOUT_S, f"rank {rank} noticed after {when - killed_at:.1f} s"
         print(f"{algorithm}: rank {rank} stopped {when - killed_at:.3f} s after the kill: {message[:160]}")
@@ -197,7 +222,9 @@ def test_sigkilled_rank_stops_the_others_with_an_error_and_the_relaunch_is_exact
     for rank in range(WORLD_SIZE):
         status, value, _ = reports[rank]
         assert status == "ok", value
-        assert _same(value[algorithm], uninterrupted[rank][algorithm]), f"rank {rank} differs after the relaunch"
+        assert _same(value[algorithm], uninterrupted[rank][algorithm]), (
+            f"rank {rank} differs after the relaunch"
+        )
 
 
 @pytest.mark.slow
@@ -205,10 +232,29 @@ def test_relaunch_under_torchrun_max_restarts_is_exact(tmp_path, uninterrupted):
     for algorithm in ALGORITHMS:
         out = tmp_path / algorithm
         out.mkdir()
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-                   str(WORLD_SIZE), "--max-restarts", "1", "--monitor-interval", "0.2",
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                   "-m", "tests.test_reliability_faults", "--algorithm", algorithm, "--dir", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(WORLD_SIZE),
+            "--max-restarts",
+            "1",
+            "--monitor-interval",
+            "0.2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "tests.test_reliability_faults",
+            "--algorithm",
+            algorithm,
+            "--dir",
+            str(out),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -231,10 +277,16 @@ def _torchrun_main(argv=None) -> None:
     timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
     # The agent's store outlives a restart: a prefix per attempt keeps the new group from
     # reading the dead group's addresses.
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    dist.init_process_group(
+        "gloo",
+        store=dist.PrefixStore(f"attempt{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
     rank = dist.get_rank()
     path = args.dir / f"{args.algorithm}-rank{rank}.pt"
     resumed_from = torch.load(path, weights_only=False)["step"] if path.exists() else 0

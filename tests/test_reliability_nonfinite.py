@@ -61,15 +61,21 @@ def _train(rank, poison_value, use_scaler, compressor):
                 state.rescale_memories(factor)
             stepped = not all(torch.equal(a, b) for a, b in zip(before_params, model.parameters()))
         memory = state.memory.state_dict()
-        records.append({
-            "stepped": stepped,
-            "memory_finite": all(torch.isfinite(t).all() for t in memory.values()),
-            # At the poisoned step the memory must be what it was, times the scaler's change.
-            "memory_change": max(float((memory[k] - factor * before_memory.get(k, torch.zeros_like(memory[k])))
-                                       .abs().max()) for k in memory),
-            "memory_magnitude": max(float(t.abs().max()) for t in memory.values()),
-            "params": [p.detach().clone() for p in model.parameters()],
-        })
+        records.append(
+            {
+                "stepped": stepped,
+                "memory_finite": all(torch.isfinite(t).all() for t in memory.values()),
+                # At the poisoned step the memory must be what it was, times the scaler's change.
+                "memory_change": max(
+                    float(
+                        (memory[k] - factor * before_memory.get(k, torch.zeros_like(memory[k]))).abs().max()
+                    )
+                    for k in memory
+                ),
+                "memory_magnitude": max(float(t.abs().max()) for t in memory.values()),
+                "params": [p.detach().clone() for p in model.parameters()],
+            }
+        )
     return records
 
 

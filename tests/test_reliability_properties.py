@@ -31,8 +31,14 @@ shapes = st.lists(st.integers(1, 17), min_size=1, max_size=3).map(tuple)
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=st.sampled_from(sorted(COMPRESSORS)), density=st.floats(0.01, 1.0), shape=shapes,
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**20), step=st.integers(0, 1000))
+@given(
+    name=st.sampled_from(sorted(COMPRESSORS)),
+    density=st.floats(0.01, 1.0),
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**20),
+    step=st.integers(0, 1000),
+)
 def test_payload_size_shape_and_error_feedback_conservation(name, density, shape, dtype, seed, step):
     compressor = COMPRESSORS[name](density)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
@@ -43,10 +49,12 @@ def test_payload_size_shape_and_error_feedback_conservation(name, density, shape
     # Error feedback: the fp32 memory keeps acc - C(acc); memory + sent gives acc back.
     acc = x.float().reshape(-1).clone()
     memory = acc.clone()
-    compressor.subtract_sent_(memory, compressor.compress(memory, step=step, key=seed % 7, rank=seed % 3,
-                                                          wire_dtype=dtype))
-    sent = compressor.decompress(compressor.compress(acc, step=step, key=seed % 7, rank=seed % 3,
-                                                     wire_dtype=dtype)).reshape(-1)
+    compressor.subtract_sent_(
+        memory, compressor.compress(memory, step=step, key=seed % 7, rank=seed % 3, wire_dtype=dtype)
+    )
+    sent = compressor.decompress(
+        compressor.compress(acc, step=step, key=seed % 7, rank=seed % 3, wire_dtype=dtype)
+    ).reshape(-1)
     torch.testing.assert_close(memory + sent, acc, rtol=1e-6, atol=1e-5)
 
 
@@ -91,4 +99,8 @@ def test_gossip_keeps_the_average_model_of_any_world_size_topology_and_compresso
         scale = float(before.abs().max()) + float(after.abs().max())
         # fp32 mixing, and for bf16 models the rounding of the written-back parameters.
         tolerance = (8 * eps if dtype == torch.bfloat16 else 1e-5) * scale
-        assert float((after.mean(0) - before.mean(0)).abs().max()) <= tolerance, (cls.__name__, topology, name)
+        assert float((after.mean(0) - before.mean(0)).abs().max()) <= tolerance, (
+            cls.__name__,
+            topology,
+            name,
+        )

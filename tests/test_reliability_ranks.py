@@ -81,26 +81,42 @@ def _unused_parameters(rank, world_size, cases, steps=6):
             dist.all_reduce(mean_g)
             memory = memories.get(name, torch.zeros(p.numel())).reshape(p.shape).clone()
             dist.all_reduce(memory)
-            row[name] = {"applied": start[name] - p.detach(), "mean_memory": memory / world_size,
-                         "mean_grad": mean_g / world_size}
+            row[name] = {
+                "applied": start[name] - p.detach(),
+                "mean_memory": memory / world_size,
+                "mean_grad": mean_g / world_size,
+            }
         out[(pattern, repr(compressor))] = row
     return out
 
 
-UNUSED_CASES_2 = [("first", TopK(0.25)), ("even", TopK(0.25)), ("even", ScaledSign()), ("one_rank", RandK(0.25, seed=1))]
+UNUSED_CASES_2 = [
+    ("first", TopK(0.25)),
+    ("even", TopK(0.25)),
+    ("even", ScaledSign()),
+    ("one_rank", RandK(0.25, seed=1)),
+]
 UNUSED_CASES_3 = [("first", TopK(0.25)), ("even", TopK(0.25)), ("one_rank", TopK(0.25))]
 
 
-@pytest.mark.parametrize("world_size, cases", [(2, UNUSED_CASES_2), pytest.param(3, UNUSED_CASES_3, marks=pytest.mark.slow)],
-                         ids=["2ranks", "3ranks"])
+@pytest.mark.parametrize(
+    "world_size, cases",
+    [(2, UNUSED_CASES_2), pytest.param(3, UNUSED_CASES_3, marks=pytest.mark.slow)],
+    ids=["2ranks", "3ranks"],
+)
 def test_unused_parameters_keep_their_memory(world_size, cases):
     """Nothing is lost: mean applied update + mean memory = mean gradient, for every parameter,
     also for one that no rank used at some steps (DDP drops the hook's output for it)."""
     rows = run_distributed(_unused_parameters, world_size, cases)[0]
     for (pattern, compressor), row in rows.items():
         for name, r in row.items():
-            torch.testing.assert_close(r["applied"] + r["mean_memory"], r["mean_grad"], atol=1e-5, rtol=1e-5,
-                                       msg=lambda m, p=pattern, c=compressor, n=name: f"{p} {c} {n}: {m}")
+            torch.testing.assert_close(
+                r["applied"] + r["mean_memory"],
+                r["mean_grad"],
+                atol=1e-5,
+                rtol=1e-5,
+                msg=lambda m, p=pattern, c=compressor, n=name: f"{p} {c} {n}: {m}",
+            )
     first = rows[("first", repr(TopK(0.25)))]["s"]
     # s had gradient [1, 2, 3, 4] once, then no rank used it: its memory keeps what was not sent.
     assert float(first["mean_memory"].abs().sum()) > 0
@@ -115,8 +131,12 @@ def _unused_with_momentum(rank, world_size):
     snapshots = []
     for step in range(4):
         ddp(torch.randn(16, generator=torch.Generator().manual_seed(10 * rank + step)), step == 0).backward()
-        snapshots.append((state.memory.state_dict()["s"].clone(),
-                          state.momentum_correction.velocity.state_dict()["s"].clone()))
+        snapshots.append(
+            (
+                state.memory.state_dict()["s"].clone(),
+                state.momentum_correction.velocity.state_dict()["s"].clone(),
+            )
+        )
     return snapshots
 
 
@@ -200,9 +220,16 @@ def _disagreements(rank, world_size, cases):
 
 
 HOOK_CASES = ["density", "seed", "wire", "start_iter", "resumed", "backend"]
-EXPECTED_FIELD = {"density": "compressor", "seed": "compressor", "wire": "compressor", "start_iter": "start_iter",
-                  "resumed": "resumed", "consensus_step": "consensus_step", "topology": "topology",
-                  "gossip_resumed": "iteration"}
+EXPECTED_FIELD = {
+    "density": "compressor",
+    "seed": "compressor",
+    "wire": "compressor",
+    "start_iter": "start_iter",
+    "resumed": "resumed",
+    "consensus_step": "consensus_step",
+    "topology": "topology",
+    "gossip_resumed": "iteration",
+}
 
 
 @pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
@@ -270,8 +297,12 @@ def _fp64_and_limits(rank, world_size):
     out = {}
     # fp64: Identity reproduces DDP's default allreduce bit for bit; the sparsifiers work in fp64.
     finals = {}
-    compressors = {"identity": lambda: Identity(), "topk": lambda: TopK(0.25),
-                   "cyclic": lambda: CyclicTopK(0.25), "cyclic_filter": lambda: CyclicTopK(0.25, memory_filter=0.9)}
+    compressors = {
+        "identity": lambda: Identity(),
+        "topk": lambda: TopK(0.25),
+        "cyclic": lambda: CyclicTopK(0.25),
+        "cyclic_filter": lambda: CyclicTopK(0.25, memory_filter=0.9),
+    }
     for name in ("ddp", *compressors):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
@@ -282,7 +313,9 @@ def _fp64_and_limits(rank, world_size):
             ddp.register_comm_hook(state, error_feedback_hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         for step in range(4):
-            x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * rank + step))
+            x = torch.randn(
+                5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(10 * rank + step)
+            )
             opt.zero_grad()
             ddp(x).pow(2).mean().backward()
             opt.step()
@@ -372,7 +405,9 @@ def _zero_grad_and_clipping(rank, world_size):
             out["clipped_norm"] = float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
             out["norm_before_clip"] = norm
         memories.append(state.memory.state_dict())
-    out["memory_unchanged_by_clipping"] = all(torch.equal(memories[0][k], memories[1][k]) for k in memories[0])
+    out["memory_unchanged_by_clipping"] = all(
+        torch.equal(memories[0][k], memories[1][k]) for k in memories[0]
+    )
     return out
 
 
@@ -404,8 +439,9 @@ def test_memories_of_another_shape_are_refused_at_load(one_rank_group):
         ErrorFeedbackState(module=Shaped((4, 6))).load_state_dict(sd)
     # Without module=, the state learns the shape when the hook first meets the parameter.
     unbound = ErrorFeedbackState()
-    unbound.load_state_dict({**sd, "memories": {"param0": sd["memories"]["weight"]}, "shapes": {"param0": [6, 4]},
-                             "layouts": []})
+    unbound.load_state_dict(
+        {**sd, "memories": {"param0": sd["memories"]["weight"]}, "shapes": {"param0": [6, 4]}, "layouts": []}
+    )
     with pytest.raises(ValueError, match=r"saved for shape \(6, 4\), the parameter has shape \(4, 6\)"):
         unbound._key(nn.Parameter(torch.zeros(4, 6)))
     ErrorFeedbackState(module=Shaped((6, 4))).load_state_dict(sd)  # the same shape loads
@@ -437,12 +473,18 @@ def test_hook_and_gossip_state_dicts_load_with_weights_only(one_rank_group, tmp_
     loaded = torch.load(tmp_path / "hook.pt", weights_only=True)
     fresh = ErrorFeedbackState(compressor=TopK(0.5), module=model)
     fresh.load_state_dict(loaded)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.memory.state_dict().values(),
-                                                  state.memory.state_dict().values()))
-    workers = DeepSqueeze.simulated([[torch.randn(7)] for _ in range(3)], compressor=TopK(0.5), consensus_step=0.5)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fresh.memory.state_dict().values(), state.memory.state_dict().values())
+    )
+    workers = DeepSqueeze.simulated(
+        [[torch.randn(7)] for _ in range(3)], compressor=TopK(0.5), consensus_step=0.5
+    )
     from ec_hooks.gossip import simulate_step
 
     simulate_step(workers)
     torch.save(workers[1].state_dict(), tmp_path / "gossip.pt")
     loaded = torch.load(tmp_path / "gossip.pt", weights_only=True)
-    assert loaded["iteration"] == 1 and torch.equal(loaded["buffers"]["delta"], workers[1].state_dict()["buffers"]["delta"])
+    assert loaded["iteration"] == 1 and torch.equal(
+        loaded["buffers"]["delta"], workers[1].state_dict()["buffers"]["delta"]
+    )

@@ -68,12 +68,17 @@ def assert_same_as_int32(x, density, value_dtype=None, wire_dtype=None):
     numel, k = x.numel(), compact.k_for(x.numel())
     assert payload.value_dtype == expected.value_dtype
     size = torch.empty((), dtype=payload.value_dtype).element_size()
-    assert payload.nbytes == compact.wire_bytes(numel, wire_dtype or x.dtype) == pad4(capacity(numel, k) * (2 + size))
+    assert (
+        payload.nbytes
+        == compact.wire_bytes(numel, wire_dtype or x.dtype)
+        == pad4(capacity(numel, k) * (2 + size))
+    )
     assert expected.nbytes == reference.wire_bytes(numel, wire_dtype or x.dtype) == pad4(k * (4 + size))
     dense = compact.decompress(payload)
     # fp32, or fp64 for fp64 values (fp64 models keep their precision)
-    assert dense.shape == x.shape and dense.dtype == (torch.float64 if payload.value_dtype == torch.float64
-                                                      else torch.float32)
+    assert dense.shape == x.shape and dense.dtype == (
+        torch.float64 if payload.value_dtype == torch.float64 else torch.float32
+    )
     assert torch.equal(dense, reference.decompress(expected))
     assert torch.equal(compact.sum_payloads([payload, payload]), reference.sum_payloads([expected, expected]))
     indices, _ = compact.decode(payload)
@@ -127,8 +132,20 @@ def test_first_index_beyond_one_gap(first):
     assert sum(gaps) == 199_999 and gaps[: (first - 1) // M] == [M] * ((first - 1) // M)
 
 
-@pytest.mark.parametrize("numel, k", [(2, 1), (M + 1, 1), (M + 2, 1), (5 * M + 2, 1), (5 * M + 2, 2),
-                                      (5 * M + 2, 7), (300_000, 3000), (M + 100, 100), (M + 101, 100)])
+@pytest.mark.parametrize(
+    "numel, k",
+    [
+        (2, 1),
+        (M + 1, 1),
+        (M + 2, 1),
+        (5 * M + 2, 1),
+        (5 * M + 2, 2),
+        (5 * M + 2, 7),
+        (300_000, 3000),
+        (M + 100, 100),
+        (M + 101, 100),
+    ],
+)
 def test_the_capacity_is_exact_for_the_worst_index_set(numel, k):
     # k = 1: the last index alone; k >= 2: index 0, its next k - 2 neighbours, and the last index
     worst = [numel - 1] if k == 1 else [*range(k - 1), numel - 1]
@@ -196,8 +213,11 @@ def test_reprs_keep_the_defaults_out():
     assert repr(TopK(0.01)) == "TopK(density=0.01, backend='auto')"
     assert repr(TopK(0.01, index_encoding="int32", value_dtype=None)) == "TopK(density=0.01, backend='auto')"
     assert repr(TopK(0.5, "torch", "delta16", "bf16")) == (
-        "TopK(density=0.5, backend='torch', index_encoding='delta16', value_dtype=torch.bfloat16)")
-    assert repr(TopK(0.5, value_dtype="fp16")) == "TopK(density=0.5, backend='auto', value_dtype=torch.float16)"
+        "TopK(density=0.5, backend='torch', index_encoding='delta16', value_dtype=torch.bfloat16)"
+    )
+    assert (
+        repr(TopK(0.5, value_dtype="fp16")) == "TopK(density=0.5, backend='auto', value_dtype=torch.float16)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -224,7 +244,9 @@ def test_make_compressor_builds_the_compact_format():
     assert isinstance(c, TopK) and c.index_encoding == "delta16" and c.value_dtype == torch.bfloat16
     assert c.density == 0.01 and make_compressor("topk", value_dtype="float16").value_dtype == torch.float16
     # like density, the top-k arguments are ignored by other compressors
-    assert isinstance(make_compressor("sign", index_encoding="delta16", value_dtype="bf16"), ec_hooks.ScaledSign)
+    assert isinstance(
+        make_compressor("sign", index_encoding="delta16", value_dtype="bf16"), ec_hooks.ScaledSign
+    )
 
 
 def test_corrupt_or_mismatched_payloads_are_rejected_on_cpu():
@@ -449,8 +471,9 @@ def _gloo_compact_format(rank, world_size):
     out["bytes"] = (s32.last_bytes_sent, s16.last_bytes_sent, numels)
 
     # 2. delta16 with bf16 values: bytes as computed, and sum_t g = sum_t C + m_T over the workers
-    _, memories, stats, sum_g, sum_mean, numels = _train(rank, TopK(0.01, index_encoding="delta16",
-                                                                    value_dtype=torch.bfloat16))
+    _, memories, stats, sum_g, sum_mean, numels = _train(
+        rank, TopK(0.01, index_encoding="delta16", value_dtype=torch.bfloat16)
+    )
     out["bf16_bytes"] = (stats.last_bytes_sent, numels)
     errors, scale = [], 0.0
     for name in sorted(sum_g):

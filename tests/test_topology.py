@@ -8,8 +8,15 @@ import torch
 from ec_hooks import TOPOLOGY_NAMES, Topology
 
 STATIC = [
-    Topology.ring(1), Topology.ring(2), Topology.ring(3), Topology.ring(7), Topology.torus(2, 3),
-    Topology.torus(3, 4), Topology.complete(5), Topology.exponential(6), Topology.exponential(8),
+    Topology.ring(1),
+    Topology.ring(2),
+    Topology.ring(3),
+    Topology.ring(7),
+    Topology.torus(2, 3),
+    Topology.torus(3, 4),
+    Topology.complete(5),
+    Topology.exponential(6),
+    Topology.exponential(8),
 ]
 TIME_VARYING = [Topology.one_peer_exponential(n) for n in (2, 3, 4, 6, 8)]
 
@@ -120,7 +127,9 @@ def test_from_matrix_names_every_failing_property(matrix, properties):
     message = str(info.value)
     for prop in properties:
         assert prop in message
-    for other in {"not symmetric", "not non-negative", "rows do not sum to 1", "not connected"} - set(properties):
+    for other in {"not symmetric", "not non-negative", "rows do not sum to 1", "not connected"} - set(
+        properties
+    ):
         assert other not in message
 
 
@@ -141,17 +150,27 @@ def test_make_resolves_names_and_checks_sizes():
     assert Topology.make(ring, 4) is ring
     with pytest.raises(ValueError, match="4 workers but the process group has 3"):
         Topology.make(ring, 3)
-    with pytest.raises(ValueError, match=r"one of \['ring', 'torus', 'complete', 'exponential', 'one_peer_exponential'\]"):
+    with pytest.raises(
+        ValueError, match=r"one of \['ring', 'torus', 'complete', 'exponential', 'one_peer_exponential'\]"
+    ):
         Topology.make("star", 4)
     with pytest.raises(ValueError, match="topology must be"):
         Topology.make(3.5, 4)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: Topology.ring(0), lambda: Topology.ring(2.0), lambda: Topology.torus(0, 3),
-    lambda: Topology.complete(True), lambda: Topology.exponential(-1), lambda: Topology.one_peer_exponential("4"),
-    lambda: Topology.ring(4).weights(4), lambda: Topology.ring(4).out_peers(-1),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: Topology.ring(0),
+        lambda: Topology.ring(2.0),
+        lambda: Topology.torus(0, 3),
+        lambda: Topology.complete(True),
+        lambda: Topology.exponential(-1),
+        lambda: Topology.one_peer_exponential("4"),
+        lambda: Topology.ring(4).weights(4),
+        lambda: Topology.ring(4).out_peers(-1),
+    ],
+)
 def test_bad_sizes_and_ranks_raise(call):
     with pytest.raises(ValueError, match=r"(n|rows|rank) must be an integer"):
         call()

@@ -76,9 +76,13 @@ def test_cyclic_topk_accumulates_finite_entries_only_and_leaves_the_payload_to_t
 
 
 def test_cyclic_topk_bad_arguments_and_messages():
-    for kwargs, name in (({"density": 0}, "density"), ({"memory_filter": 0.0}, "memory_filter"),
-                         ({"memory_filter": 1.5}, "memory_filter"), ({"value_dtype": "int8"}, "value_dtype"),
-                         ({"backend": "gpu"}, "backend")):
+    for kwargs, name in (
+        ({"density": 0}, "density"),
+        ({"memory_filter": 0.0}, "memory_filter"),
+        ({"memory_filter": 1.5}, "memory_filter"),
+        ({"value_dtype": "int8"}, "value_dtype"),
+        ({"backend": "gpu"}, "backend"),
+    ):
         with pytest.raises(ValueError, match=name):
             CyclicTopK(**kwargs)
     c = CyclicTopK(0.01)
@@ -134,7 +138,8 @@ def test_wire_bytes_follow_the_collectives_formulas():
         assert AllreduceMean().wire_bytes(randk, numel, f32, n) == pytest.approx(2 * (n - 1) / n * 4_004)
         # values (1,001 slots: one filler for d = 100,000) summed, plus the broadcast index message
         assert SharedIndexAllreduce().wire_bytes(cyclic, numel, f32, n) == pytest.approx(
-            2 * (n - 1) / n * (1_001 * 4 + 4) + (n - 1) / n * 2_004)
+            2 * (n - 1) / n * (1_001 * 4 + 4) + (n - 1) / n * 2_004
+        )
     # constant in n: at 8 ranks below 2x its 2-rank figure, at 4 ranks below half the allgather's
     shared = {n: SharedIndexAllreduce().wire_bytes(cyclic, numel, f32, n) for n in (2, 4, 8)}
     assert shared[8] <= 2 * shared[2]
@@ -183,10 +188,15 @@ def _every_transport(rank, world_size):
         residual = float((grad_total - world_size * out_total - memory).abs().max())
         sent = torch.tensor([float(state.stats.bytes_sent)])
         dist.all_reduce(sent)
-        report[name] = {"same": all(torch.equal(gathered[0], g) for g in gathered), "residual": residual,
-                        "scale": float(grad_total.abs().max()), "counts": dict(state.transport_counts),
-                        "bytes_sent": float(state.stats.bytes_sent), "all_bytes_sent": float(sent),
-                        "numels": sorted({p.numel() for p in model.parameters()})}
+        report[name] = {
+            "same": all(torch.equal(gathered[0], g) for g in gathered),
+            "residual": residual,
+            "scale": float(grad_total.abs().max()),
+            "counts": dict(state.transport_counts),
+            "bytes_sent": float(state.stats.bytes_sent),
+            "all_bytes_sent": float(sent),
+            "numels": sorted({p.numel() for p in model.parameters()}),
+        }
     return report
 
 
@@ -250,7 +260,9 @@ def _sparse(rank, world_size):
 
     def hook(state, bucket):
         grad = bucket.buffer().detach().double().clone()
-        return error_feedback_hook(state, bucket).then(lambda f: outputs.append((grad, f.value().double())) or f.value())
+        return error_feedback_hook(state, bucket).then(
+            lambda f: outputs.append((grad, f.value().double())) or f.value()
+        )
 
     model.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -265,8 +277,13 @@ def _sparse(rank, world_size):
     dist.all_reduce(grad_total)
     dist.all_reduce(memory)
     residual = float((grad_total - world_size * out_total - memory).abs().max())
-    return {"params": _gather(model.parameters()), "residual": residual, "scale": float(grad_total.abs().max()),
-            "nonzero": [int((o != 0).sum()) for _, o in outputs], "own_sent": state.stats.bytes_sent}
+    return {
+        "params": _gather(model.parameters()),
+        "residual": residual,
+        "scale": float(grad_total.abs().max()),
+        "nonzero": [int((o != 0).sum()) for _, o in outputs],
+        "own_sent": state.stats.bytes_sent,
+    }
 
 
 @pytest.mark.slow

@@ -61,8 +61,9 @@ def nodes():
 
 def _two_nodes(nodes, out: Path, *args: str, **options) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    codes = nodes.run_torchrun(2, [WORKER, *args, "--out", str(out)], env=ENV, logs=str(out), timeout_s=300,
-                               **options)
+    codes = nodes.run_torchrun(
+        2, [WORKER, *args, "--out", str(out)], env=ENV, logs=str(out), timeout_s=300, **options
+    )
     if codes != [0, 0]:
         logs = "".join((out / f"node{r}.log").read_text()[-3000:] for r in (0, 1))
         raise AssertionError(f"two-node run failed with {codes}:\n{logs}")
@@ -71,8 +72,18 @@ def _two_nodes(nodes, out: Path, *args: str, **options) -> Path:
 
 def _one_node(out: Path, *args: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", WORKER, *args,
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        WORKER,
+        *args,
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise AssertionError(f"one-node run failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
@@ -94,11 +105,29 @@ def hooks_runs(nodes, tmp_path_factory):
     ckpt = base / "ckpt"
     _two_nodes(nodes, base / "first", "hooks", "--steps", "12", "--stop-at", "6", "--ckpt", str(ckpt))
     counters_before = nodes.link_counters()
-    resumed = _two_nodes(nodes, base / "second", "hooks", "--steps", "12", "--ckpt", str(ckpt), "--kill-rank", "2",
-                         "--kill-at", "9", "--kill-method", "hier", max_restarts=1)
+    resumed = _two_nodes(
+        nodes,
+        base / "second",
+        "hooks",
+        "--steps",
+        "12",
+        "--ckpt",
+        str(ckpt),
+        "--kill-rank",
+        "2",
+        "--kill-at",
+        "9",
+        "--kill-method",
+        "hier",
+        max_restarts=1,
+    )
     counters_after = nodes.link_counters()
-    return {"straight": straight, "one": one, "resumed": resumed,
-            "crossed": counters_after["a_to_b_bytes"] - counters_before["a_to_b_bytes"]}
+    return {
+        "straight": straight,
+        "one": one,
+        "resumed": resumed,
+        "crossed": counters_after["a_to_b_bytes"] - counters_before["a_to_b_bytes"],
+    }
 
 
 @pytest.mark.parametrize("method", HOOK_METHODS)
@@ -127,7 +156,10 @@ def test_hierarchical_sends_less_between_nodes_than_flat(hooks_runs, flat_method
 
 @pytest.mark.parametrize("method", HOOK_METHODS)
 def test_checkpoint_of_one_launch_resumes_exactly_on_another_and_survives_a_killed_rank(hooks_runs, method):
-    straight, resumed = _load_result(hooks_runs["straight"], method), _load_result(hooks_runs["resumed"], method)
+    straight, resumed = (
+        _load_result(hooks_runs["straight"], method),
+        _load_result(hooks_runs["resumed"], method),
+    )
     for a, b in zip(straight["ranks"], resumed["ranks"]):
         assert torch.equal(a["final"], b["final"])
     # The attempt that finished is the restart: node B restarted its workers once (rank 2 died);
@@ -145,10 +177,29 @@ def test_checkpoint_of_one_launch_resumes_exactly_on_another_and_survives_a_kill
 def lightning_runs(nodes, tmp_path_factory):
     base = tmp_path_factory.mktemp("two_nodes_lightning")
     full = _two_nodes(nodes, base / "2x2", "lightning", "--epochs", "2")
-    one = _one_node(base / "1x4", "lightning", "--epochs", "2", "--num-nodes", "1", "--devices", "4",
-                    "--nodes", TWO_BY_TWO)
-    resumed = _two_nodes(nodes, base / "resumed", "lightning", "--epochs", "2", "--resume-from", str(full),
-                         "--resume-epoch", "0")
+    one = _one_node(
+        base / "1x4",
+        "lightning",
+        "--epochs",
+        "2",
+        "--num-nodes",
+        "1",
+        "--devices",
+        "4",
+        "--nodes",
+        TWO_BY_TWO,
+    )
+    resumed = _two_nodes(
+        nodes,
+        base / "resumed",
+        "lightning",
+        "--epochs",
+        "2",
+        "--resume-from",
+        str(full),
+        "--resume-epoch",
+        "0",
+    )
     return {"full": full, "one": one, "resumed": resumed}
 
 
@@ -175,8 +226,11 @@ def test_two_nodes_set_up_and_tear_down_leave_nothing_behind(tmp_path):
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert all(ns in listed for ns in two.namespaces)
         sleeper = two.start(1, two.exec_prefix(1) + ["sleep", "600"])
-        qdisc = subprocess.run(two.exec_prefix(0) + ["tc", "qdisc", "show", "dev", two.devices[0]],
-                               capture_output=True, text=True).stdout
+        qdisc = subprocess.run(
+            two.exec_prefix(0) + ["tc", "qdisc", "show", "dev", two.devices[0]],
+            capture_output=True,
+            text=True,
+        ).stdout
         assert "tbf" in qdisc and "100Mbit" in qdisc
     assert sleeper.wait(timeout=30) != 0
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -193,7 +247,8 @@ def test_two_nodes_are_removed_when_the_owner_is_interrupted(tmp_path, signum):
         pytest.skip(str(exc))
     name = f"ecs{os.getpid() % 10000}{int(signum)}"
     script = tmp_path / "owner.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import importlib.util, sys, time
         spec = importlib.util.spec_from_file_location("_netns", {str(ROOT / "benchmarks" / "_netns.py")!r})
         netns = importlib.util.module_from_spec(spec)
@@ -202,7 +257,8 @@ def test_two_nodes_are_removed_when_the_owner_is_interrupted(tmp_path, signum):
             two.start(0, two.exec_prefix(0) + ["sleep", "600"])
             print("ready", flush=True)
             time.sleep(600)
-    """))
+    """)
+    )
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout.readline().strip() == "ready"

@@ -31,15 +31,26 @@ ec1va:  500000     400    0    0    0     0          0         0   900000     70
 
 def test_interface_counters_are_read_per_device():
     assert netns.parse_interface_counters(PROC_NET_DEV, "ec1va") == {
-        "rx_bytes": 500000, "rx_packets": 400, "tx_bytes": 900000, "tx_packets": 700}
+        "rx_bytes": 500000,
+        "rx_packets": 400,
+        "tx_bytes": 900000,
+        "tx_packets": 700,
+    }
     with pytest.raises(RuntimeError, match="no 'ec1vb' device"):
         netns.parse_interface_counters(PROC_NET_DEV, "ec1vb")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rate": "100mbps"}, "rate"), ({"mtu": 100}, "mtu"), ({"burst": 10}, "burst"),
-    ({"delay": "soon"}, "delay"), ({"latency": "5"}, "latency"), ({"name": "much-too-long-name"}, "name"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rate": "100mbps"}, "rate"),
+        ({"mtu": 100}, "mtu"),
+        ({"burst": 10}, "burst"),
+        ({"delay": "soon"}, "delay"),
+        ({"latency": "5"}, "latency"),
+        ({"name": "much-too-long-name"}, "name"),
+    ],
+)
 def test_two_nodes_refuse_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         netns.TwoNodes(**kwargs)
@@ -64,17 +75,33 @@ def test_benchmark_arguments_and_tables():
     args = bench.parse_args([])
     assert args.rates == ["100mbit"] and args.methods == list(bench.DEFAULT_STEP_METHODS) and args.steps == 6
     assert bench.parse_args(["--mode", "accuracy"]).methods == list(bench.DEFAULT_ACCURACY_METHODS)
-    for argv, message in ((["--mode", "fast"], "--mode"), (["--methods", "topk"], "--methods"),
-                          (["--warmup", "1"], "--warmup"), (["--rates", "1gbps"], "rate")):
+    for argv, message in (
+        (["--mode", "fast"], "--mode"),
+        (["--methods", "topk"], "--methods"),
+        (["--warmup", "1"], "--warmup"),
+        (["--rates", "1gbps"], "rate"),
+    ):
         with pytest.raises(ValueError, match=message):
             bench.parse_args(argv)
-    rows = [{"rate": "100mbit", "method": m, "label": bench.METHODS[m], "median_step_s": t, "link_bytes_per_step": b}
-            for m, t, b in (("allreduce", 5.0, 1.3e8), ("memsgd_compact", 0.8, 2.7e6),
-                            ("memsgd_compact_hier", 0.4, 0.9e6))]
+    rows = [
+        {
+            "rate": "100mbit",
+            "method": m,
+            "label": bench.METHODS[m],
+            "median_step_s": t,
+            "link_bytes_per_step": b,
+        }
+        for m, t, b in (
+            ("allreduce", 5.0, 1.3e8),
+            ("memsgd_compact", 0.8, 2.7e6),
+            ("memsgd_compact_hier", 0.4, 0.9e6),
+        )
+    ]
     table = bench.step_time_table(rows)
     assert "| Mem-SGD top-k 1% compact, hierarchical | 0.400 | 0.50 | 0.900 | 0.33 |" in table
-    accuracy = bench.accuracy_table([{"method": "allreduce", "label": "DDP allreduce", "val_accuracy": v}
-                                     for v in (0.99, 0.98)])
+    accuracy = bench.accuracy_table(
+        [{"method": "allreduce", "label": "DDP allreduce", "val_accuracy": v} for v in (0.99, 0.98)]
+    )
     assert "| DDP allreduce | 2 | 0.9900 0.9800 | 0.9850 |" in accuracy
 
 
@@ -94,14 +121,19 @@ class _Commands:
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
-@pytest.mark.parametrize("fail_on, removed", [
-    ("veth", [["ip", "netns", "del", "ecf-a"], ["ip", "netns", "del", "ecf-b"]]),
-    ("tbf", [["ip", "netns", "del", "ecf-a"], ["ip", "netns", "del", "ecf-b"]]),
-])
+@pytest.mark.parametrize(
+    "fail_on, removed",
+    [
+        ("veth", [["ip", "netns", "del", "ecf-a"], ["ip", "netns", "del", "ecf-b"]]),
+        ("tbf", [["ip", "netns", "del", "ecf-a"], ["ip", "netns", "del", "ecf-b"]]),
+    ],
+)
 def test_failed_two_node_setup_says_what_failed_and_removes_what_it_created(monkeypatch, fail_on, removed):
     monkeypatch.setattr(netns, "check_can_create", lambda: None)
     run = _Commands(fail_on)
-    with pytest.raises(netns.NamespaceUnavailable, match=f"setting up two nodes failed: .*{fail_on}.*not permitted"):
+    with pytest.raises(
+        netns.NamespaceUnavailable, match=f"setting up two nodes failed: .*{fail_on}.*not permitted"
+    ):
         with netns.TwoNodes(rate="100mbit", name="ecf", run=run):
             pass
     deleted = [c for c in run.commands if c[:3] == ["ip", "netns", "del"]]

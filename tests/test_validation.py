@@ -45,7 +45,9 @@ def test_check_unit_interval_none_only_when_allowed():
 
 def test_check_density_and_choice():
     assert check_density(1) == 1.0
-    with pytest.raises(ValueError, match=r"density must be in \(0, 1\] \(the fraction of entries kept\), got 0.0"):
+    with pytest.raises(
+        ValueError, match=r"density must be in \(0, 1\] \(the fraction of entries kept\), got 0.0"
+    ):
         check_density(0)
     with pytest.raises(ValueError, match=r"density must be a float in \(0, 1\]"):
         check_density(False)

@@ -43,8 +43,13 @@ DENSITY = 0.05
 
 def make_model():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-                               torch.nn.Linear(64, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(10, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 3),
+    )
 
 
 def batch(rank: int, step: int):
@@ -69,8 +74,12 @@ def _build(method: str, nodes):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     comm = None
     if method in ("flat", "hier"):
-        comm = ErrorFeedbackState(compressor=ec_hooks.TopK(DENSITY), module=model, hierarchical=method == "hier",
-                                  nodes=nodes if method == "hier" else None)
+        comm = ErrorFeedbackState(
+            compressor=ec_hooks.TopK(DENSITY),
+            module=model,
+            hierarchical=method == "hier",
+            nodes=nodes if method == "hier" else None,
+        )
         model.register_comm_hook(comm, error_feedback_hook)
     elif method in ("deepsqueeze", "deepsqueeze_hier"):
         model.register_comm_hook(None, local_hook)
@@ -107,16 +116,21 @@ def run_method(method: str, args) -> None:
         if method.startswith("deepsqueeze"):
             comm.step()
         if ckpt is not None and (step + 1) % args.ckpt_every == 0:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "comm": comm.state_dict()},
-                         ckpt / f"step{step + 1}-rank{rank}.pt")
+            _save_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "comm": comm.state_dict()},
+                ckpt / f"step{step + 1}-rank{rank}.pt",
+            )
             dist.barrier()  # every rank has saved this step
             if rank == 0:
                 tmp = ckpt / "latest.tmp"
                 tmp.write_text(str(step + 1))
                 os.replace(tmp, ckpt / "latest")
     params = [p.detach() for p in model.parameters()]
-    figures = {"final": torch.cat([p.reshape(-1) for p in params]).clone(), "start": start,
-               "restart_count": attempt}
+    figures = {
+        "final": torch.cat([p.reshape(-1) for p in params]).clone(),
+        "start": start,
+        "restart_count": attempt,
+    }
     if method.startswith("deepsqueeze"):
         figures["average"] = torch.cat([p.reshape(-1) for p in comm.average_parameters()])
         figures["bytes_sent"] = comm.stats.bytes_sent
@@ -125,8 +139,14 @@ def run_method(method: str, args) -> None:
         figures["bytes_sent"] = comm.stats.bytes_sent
     per_rank = gather(figures)
     if rank == 0:
-        _save_atomic({"ranks": per_rank, "world_size": dist.get_world_size(),
-                      "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "0"))}, Path(args.out) / f"{method}.pt")
+        _save_atomic(
+            {
+                "ranks": per_rank,
+                "world_size": dist.get_world_size(),
+                "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "0")),
+            },
+            Path(args.out) / f"{method}.pt",
+        )
 
 
 def main_hooks(args) -> None:
@@ -147,22 +167,37 @@ def main_lightning(args) -> None:
     out = Path(args.out)
     strategies = {
         "memsgd": lambda: lightning_plugin.MemSGDStrategy(density=DENSITY),
-        "memsgd_hier": lambda: lightning_plugin.MemSGDStrategy(density=DENSITY, hierarchical=True, nodes=args.nodes),
+        "memsgd_hier": lambda: lightning_plugin.MemSGDStrategy(
+            density=DENSITY, hierarchical=True, nodes=args.nodes
+        ),
         "deepsqueeze": lambda: lightning_plugin.DeepSqueezeStrategy(),
         "deepsqueeze_hier": lambda: lightning_plugin.DeepSqueezeStrategy(hierarchical=True, nodes=args.nodes),
     }
     for name in args.methods:
         module = build_module(seed=1000)
         ckpt_dir = out / name / "ckpt"
-        trainer = trainer_for(out, name, args.devices, strategies[name](), args.epochs, num_nodes=args.num_nodes,
-                              callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1)])
+        trainer = trainer_for(
+            out,
+            name,
+            args.devices,
+            strategies[name](),
+            args.epochs,
+            num_nodes=args.num_nodes,
+            callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1)],
+        )
         train, _ = loaders(val=False)
         ckpt_path = None
         if args.resume_from:
             ckpt_path = str(Path(args.resume_from) / name / "ckpt" / f"epoch={args.resume_epoch}.ckpt")
         trainer.fit(module, train, ckpt_path=ckpt_path)
-        per_rank = gather({"final": module.flat(), "global_step": trainer.global_step,
-                           "num_nodes": trainer.num_nodes, "world_size": trainer.world_size})
+        per_rank = gather(
+            {
+                "final": module.flat(),
+                "global_step": trainer.global_step,
+                "num_nodes": trainer.num_nodes,
+                "world_size": trainer.world_size,
+            }
+        )
         if dist.get_rank() == 0:
             _save_atomic({"ranks": per_rank}, out / f"{name}.pt")
     # Lightning leaves the process group up; a gloo group still alive at interpreter exit can
@@ -178,13 +213,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (a launch that is resumed)")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="stop after this step (a launch that is resumed)"
+    )
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--ckpt-every", type=int, default=2)
     parser.add_argument("--kill-rank", type=int, default=-1)
     parser.add_argument("--kill-at", type=int, default=-1)
     parser.add_argument("--kill-method", default="hier")
-    parser.add_argument("--nodes", type=json.loads, default=None, help="explicit node layout (JSON list of lists)")
+    parser.add_argument(
+        "--nodes", type=json.loads, default=None, help="explicit node layout (JSON list of lists)"
+    )
     parser.add_argument("--num-nodes", type=int, default=2)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
@@ -192,8 +231,11 @@ def parse_args(argv=None):
     parser.add_argument("--resume-epoch", type=int, default=0)
     args = parser.parse_args(argv)
     if args.methods is None:
-        args.methods = (["flat", "hier", "deepsqueeze", "deepsqueeze_hier"] if args.mode == "hooks"
-                        else ["memsgd", "memsgd_hier", "deepsqueeze", "deepsqueeze_hier"])
+        args.methods = (
+            ["flat", "hier", "deepsqueeze", "deepsqueeze_hier"]
+            if args.mode == "hooks"
+            else ["memsgd", "memsgd_hier", "deepsqueeze", "deepsqueeze_hier"]
+        )
     return args
 
 

@@ -78,11 +78,19 @@ class Compressor:
     #: default consensus step per gossip algorithm: a step, or ``(step per unit, min, max)`` with
     #: the unit :meth:`consensus_unit` (see :func:`ec_hooks.gossip.default_consensus_step`)
     consensus_steps: ClassVar[dict[str, float | tuple[float, float, float]]] = {
-        "deepsqueeze": 0.01, "choco": 0.1, "dpsgd": 1.0,
+        "deepsqueeze": 0.01,
+        "choco": 0.1,
+        "dpsgd": 1.0,
     }
 
     def compress_error_feedback_(
-        self, memory: torch.Tensor, grad: torch.Tensor, *, step: int = 0, key: int = 0, rank: int = 0,
+        self,
+        memory: torch.Tensor,
+        grad: torch.Tensor,
+        *,
+        step: int = 0,
+        key: int = 0,
+        rank: int = 0,
         wire_dtype: torch.dtype | None = None,
     ) -> tuple[Payload | None, torch.Tensor]:
         """``memory += grad`` (finite entries only), then the payload of ``memory``.
@@ -94,8 +102,11 @@ class Compressor:
         finite_entries = torch.isfinite(grad)
         finite = finite_entries.all()
         memory.add_(torch.where(finite_entries, grad, 0))
-        payload = None if self.shares_indices else self.compress(
-            memory, step=step, key=key, rank=rank, wire_dtype=wire_dtype)
+        payload = (
+            None
+            if self.shares_indices
+            else self.compress(memory, step=step, key=key, rank=rank, wire_dtype=wire_dtype)
+        )
         return payload, finite
 
     def contraction_scale(self, numel: int) -> float:
@@ -118,7 +129,13 @@ class Compressor:
         return float(rule)
 
     def compress(
-        self, x: torch.Tensor, *, step: int = 0, key: int = 0, rank: int = 0, wire_dtype: torch.dtype | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        step: int = 0,
+        key: int = 0,
+        rank: int = 0,
+        wire_dtype: torch.dtype | None = None,
     ) -> Payload:
         """Compress ``x``.
 
@@ -176,8 +193,10 @@ class Compressor:
         """The compressor as a checkpoint records it: ``{"version": 1, "name": ..., "args": {...}}``,
         plain values only (a dtype is its name, ``"bfloat16"``).  Compared field by field when a
         state is loaded (:meth:`config_differences`), so that reprs may change freely."""
-        args = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-                for k, v in self._repr_args().items()}
+        args = {
+            k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+            for k, v in self._repr_args().items()
+        }
         return {"version": CONFIG_VERSION, "name": self.name, "args": args}
 
     def config_differences(self, saved: object) -> list[str]:
@@ -190,14 +209,21 @@ class Compressor:
             return [] if saved == repr(self) else [f"compressor {saved} (saved), {self!r} (here)"]
         if not isinstance(saved, dict) or saved.get("version") != CONFIG_VERSION:
             version = saved.get("version") if isinstance(saved, dict) else None
-            return [f"compressor config of version {version!r} ({saved!r}), this version reads {CONFIG_VERSION}"]
+            return [
+                f"compressor config of version {version!r} ({saved!r}), this version reads {CONFIG_VERSION}"
+            ]
         mine = self.config()
-        differences = [] if saved.get("name") == mine["name"] else [f"name {saved.get('name')!r} (saved), "
-                                                                   f"{mine['name']!r} (here)"]
+        differences = (
+            []
+            if saved.get("name") == mine["name"]
+            else [f"name {saved.get('name')!r} (saved), {mine['name']!r} (here)"]
+        )
         saved_args, args = saved.get("args") or {}, mine["args"]
         for key in sorted(set(saved_args) | set(args)):
             if saved_args.get(key, "-") != args.get(key, "-"):
-                differences.append(f"{key} {saved_args.get(key, '-')!r} (saved), {args.get(key, '-')!r} (here)")
+                differences.append(
+                    f"{key} {saved_args.get(key, '-')!r} (saved), {args.get(key, '-')!r} (here)"
+                )
         return differences
 
     def _repr_args(self) -> dict:

@@ -50,7 +50,9 @@ def make_compressor(compressor: str | Compressor = "topk", **kwargs: Any) -> Com
     if isinstance(compressor, Compressor):
         return compressor
     if not isinstance(compressor, str) or compressor.lower() not in COMPRESSOR_NAMES:
-        raise ValueError(f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}")
+        raise ValueError(
+            f"compressor must be a Compressor or one of {list(COMPRESSOR_NAMES)}, got {compressor!r}"
+        )
     unknown = sorted(set(kwargs) - set(_ALLOWED))
     if unknown:
         raise ValueError(f"make_compressor got unknown arguments {unknown}; allowed: {', '.join(_ALLOWED)}")

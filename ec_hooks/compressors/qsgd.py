@@ -26,7 +26,11 @@ class QSGD(Compressor):
 
     summable = False
     name = "qsgd"
-    consensus_steps = {**Compressor.consensus_steps, "deepsqueeze": (0.007, 0.005, 0.1), "choco": (0.03, 0.02, 0.5)}
+    consensus_steps = {
+        **Compressor.consensus_steps,
+        "deepsqueeze": (0.007, 0.005, 0.1),
+        "choco": (0.03, 0.02, 0.5),
+    }
 
     def __init__(self, levels: int = 7, seed: int = 0):
         self.levels = check_int("levels", levels, 1, 2**15 - 1)

@@ -27,7 +27,11 @@ class RandK(Sparsifier):
 
     summable = True
     name = "randk"
-    consensus_steps = {**Sparsifier.consensus_steps, "deepsqueeze": (0.5, 0.002, 0.25), "choco": (0.5, 0.002, 0.5)}
+    consensus_steps = {
+        **Sparsifier.consensus_steps,
+        "deepsqueeze": (0.5, 0.002, 0.25),
+        "choco": (0.5, 0.002, 0.5),
+    }
 
     def __init__(self, density: float = 0.01, seed: int = 0):
         super().__init__(density)

@@ -62,7 +62,11 @@ class TopK(Sparsifier):
     name = "topk"
     local_args = ("backend",)
     index_value_pairs = True
-    consensus_steps = {**Sparsifier.consensus_steps, "deepsqueeze": (1.0, 0.005, 0.5), "choco": (2.0, 0.01, 1.0)}
+    consensus_steps = {
+        **Sparsifier.consensus_steps,
+        "deepsqueeze": (1.0, 0.005, 0.5),
+        "choco": (2.0, 0.01, 1.0),
+    }
 
     def __init__(
         self,
@@ -102,7 +106,9 @@ class TopK(Sparsifier):
         k = self.k_for(flat.numel())
         indices = topk_magnitude(flat, k, backend=self.backend)
         values = to_wire(flat[indices], self.value_dtype or wire_dtype or x.dtype)
-        return Payload(data=self._pack(indices, values, flat.numel()), shape=x.shape, value_dtype=values.dtype)
+        return Payload(
+            data=self._pack(indices, values, flat.numel()), shape=x.shape, value_dtype=values.dtype
+        )
 
     def compress_error_feedback_(
         self, memory: torch.Tensor, grad: torch.Tensor, *, step=0, key=0, rank=0, wire_dtype=None
@@ -116,10 +122,19 @@ class TopK(Sparsifier):
         tensors with the CUDA backend this is one kernel pipeline without host synchronization.
         """
         k = self.k_for(memory.numel())
-        selected = error_feedback_topk_(memory, grad, k, wire_dtype=self.value_dtype or wire_dtype or memory.dtype,
-                                        subtract_sent=False, backend=self.backend)
-        payload = Payload(data=self._pack(selected.indices, selected.values, memory.numel()), shape=memory.shape,
-                          value_dtype=selected.values.dtype)
+        selected = error_feedback_topk_(
+            memory,
+            grad,
+            k,
+            wire_dtype=self.value_dtype or wire_dtype or memory.dtype,
+            subtract_sent=False,
+            backend=self.backend,
+        )
+        payload = Payload(
+            data=self._pack(selected.indices, selected.values, memory.numel()),
+            shape=memory.shape,
+            value_dtype=selected.values.dtype,
+        )
         return payload, selected.grad_finite
 
     def decode(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +149,10 @@ class TopK(Sparsifier):
         index_size = 4 if self.index_encoding == "int32" else 2
         expected = pad(slots * (index_size + size))
         if payload.nbytes != expected:
-            raise ValueError(f"TopK payload has {payload.nbytes} bytes, expected {expected} "
-                             f"(index_encoding={self.index_encoding!r}, {slots} slots of {dtype} values)")
+            raise ValueError(
+                f"TopK payload has {payload.nbytes} bytes, expected {expected} "
+                f"(index_encoding={self.index_encoding!r}, {slots} slots of {dtype} values)"
+            )
         if self.index_encoding == "int32":
             indices = payload.data[: 4 * slots].view(torch.int32).long()
             values = view_bytes(payload.data[4 * slots : 4 * slots + size * slots], dtype)

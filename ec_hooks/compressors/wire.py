@@ -11,13 +11,31 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "ALIGN", "HALF_DTYPES", "MAX_GAP", "as_int16_bits", "delta16_capacity", "delta16_decode", "delta16_encode",
-    "half_dtype", "mask_out_of_range", "pack_bits", "pad", "to_bytes", "unpack_bits", "view_bytes", "widen",
+    "ALIGN",
+    "HALF_DTYPES",
+    "MAX_GAP",
+    "as_int16_bits",
+    "delta16_capacity",
+    "delta16_decode",
+    "delta16_encode",
+    "half_dtype",
+    "mask_out_of_range",
+    "pack_bits",
+    "pad",
+    "to_bytes",
+    "unpack_bits",
+    "view_bytes",
+    "widen",
 ]
 
 #: byte payloads are padded to a multiple of this many bytes
 ALIGN = 4
-HALF_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+HALF_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 #: largest gap between consecutive indices that one uint16 slot of the ``delta16`` format holds
 MAX_GAP = 65535
 
@@ -50,7 +68,9 @@ def widen(values: torch.Tensor) -> torch.Tensor:
     return values if values.dtype == torch.float64 else values.float()
 
 
-def mask_out_of_range(indices: torch.Tensor, values: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_out_of_range(
+    indices: torch.Tensor, values: torch.Tensor, numel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices outside ``[0, numel)`` become 0 and their values NaN; no host synchronization."""
     valid = (indices >= 0) & (indices < numel)
     return torch.where(valid, indices, 0), torch.where(valid, values, float("nan"))
@@ -71,7 +91,9 @@ def delta16_capacity(numel: int, k: int) -> int:
     return k + max(0, (numel - max(k, 2)) // MAX_GAP)
 
 
-def delta16_encode(indices: torch.Tensor, values: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def delta16_encode(
+    indices: torch.Tensor, values: torch.Tensor, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``capacity`` uint16 gaps (stored as int16 bit patterns) and values for ascending ``indices``.
 
     1. ``g_j = i_j - i_{j-1}`` with ``i_{-1} = 0``.
@@ -152,7 +174,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
-    bitmat = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(-1)
+    bitmat = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(
+        -1
+    )
     bitmat = bitmat[: n * bits].view(n, bits)
     weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int32)
     return (bitmat.to(torch.int32) * weights).sum(dim=1).to(torch.uint8)

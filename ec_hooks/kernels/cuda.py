@@ -24,7 +24,14 @@ import threading
 
 import torch
 
-__all__ = ["KERNEL_NAMES", "SOURCE_FILES", "cuda_status", "error_feedback_topk_cuda_", "topk_magnitude_cuda", "undo_accumulate_cuda_"]
+__all__ = [
+    "KERNEL_NAMES",
+    "SOURCE_FILES",
+    "cuda_status",
+    "error_feedback_topk_cuda_",
+    "topk_magnitude_cuda",
+    "undo_accumulate_cuda_",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +90,14 @@ class _Workspace:
         max_tiles = -(-capacity // _TILE)
         self.tensor = torch.zeros(_HEADER + 3 * max_tiles + 2 * capacity, dtype=torch.int32, device=device)
         base = self.tensor.data_ptr()
-        offsets = (0, _HEADER, _HEADER + max_tiles, _HEADER + 2 * max_tiles, _HEADER + 3 * max_tiles,
-                   _HEADER + 3 * max_tiles + capacity)
+        offsets = (
+            0,
+            _HEADER,
+            _HEADER + max_tiles,
+            _HEADER + 2 * max_tiles,
+            _HEADER + 3 * max_tiles,
+            _HEADER + 3 * max_tiles + capacity,
+        )
         (self.ws, self.tile_count, self.tile_above, self.tile_tied, self.seg_index, self.seg_value) = (
             numpy.uint64(base + 4 * offset) for offset in offsets
         )
@@ -195,8 +208,16 @@ def _sample_rank(n: int, k: int) -> int:
     return rank if rank <= _SAMPLES // 2 else 0
 
 
-def _run(flat: torch.Tensor, k: int, stage0: str, stage1: str, stage1_args: tuple, type_name: str, emit: str,
-         emit_args: tuple) -> None:
+def _run(
+    flat: torch.Tensor,
+    k: int,
+    stage0: str,
+    stage1: str,
+    stage1_args: tuple,
+    type_name: str,
+    emit: str,
+    emit_args: tuple,
+) -> None:
     """Launches the pipeline of ``topk_select.cu`` on torch's current stream: stages 0 and 1 with
     their pointer arguments, stage 2 on ``flat`` (``type_name`` entries), stages 3-4, and stage 5
     ``emit`` with ``emit_args`` = (memory or null, out_index, out_value or null, k, grad_finite
@@ -222,8 +243,14 @@ def _run(flat: torch.Tensor, k: int, stage0: str, stage1: str, stage1_args: tupl
         fn[stage1](grid, block, (*stage1_args, n_c, numpy.uint32(rank), ws.ws, *seg))
         fn[f"ec_filter_{type_name}"](grid, block, (x, n_c, k_c, ws.ws, *seg))
         fn["ec_refine"](candidate_grid, block, (n_c, ws.ws, ws.seg_value, ws.tile_count))
-        fn["ec_count"](candidate_grid, block, (n_c, ws.ws, ws.seg_value, ws.tile_count, ws.tile_above, ws.tile_tied))
-        fn[emit](candidate_grid, block, (emit_args[0], n_c, ws.ws, *seg, ws.tile_above, ws.tile_tied, *emit_args[1:]))
+        fn["ec_count"](
+            candidate_grid, block, (n_c, ws.ws, ws.seg_value, ws.tile_count, ws.tile_above, ws.tile_tied)
+        )
+        fn[emit](
+            candidate_grid,
+            block,
+            (emit_args[0], n_c, ws.ws, *seg, ws.tile_above, ws.tile_tied, *emit_args[1:]),
+        )
 
 
 def topk_magnitude_cuda(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -243,8 +270,16 @@ def topk_magnitude_cuda(x: torch.Tensor, k: int) -> torch.Tensor:
 
     out = torch.empty(k, dtype=torch.int32, device=flat.device)
     null = numpy.uint64(0)
-    _run(flat, k, f"ec_sample_{name}", f"ec_histogram_{name}", (_pointer(flat),), name, "ec_emit_index_only",
-         (null, _pointer(out), null, numpy.uint32(k), null))
+    _run(
+        flat,
+        k,
+        f"ec_sample_{name}",
+        f"ec_histogram_{name}",
+        (_pointer(flat),),
+        name,
+        "ec_emit_index_only",
+        (null, _pointer(out), null, numpy.uint32(k), null),
+    )
     return out.long()
 
 
@@ -270,8 +305,16 @@ def error_feedback_topk_cuda_(
 
     emit = f"ec_emit_{_TYPE_NAMES[wire_dtype]}_{'subtract' if subtract_sent else 'keep'}"
     name = _TYPE_NAMES[g.dtype]
-    _run(flat, k, f"ec_sample_acc_{name}", f"ec_accumulate_{name}", (_pointer(flat), _pointer(g)), "f32", emit,
-         (_pointer(flat), _pointer(indices), _pointer(values), numpy.uint32(k), _pointer(grad_finite)))
+    _run(
+        flat,
+        k,
+        f"ec_sample_acc_{name}",
+        f"ec_accumulate_{name}",
+        (_pointer(flat), _pointer(g)),
+        "f32",
+        emit,
+        (_pointer(flat), _pointer(indices), _pointer(values), numpy.uint32(k), _pointer(grad_finite)),
+    )
     if target is not memory:
         memory.copy_(target.view_as(memory))
     return indices, values, grad_finite

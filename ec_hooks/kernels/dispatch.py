@@ -102,16 +102,32 @@ def resolve_backend(backend: str, device: torch.device | str, numel: int | None 
                 raise RuntimeError(f"backend='cuda' cannot run on cuda:{index}: {reason}")
             return "cuda"
         if ok:
-            _announce(("cuda", index), logging.INFO, "top-k selection on cuda:%d uses the CUDA kernels (%s)", index, reason)
+            _announce(
+                ("cuda", index),
+                logging.INFO,
+                "top-k selection on cuda:%d uses the CUDA kernels (%s)",
+                index,
+                reason,
+            )
             return "cuda"
-        _announce(("cuda", index), logging.WARNING,
-                  "top-k selection on cuda:%d falls back to torch.topk: %s", index, reason)
+        _announce(
+            ("cuda", index),
+            logging.WARNING,
+            "top-k selection on cuda:%d falls back to torch.topk: %s",
+            index,
+            reason,
+        )
         return "torch"
     if backend == "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got a tensor on {device}")
     if device.type == "cpu":
-        _announce(("cpu",), logging.INFO, "top-k selection on CPU uses the sampled-threshold path for tensors "
-                  "of %d entries or more, torch.topk below", CPU_THRESHOLD_MIN_NUMEL)
+        _announce(
+            ("cpu",),
+            logging.INFO,
+            "top-k selection on CPU uses the sampled-threshold path for tensors "
+            "of %d entries or more, torch.topk below",
+            CPU_THRESHOLD_MIN_NUMEL,
+        )
         return "torch" if numel is not None and numel < CPU_THRESHOLD_MIN_NUMEL else "cpu"
     _announce((device.type,), logging.INFO, "top-k selection on %s uses torch.topk", device.type)
     return "torch"
@@ -184,11 +200,15 @@ def error_feedback_topk_(
     """
     _check_backend(backend)
     if memory.dtype != torch.float32 or not memory.is_contiguous():
-        raise ValueError(f"memory must be a contiguous fp32 tensor, got {memory.dtype} "
-                         f"({'contiguous' if memory.is_contiguous() else 'not contiguous'})")
+        raise ValueError(
+            f"memory must be a contiguous fp32 tensor, got {memory.dtype} "
+            f"({'contiguous' if memory.is_contiguous() else 'not contiguous'})"
+        )
     if grad.numel() != memory.numel() or grad.device != memory.device:
-        raise ValueError(f"grad must have memory's {memory.numel()} entries on {memory.device}, "
-                         f"got {grad.numel()} on {grad.device}")
+        raise ValueError(
+            f"grad must have memory's {memory.numel()} entries on {memory.device}, "
+            f"got {grad.numel()} on {grad.device}"
+        )
     wire_dtype = grad.dtype if wire_dtype is None else wire_dtype
     if wire_dtype not in _WIRE_DTYPES:
         raise ValueError(f"wire_dtype must be one of {[str(d) for d in _WIRE_DTYPES]}, got {wire_dtype}")
@@ -221,7 +241,9 @@ def error_feedback_topk_(
     return SelectedEntries(indices.to(torch.int32), values, grad_finite)
 
 
-def undo_accumulate_(memory: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, *, backend: str = "auto") -> None:
+def undo_accumulate_(
+    memory: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, *, backend: str = "auto"
+) -> None:
     """Undo step 1 of :func:`error_feedback_topk_` unless ``keep``: ``memory -= grad`` where finite.
 
     ``keep`` is a 0-dim bool tensor (typically "every worker's gradient was finite").  On the
@@ -230,7 +252,9 @@ def undo_accumulate_(memory: torch.Tensor, grad: torch.Tensor, keep: torch.Tenso
     """
     _check_backend(backend)
     chosen = resolve_backend(backend, memory.device, memory.numel())
-    if chosen == "cuda" and memory.dtype == torch.float32:  # the kernel takes fp32 memories (fp64 ones: below)
+    if (
+        chosen == "cuda" and memory.dtype == torch.float32
+    ):  # the kernel takes fp32 memories (fp64 ones: below)
         _cuda.undo_accumulate_cuda_(memory, grad, keep)
         return
     flat = memory.view(-1)
