@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from recipes.compare import DEFAULT_METHODS
 from tests.distributed import run_distributed
@@ -26,6 +28,15 @@ SYNTHETIC = (
     '{"class_path": "recipes.data.SyntheticDataModule", "init_args": {"num_samples": 64, "batch_size": 8}}'
 )
 STEPS = 4
+
+
+def _warmup_k(method: str, numel: int) -> int:
+    """Entries a Mem-SGD top-k recipe sends per step in these short runs: it ramps the density down
+    from ``density_warmup_start`` over more steps than the test trains."""
+    config = yaml.safe_load((CONFIGS / f"digits_{method}.yaml").read_text())
+    init_args = config["trainer"]["strategy"]["init_args"]
+    assert init_args["density_warmup_steps"] > STEPS
+    return math.ceil(numel * init_args["density_warmup_start"])
 
 
 def _smoke_args(method: str, world_size: int, root: str, csv_logger: bool = False) -> list[str]:
@@ -107,8 +118,9 @@ def test_every_method_trains_through_the_entry_point_on_two_ranks(tmp_path):
         r["powersgd"]["last_sent"] < dense / 4 and r["powersgd"]["bytes_sent"] > 2 * dense
     )  # 2 dense steps first
     k = -(-numel // 100)
-    assert r["memsgd_topk1"]["last_sent"] == 8 * k + 4  # k (index, value) pairs and a status word
-    assert r["memsgd_topk01"]["last_sent"] == 8 * -(-numel // 1000) + 4
+    # k (index, value) pairs and a status word
+    assert r["memsgd_topk1"]["last_sent"] == 8 * _warmup_k("memsgd_topk1", numel) + 4
+    assert r["memsgd_topk01"]["last_sent"] == 8 * _warmup_k("memsgd_topk01", numel) + 4
     assert r["memsgd_randk"]["last_sent"] == 4 * k + 4  # values only: the indices are shared
     assert r["ef_sign"]["logged_ratio"] > 25
     # On two ranks the ring is a pair: one neighbour, one message per step, ending in a status word.
@@ -136,8 +148,9 @@ def test_compare_writes_table_and_plot_on_three_ranks(tmp_path):
     by_name = {r.method: r for r in results}
     numel = 38_282
     assert by_name["ddp"].bytes_per_step == 4 * numel and by_name["ddp"].compression_ratio == 1.0
-    assert by_name["memsgd_topk1"].bytes_per_step == 8 * 383 + 4
-    assert by_name["memsgd_topk1"].compression_ratio == pytest.approx(4 * numel / (8 * 383 + 4))
+    topk1_bytes = 8 * _warmup_k("memsgd_topk1", numel) + 4
+    assert by_name["memsgd_topk1"].bytes_per_step == topk1_bytes
+    assert by_name["memsgd_topk1"].compression_ratio == pytest.approx(4 * numel / topk1_bytes)
     # a ring of three: two neighbours, each sent the same payload
     assert by_name["dpsgd"].bytes_per_step == 2 * 4 * (numel + 1)  # two neighbours; + the status word
     assert 10 < by_name["deepsqueeze_sign"].compression_ratio < 20
@@ -188,4 +201,5 @@ def test_command_line_entry_point_launches_two_ranks(tmp_path):
     assert len(metrics) == 1
     rows = list(csv.DictReader(open(metrics[0])))
     ratios = [float(row["comm/compression_ratio"]) for row in rows if row.get("comm/compression_ratio")]
-    assert len(ratios) == STEPS and ratios[-1] == pytest.approx(4 * 38_282 / (8 * 383 + 4), rel=1e-6)
+    topk1_bytes = 8 * _warmup_k("memsgd_topk1", 38_282) + 4
+    assert len(ratios) == STEPS and ratios[-1] == pytest.approx(4 * 38_282 / topk1_bytes, rel=1e-6)
