@@ -14,19 +14,16 @@ hands to the collectives per step.  Raw results: ``<out_dir>/runs.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from memsgd_accuracy import BASE_CONFIG, MEMSGD, digits_table  # noqa: E402
+from memsgd_accuracy import BASE_CONFIG, MEMSGD, digits_table, run_digits  # noqa: E402
 
 
 def _cyclic(class_path: str = "ec_hooks.CyclicTopK", **init_args) -> dict:
@@ -223,30 +220,6 @@ def write_configs(names: list[str], directory: Path) -> None:
         (directory / f"digits_{name}.yaml").write_text(yaml.safe_dump(config))
 
 
-def run(names: list[str], seeds: list[int], devices: int, out_dir: Path) -> dict[str, list]:
-    from recipes.compare import compare
-
-    results: dict[str, list] = {name: [] for name in names}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_configs(names, Path(tmp))
-        for seed in seeds:
-            for r in compare(
-                names,
-                "digits",
-                devices,
-                overrides=["--seed_everything", str(seed)],
-                config_dir=tmp,
-                out_dir=out_dir / f"seed{seed}",
-            ):
-                if r.error:
-                    raise RuntimeError(f"{r.method} (seed {seed}) failed: {r.error}")
-                results[r.method].append(r)
-            with open(out_dir / "runs.json", "w") as f:
-                json.dump({name: [asdict(r) for r in runs] for name, runs in results.items()}, f)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -260,7 +233,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--rows: unknown {unknown}; rows: {list(ROWS)}")
     started = time.perf_counter()
-    table = digits_table(run(args.rows, args.seeds, args.devices, Path(args.out_dir)))
+    table = digits_table(run_digits(args.rows, args.seeds, args.devices, Path(args.out_dir), write_configs))
     print(
         f"\ndigits, {args.devices} gloo ranks, seeds {args.seeds}, 132 steps "
         f"({time.perf_counter() - started:.0f} s)\n\n{table}\n",

@@ -137,12 +137,17 @@ def write_configs(names: list[str], directory: Path) -> None:
         (directory / f"digits_{name}.yaml").write_text(yaml.safe_dump(config))
 
 
-def run_digits(names: list[str], seeds: list[int], devices: int, out_dir: Path) -> dict[str, list]:
+def run_digits(
+    names: list[str], seeds: list[int], devices: int, out_dir: Path, configs_writer=None
+) -> dict[str, list]:
+    """Train each row on each seed through ``recipes.compare``; ``configs_writer(names, folder)``
+    writes the rows' configs (this module's :func:`write_configs` by default)."""
     from recipes.compare import compare
 
     results: dict[str, list] = {name: [] for name in names}
+    out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        write_configs(names, Path(tmp))
+        (configs_writer or write_configs)(names, Path(tmp))
         for seed in seeds:
             for r in compare(
                 names,
