@@ -81,7 +81,7 @@ def allreduce_mean(tensor: torch.Tensor, group=None) -> torch.futures.Future:
     n = world_size(group)
     tensor.div_(n)
     if n == 1:
-        fut = torch.futures.Future()
+        fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(tensor)
         return fut
     work = dist.all_reduce(tensor, group=group, async_op=True)
@@ -94,7 +94,7 @@ def allgather(buffer: torch.Tensor, group=None) -> torch.futures.Future:
     out = torch.empty((n, buffer.numel()), dtype=buffer.dtype, device=buffer.device)
     if n == 1:
         out[0].copy_(buffer)
-        fut = torch.futures.Future()
+        fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(out)
         return fut
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
