@@ -249,7 +249,9 @@ def test_two_nodes_are_removed_when_the_owner_is_interrupted(tmp_path, signum):
     script = tmp_path / "owner.py"
     script.write_text(
         textwrap.dedent(f"""
-        import importlib.util, sys, time
+        import importlib.util, signal, sys, time
+        # A shell's background job inherits SIGINT ignored; Ctrl-C at a terminal is what is tested.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         spec = importlib.util.spec_from_file_location("_netns", {str(ROOT / "benchmarks" / "_netns.py")!r})
         netns = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(netns)
@@ -268,5 +270,8 @@ def test_two_nodes_are_removed_when_the_owner_is_interrupted(tmp_path, signum):
     finally:
         if owner.poll() is None:
             owner.kill()
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for ns in (f"{name}-a", f"{name}-b"):
+            # a failed owner must not leave its namespaces to the machine
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     assert f"{name}-a" not in listed and f"{name}-b" not in listed
