@@ -897,6 +897,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_minimums(args: argparse.Namespace, *minimums: tuple[str, int]) -> None:
+    """Each ``(name, low)``: the integer option ``--name`` must be at least ``low``."""
+    for name, low in minimums:
+        if getattr(args, name) < low:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}"
+            )
+
+
 def validate(args: argparse.Namespace) -> None:
     """ValueError naming the parameter and what it allows."""
     if args.mode not in MODES:
@@ -916,7 +925,8 @@ def validate(args: argparse.Namespace) -> None:
         if len(set(args.world_sizes)) != len(args.world_sizes) or any(n < 2 for n in args.world_sizes):
             raise ValueError(f"--world-sizes must be distinct integers >= 2, got {args.world_sizes}")
         args.world_size = args.world_sizes[0]
-    for name, low in (
+    check_minimums(
+        args,
         ("world_size", 2),
         ("steps", 1),
         ("min_steps", 1),
@@ -930,11 +940,7 @@ def validate(args: argparse.Namespace) -> None:
         ("tta_hidden", 1),
         ("powersgd_start_iter", 2),
         ("tta_seed", 0),
-    ):
-        if getattr(args, name) < low:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}"
-            )
+    )
     if args.world_sizes is None:
         args.world_sizes = [args.world_size]
     if args.min_steps > args.steps:

@@ -433,7 +433,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (8 if step_time else 32)
     args.steps = args.steps or (6 if step_time else 300)
     args.lr = args.lr or (0.01 if step_time else 0.05)
-    for name, low in (
+    slow_network.check_minimums(
+        args,
         ("ranks_per_node", 1),
         ("mlp_width", 8),
         ("batch_size", 1),
@@ -441,11 +442,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("warmup", 2),
         ("hidden", 1),
         ("threads", 1),
-    ):
-        if getattr(args, name) < low:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be an integer >= {low}, got {getattr(args, name)}"
-            )
+    )
     for rate in args.rates:
         _netns.parse_rate(rate)
     return args
