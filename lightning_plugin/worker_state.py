@@ -21,6 +21,7 @@ ignores the entry and uses the checkpoint's ``state_dict``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -53,6 +54,27 @@ def _local_path(filepath) -> Path | None:
     if "://" in text and not text.startswith("file://"):
         return None
     return Path(text.removeprefix("file://"))
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_destroy_at_exit_registered = False
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the default process group before the interpreter shuts down (registered once).
+
+    Lightning registers this for NCCL only.  A gloo group left to the interpreter's shutdown
+    can abort the process ("terminate called without an active exception", exit -6) after a
+    successful run, because its worker threads are torn down with the interpreter half gone.
+    """
+    global _destroy_at_exit_registered
+    if not _destroy_at_exit_registered:
+        atexit.register(_destroy_process_group)
+        _destroy_at_exit_registered = True
 
 
 def gather_to_rank_zero(obj: Any) -> list[Any] | None:
@@ -90,6 +112,11 @@ class WorkerStateDDPStrategy(DDPStrategy):
         return False
 
     # -- Lightning hooks ---------------------------------------------------------------------
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        _destroy_process_group_at_exit()
+
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:
