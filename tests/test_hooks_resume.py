@@ -47,6 +47,12 @@ CONFIGS = {
     # the leader rotates with the step and the bucket: a resume must pick the same leaders
     "cyclic_topk": (lambda: ec_hooks.CyclicTopK(0.1), 0, {}),
     "cyclic_topk_filter": (lambda: ec_hooks.CyclicTopK(0.1, memory_filter=0.5), 0, {}),
+    # the nominations and the kept sums depend on the memories only, resumed inside the warm-up
+    "cyclic_topk_candidates": (
+        lambda: ec_hooks.CyclicTopK(0.1, selection="candidates"),
+        0,
+        {"density_warmup_steps": 5, "density_warmup_start": 0.4},
+    ),
 }
 
 
