@@ -53,42 +53,6 @@ def _oracle_class():
     return GlobalIndexOracle
 
 
-def _two_stage_class():
-    import math
-
-    import torch
-    import torch.distributed as dist
-
-    from ec_hooks import CyclicTopK
-
-    class TwoStagePrototype(CyclicTopK):
-        """Prototype of a two-stage shared selection (collectives uncounted): every worker
-        proposes its top ``proposal * k / n`` entries, the values at the union are summed, and the
-        ``k`` of largest summed magnitude are the shared indices (the leader encodes them)."""
-
-        proposal = 2.0
-
-        def compress_error_feedback_(self, memory, grad, **kwargs):
-            out = super().compress_error_feedback_(memory, grad, **kwargs)
-            n, flat = dist.get_world_size(), memory.reshape(-1)
-            k = self.k_for(flat.numel())
-            mine = torch.topk(flat.abs(), math.ceil(self.proposal * k / n), sorted=False).indices
-            every = [torch.empty_like(mine) for _ in range(n)]
-            dist.all_gather(every, mine)
-            union = torch.cat(every).unique()
-            summed = flat[union].clone()
-            dist.all_reduce(summed)
-            self._shared = union[torch.topk(summed.abs(), min(k, union.numel()), sorted=False).indices]
-            return out
-
-        def select(self, x):
-            scores = torch.zeros(x.numel())
-            scores[self._shared] = 1.0 + torch.arange(self._shared.numel(), dtype=torch.float32)
-            return super().select(scores.view_as(x))
-
-    return TwoStagePrototype
-
-
 def _history_class():
     import torch
     import torch.distributed as dist
@@ -186,7 +150,6 @@ if __name__ != "__main__":  # imported by the training workers, for the class_pa
     GlobalIndexOracle = _oracle_class()
     WithSparseAllreduce = _sparse_strategy()
     HistoryInformedCyclicTopK = _history_class()
-    TwoStagePrototype = _two_stage_class()
     FirstPhase = _first_phase_strategy()
 
 
@@ -246,6 +209,8 @@ ROWS: dict[str, dict] = {
     # the recipes' density warm-up (MemSGDStrategy's density_warmup_*: 1.5625% for 66 steps, then 1%)
     "topk1_ramp16": {"compressor": "topk", "density": 0.01, **RAMP16},
     "cyclic1_ramp16": {"compressor": "cyclic_topk", "density": 0.01, **RAMP16},
+    # shared-index variants with the same ramp shape (1.5625 x the density for 66 steps); "candidates":
+    # indices chosen from the summed values of every worker's nominations (selection="candidates")
     "cyclic2_ramp16": {
         "compressor": "cyclic_topk",
         "density": 0.02,
@@ -253,7 +218,11 @@ ROWS: dict[str, dict] = {
         "density_warmup_start": 0.03125,
     },
     "cyclic1_candidates_ramp16": {"compressor": _cyclic(selection="candidates"), **RAMP16},
-    "cyclic1_candidates": {"compressor": _cyclic(selection="candidates")},
+    "cyclic1_candidates_ramp16_mc": {
+        "compressor": _cyclic(selection="candidates"),
+        **RAMP16,
+        "momentum_correction": True,
+    },
     "cyclic1_candidates3_ramp16": {"compressor": _cyclic(selection="candidates", candidates=3.0), **RAMP16},
     "cyclic1_candidates_bf16_ramp16": {
         "compressor": _cyclic(selection="candidates", value_dtype="bf16"),
@@ -263,9 +232,32 @@ ROWS: dict[str, dict] = {
         "compressor": _cyclic(selection="candidates", candidates=3.0, value_dtype="bf16"),
         **RAMP16,
     },
-    "cyclic1_two_stage_ramp16": {
-        "compressor": _cyclic("cyclic_accuracy.TwoStagePrototype"),
-        **RAMP16,
+    "cyclic15_candidates_bf16_ramp": {
+        "compressor": _cyclic(density=0.015, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.0234375,
+    },
+    "cyclic15_candidates_bf16_ramp_mc": {
+        "compressor": _cyclic(density=0.015, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.0234375,
+        "momentum_correction": True,
+    },
+    "cyclic2_candidates1.5_bf16_ramp": {
+        "compressor": _cyclic(density=0.02, selection="candidates", candidates=1.5, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+    },
+    "cyclic2_candidates_bf16_ramp": {
+        "compressor": _cyclic(density=0.02, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+    },
+    "cyclic1_global_oracle_ramp16": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"), **RAMP16},
+    "cyclic2_bf16_ramp": {
+        "compressor": _cyclic(density=0.02, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
     },
     "topk1_sparse_allreduce": (
         "cyclic_accuracy.WithSparseAllreduce",

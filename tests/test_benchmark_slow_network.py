@@ -56,6 +56,12 @@ def test_defaults_cover_every_method_with_four_ranks_at_100mbit():
     assert "memsgd_cyclic_topk_1pct" in tta.methods and tta.tta_seed == 0
 
 
+def test_the_candidate_selection_is_a_method_of_its_own():
+    built = slow._compressor(slow.METHODS["memsgd_cyclic_topk_1pct_candidates"])
+    assert built.selects_from_candidates and built.density == 0.01
+    assert not slow._compressor(slow.METHODS["memsgd_cyclic_topk_1pct"]).selects_from_candidates
+
+
 @pytest.mark.parametrize(
     "argv, names",
     [
