@@ -259,6 +259,11 @@ ROWS: dict[str, dict] = {
         "density_warmup_steps": 66,
         "density_warmup_start": 0.03125,
     },
+    "cyclic3_bf16_ramp": {
+        "compressor": _cyclic(density=0.03, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.046875,
+    },
     "topk1_sparse_allreduce": (
         "cyclic_accuracy.WithSparseAllreduce",
         {"compressor": "topk", "density": 0.01},

@@ -18,7 +18,7 @@ from ec_hooks.transport import (
 from .distributed import run_distributed
 from .test_hooks import Recorder, _gather, make_model, train
 
-ALL = (SharedIndexAllreduce(), CandidateAllreduce(), AllreduceMean(), AllgatherSum(), DenseAllreduce())
+ALL = (SharedIndexAllreduce(), AllreduceMean(), AllgatherSum(), DenseAllreduce(), CandidateAllreduce())
 
 
 # ---------------------------------------------------------------- the compressor alone
