@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -60,6 +61,8 @@ def test_the_candidate_selection_is_a_method_of_its_own():
     built = slow._compressor(slow.METHODS["memsgd_cyclic_topk_1pct_candidates"])
     assert built.selects_from_candidates and built.density == 0.01
     assert not slow._compressor(slow.METHODS["memsgd_cyclic_topk_1pct"]).selects_from_candidates
+    recipe = slow._compressor(slow.METHODS["memsgd_cyclic_topk_2pct_bf16"])  # the digits recipe's setting
+    assert (recipe.density, recipe.value_dtype, recipe.selection) == (0.02, torch.bfloat16, "leader")
 
 
 @pytest.mark.parametrize(
