@@ -153,6 +153,8 @@ if __name__ != "__main__":  # imported by the training workers, for the class_pa
     FirstPhase = _first_phase_strategy()
 
 
+RAMP16 = {"density_warmup_steps": 66, "density_warmup_start": 0.015625}
+
 #: row name -> init_args of MemSGDStrategy, or (strategy class_path, init_args)
 ROWS: dict[str, dict] = {
     "topk1": {"compressor": "topk", "density": 0.01},
@@ -204,6 +206,64 @@ ROWS: dict[str, dict] = {
         "cyclic_accuracy.FirstPhase",
         {"first_steps": 66, "first_density": 0.015625, "compressor": "cyclic_topk", "density": 0.01},
     ),
+    # the recipes' density warm-up (MemSGDStrategy's density_warmup_*: 1.5625% for 66 steps, then 1%)
+    "topk1_ramp16": {"compressor": "topk", "density": 0.01, **RAMP16},
+    "cyclic1_ramp16": {"compressor": "cyclic_topk", "density": 0.01, **RAMP16},
+    # shared-index variants with the same ramp shape (1.5625 x the density for 66 steps); "candidates":
+    # indices chosen from the summed values of every worker's nominations (selection="candidates")
+    "cyclic2_ramp16": {
+        "compressor": "cyclic_topk",
+        "density": 0.02,
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+    },
+    "cyclic1_candidates_ramp16": {"compressor": _cyclic(selection="candidates"), **RAMP16},
+    "cyclic1_candidates_ramp16_mc": {
+        "compressor": _cyclic(selection="candidates"),
+        **RAMP16,
+        "momentum_correction": True,
+    },
+    "cyclic1_candidates3_ramp16": {"compressor": _cyclic(selection="candidates", candidates=3.0), **RAMP16},
+    "cyclic1_candidates_bf16_ramp16": {
+        "compressor": _cyclic(selection="candidates", value_dtype="bf16"),
+        **RAMP16,
+    },
+    "cyclic1_candidates3_bf16_ramp16": {
+        "compressor": _cyclic(selection="candidates", candidates=3.0, value_dtype="bf16"),
+        **RAMP16,
+    },
+    "cyclic15_candidates_bf16_ramp": {
+        "compressor": _cyclic(density=0.015, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.0234375,
+    },
+    "cyclic15_candidates_bf16_ramp_mc": {
+        "compressor": _cyclic(density=0.015, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.0234375,
+        "momentum_correction": True,
+    },
+    "cyclic2_candidates1.5_bf16_ramp": {
+        "compressor": _cyclic(density=0.02, selection="candidates", candidates=1.5, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+    },
+    "cyclic2_candidates_bf16_ramp": {
+        "compressor": _cyclic(density=0.02, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+    },
+    "cyclic1_global_oracle_ramp16": {"compressor": _cyclic("cyclic_accuracy.GlobalIndexOracle"), **RAMP16},
+    "cyclic2_bf16_ramp": {
+        "compressor": _cyclic(density=0.02, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+    },
+    "cyclic3_bf16_ramp": {
+        "compressor": _cyclic(density=0.03, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.046875,
+    },
     "topk1_sparse_allreduce": (
         "cyclic_accuracy.WithSparseAllreduce",
         {"compressor": "topk", "density": 0.01},

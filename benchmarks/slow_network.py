@@ -141,7 +141,23 @@ METHODS = {
             topk_options=(("value_dtype", "bf16"),),
         ),
         Method(
+            "memsgd_cyclic_topk_1pct_candidates",
+            "Mem-SGD shared-index top-k 1%, indices from candidates",
+            "hook",
+            ("CyclicTopK",),
+            0.01,
+            topk_options=(("selection", "candidates"),),
+        ),
+        Method(
             "memsgd_cyclic_topk_2pct", "Mem-SGD shared-index (cyclic) top-k 2%", "hook", ("CyclicTopK",), 0.02
+        ),
+        Method(
+            "memsgd_cyclic_topk_2pct_bf16",
+            "Mem-SGD shared-index (cyclic) top-k 2%, bf16 values",
+            "hook",
+            ("CyclicTopK",),
+            0.02,
+            topk_options=(("value_dtype", "bf16"),),
         ),
         Method(
             "memsgd_topk_1pct_sparse",

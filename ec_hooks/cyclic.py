@@ -6,13 +6,20 @@ they can: at step ``t`` one worker, the leader, picks the ``k`` indices from its
 error-compensated gradient and broadcasts them; every worker takes its values at those indices;
 one allreduce sums the values.  The bytes per worker no longer grow with ``n``.
 
-:class:`CyclicTopK` only says which indices and which values; the broadcast and the allreduce
-belong to :class:`ec_hooks.transport.SharedIndexAllreduce`, which the hook picks for it.
+A single leader picks from its own memory, a noisy picture of the sum the step applies.  With
+``selection="candidates"`` every worker nominates its strongest entries, the values at the
+union are summed, and the ``k`` largest sums are applied: the shared indices are chosen from
+the sum itself, still at bytes per worker that do not grow with ``n``.
+
+:class:`CyclicTopK` only says which indices and which values; the collectives belong to
+:class:`ec_hooks.transport.SharedIndexAllreduce` (leader) and
+:class:`ec_hooks.transport.CandidateAllreduce` (candidates), which the hook picks for it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 
 import torch
@@ -28,9 +35,12 @@ from ec_hooks.compressors.wire import pad as _pad
 from ec_hooks.kernels import error_feedback_topk_, to_wire, topk_magnitude
 from ec_hooks.validation import check_choice, check_density
 
-__all__ = ["CyclicTopK"]
+__all__ = ["SELECTIONS", "CyclicTopK"]
 
 logger = logging.getLogger(__name__)
+
+#: how the shared index set is chosen (see :class:`CyclicTopK`)
+SELECTIONS = ("leader", "candidates")
 
 
 class CyclicTopK(Compressor):
@@ -51,6 +61,24 @@ class CyclicTopK(Compressor):
     Filler slots of the gap format (gaps above 65535) carry the value at the filler's position,
     so they are sent and subtracted like any entry; tail slots carry 0.
 
+    With ``selection="candidates"`` the index set is chosen from the sum instead
+    (:class:`~ec_hooks.transport.CandidateAllreduce`):
+
+    1. every worker nominates the ``m = ceil(candidates * k / n)`` entries of largest magnitude
+       of its own compensated buffer (:meth:`nominate`, the same gap format with ``m`` entries);
+    2. the nominations are allgathered (``n m`` positions in all, ``2 candidates k`` for the
+       default; the broadcast of step 2 above moves ``k``) and their union ``U`` is decoded
+       identically on every worker;
+    3. one allreduce sums every worker's values at ``U`` (at most ``n m`` values);
+    4. the ``k`` entries of ``U`` with the largest summed magnitude are applied
+       (:meth:`keep`); every worker takes its own values there out of its memory, and what it
+       sent at the other entries of ``U`` stays in its memory, as if it had not been sent.
+
+    The entries applied are the top-``k`` of the summed buffer whenever those are among the
+    candidates, which every worker's strongest entries are.  Bytes per worker stay constant in
+    ``n``: about ``2 (n - 1) / n (2 candidates k + 4 candidates k)`` for fp32 values, twice the
+    leader's at the default ``candidates = 2``.
+
     ScaleCom's low-pass filter (``memory_filter = beta < 1``) replaces the memory update
     ``m = acc - c`` by ``m = (1 - beta) m + beta (acc - c)``, i.e. ``m += beta (g - c)``: it keeps
     the workers' memories closer to each other, so that the leader's indices serve everybody,
@@ -64,6 +92,10 @@ class CyclicTopK(Compressor):
             (also ``"bf16"``, ...): the dtype in which the values are summed.
         memory_filter: ScaleCom's ``beta`` in (0, 1]; 1 (default) is plain error feedback.
         backend: selection backend of the leader (see :func:`ec_hooks.kernels.topk_magnitude`).
+        selection: ``"leader"`` (default: ScaleCom's leader in turn) or ``"candidates"`` (the
+            ``k`` largest sums among every worker's nominated entries).
+        candidates: with ``selection="candidates"``, how many entries each worker nominates, in
+            units of ``k / n`` (default 2.0; at least 1).
     """
 
     summable = True
@@ -78,7 +110,13 @@ class CyclicTopK(Compressor):
     name = "cyclic_topk"
 
     def __init__(
-        self, density: float = 0.01, value_dtype=None, memory_filter: float = 1.0, backend: str = "auto"
+        self,
+        density: float = 0.01,
+        value_dtype=None,
+        memory_filter: float = 1.0,
+        backend: str = "auto",
+        selection: str = "leader",
+        candidates: float = 2.0,
     ):
         self.density = check_density(density)
         self.value_dtype = _value_dtype(value_dtype)
@@ -93,6 +131,21 @@ class CyclicTopK(Compressor):
             )
         self.memory_filter = float(memory_filter)
         self.backend = check_choice("backend", backend, _BACKENDS)
+        self.selection = check_choice("selection", selection, SELECTIONS)
+        if isinstance(candidates, bool) or not isinstance(candidates, numbers.Real) or not candidates >= 1.0:
+            raise ValueError(
+                f"candidates must be a number >= 1 (entries each worker nominates, in units of k / n), "
+                f"got {candidates!r}"
+            )
+        if selection == "leader" and candidates != 2.0:
+            raise ValueError(
+                f"candidates={candidates!r} is only used with selection='candidates' (the leader selects "
+                "k entries itself)"
+            )
+        self.candidates = float(candidates)
+        #: the index set is chosen from the summed values of every worker's nominations
+        #: (see CandidateAllreduce) rather than by one leader (SharedIndexAllreduce)
+        self.selects_from_candidates = self.selection == "candidates"
 
     def _repr_args(self):
         args = {"density": self.density}
@@ -102,6 +155,9 @@ class CyclicTopK(Compressor):
             args["memory_filter"] = self.memory_filter
         if self.backend != "auto":
             args["backend"] = self.backend
+        if self.selection != "leader":
+            args["selection"] = self.selection
+            args["candidates"] = self.candidates
         return args
 
     k_for = TopK.k_for
@@ -117,16 +173,22 @@ class CyclicTopK(Compressor):
 
     # -------------------------------------------------------------- the leader's index message
 
-    def index_bytes(self, numel: int) -> int:
-        """Bytes of the index message for a tensor of ``numel`` entries (2 per slot, padded)."""
-        return _pad(2 * self.slots_for(numel))
+    def index_bytes(self, numel: int, count: int | None = None) -> int:
+        """Bytes of an index message of ``count`` entries (default ``k``) for a tensor of
+        ``numel`` entries (2 per slot, padded)."""
+        count = self.k_for(numel) if count is None else count
+        return _pad(2 * _delta16_capacity(numel, count))
 
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """The leader's index message: the top-k positions of ``x`` as uint8 bytes."""
+    def select(self, x: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """The leader's index message: the top-``count`` (default ``k``) positions of ``x`` as
+        uint8 bytes."""
         flat = x.reshape(-1)
-        indices = topk_magnitude(flat, self.k_for(flat.numel()), backend=self.backend)
-        gaps, _ = _delta16_encode(indices, flat.new_zeros(indices.numel()), self.slots_for(flat.numel()))
-        out = torch.zeros(self.index_bytes(flat.numel()), dtype=torch.uint8, device=x.device)
+        count = self.k_for(flat.numel()) if count is None else count
+        indices = topk_magnitude(flat, count, backend=self.backend)
+        gaps, _ = _delta16_encode(
+            indices, flat.new_zeros(indices.numel()), _delta16_capacity(flat.numel(), count)
+        )
+        out = torch.zeros(self.index_bytes(flat.numel(), count), dtype=torch.uint8, device=x.device)
         out[: 2 * gaps.numel()] = gaps.view(torch.uint8)
         return out
 
@@ -134,13 +196,17 @@ class CyclicTopK(Compressor):
         """The buffer a follower receives the index message into."""
         return torch.empty(self.index_bytes(numel), dtype=torch.uint8, device=device)
 
-    def decode_indices(self, message: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slot positions (int64) and a mask of the slots that carry an entry (not the tail)."""
-        slots = self.slots_for(numel)
-        if message.numel() != self.index_bytes(numel):
+    def decode_indices(
+        self, message: torch.Tensor, numel: int, count: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot positions (int64) and a mask of the slots that carry an entry (not the tail) of
+        an index message of ``count`` entries (default ``k``)."""
+        count = self.k_for(numel) if count is None else count
+        slots = _delta16_capacity(numel, count)
+        if message.numel() != self.index_bytes(numel, count):
             raise ValueError(
                 f"CyclicTopK index message has {message.numel()} bytes, expected "
-                f"{self.index_bytes(numel)} for a tensor of {numel} entries"
+                f"{self.index_bytes(numel, count)} for a tensor of {numel} entries"
             )
         gaps = message[: 2 * slots].view(torch.int16)
         indices = _delta16_decode(gaps)
@@ -153,6 +219,40 @@ class CyclicTopK(Compressor):
                 "corrupted or mismatched message (do all workers use the same model?)"
             )
         return indices.clamp_(max=numel - 1), used
+
+    # -------------------------------------------------------------- candidates (selection="candidates")
+
+    def candidates_for(self, numel: int, world_size: int) -> int:
+        """Entries each worker nominates: ``ceil(candidates * k / n)``, at most ``numel``."""
+        return min(numel, math.ceil(self.candidates * self.k_for(numel) / world_size))
+
+    def nominate(self, x: torch.Tensor, world_size: int) -> torch.Tensor:
+        """This worker's nominations: the index message of its top :meth:`candidates_for` entries."""
+        return self.select(x, self.candidates_for(x.numel(), world_size))
+
+    def union_of(self, messages: torch.Tensor, numel: int, world_size: int) -> torch.Tensor:
+        """The sorted union (int64) of the nominations, one message per row of ``messages``."""
+        count = self.candidates_for(numel, world_size)
+        found = []
+        for message in messages:
+            indices, used = self.decode_indices(message, numel, count)
+            found.append(indices[used])
+        return torch.unique(torch.cat(found))
+
+    def keep(self, summed: torch.Tensor, numel: int) -> torch.Tensor:
+        """Positions in ``summed`` (the values summed at the union) of the ``k`` largest
+        magnitudes, ascending; the same on every worker, which holds the same sums."""
+        k = min(self.k_for(numel), summed.numel())
+        return torch.topk(summed.abs().float(), k, sorted=False).indices.sort().values
+
+    def values_at(
+        self, x: torch.Tensor, indices: torch.Tensor, wire_dtype: torch.dtype | None = None
+    ) -> Payload:
+        """This worker's values of ``x`` at ``indices`` (every slot an entry)."""
+        values = x.reshape(-1)[indices]
+        return Payload(
+            data=to_wire(values, self.value_dtype or wire_dtype or x.dtype), shape=x.shape, indices=indices
+        )
 
     # -------------------------------------------------------------- every worker's values
 

@@ -153,6 +153,7 @@ class ErrorFeedbackState:
         #: the transports each bucket chooses from, by bytes on the wire (see ec_hooks.transport)
         self.transports: tuple[transport.Transport, ...] = (
             transport.SharedIndexAllreduce(),
+            transport.CandidateAllreduce(),
             transport.AllreduceMean(),
             transport.AllgatherSum(),
             *((transport.DenseAllreduce(),) if dense_fallback else ()),

@@ -16,6 +16,9 @@ compressor, per bucket:
 * :class:`SharedIndexAllreduce` -- compressors whose indices one worker chooses
   (:class:`~ec_hooks.cyclic.CyclicTopK`): the leader's index message is broadcast, every worker
   takes its values there, one allreduce sums them.
+* :class:`CandidateAllreduce` -- shared-index compressors that choose the indices from the sum
+  (``CyclicTopK(selection="candidates")``): every worker's nominations are allgathered, one
+  allreduce sums the values at their union, the ``k`` largest sums are applied.
 * :class:`SparseAllreduce` -- private top-k payloads summed by region (Ok-Topk): all-to-all to
   the region owners, re-selection, allgather of the kept entries.  Opt-in.
 
@@ -41,9 +44,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ec_hooks.compressors.base import Payload
+
 __all__ = [
     "AllgatherSum",
     "AllreduceMean",
+    "CandidateAllreduce",
     "Delivery",
     "DenseAllreduce",
     "InMemoryExchange",
@@ -362,7 +368,7 @@ class SharedIndexAllreduce(Transport):
     name = "shared_index"
 
     def accepts(self, compressor):
-        return compressor.shares_indices
+        return compressor.shares_indices and not compressor.selects_from_candidates
 
     def wire_bytes(self, compressor, numel, dtype, n):
         index = (n - 1) / n * compressor.index_bytes(numel)
@@ -386,6 +392,62 @@ class SharedIndexAllreduce(Transport):
 
         fut, nbytes = _summed(compressor, payload, _status(out.finite), group, update_memory)
         return fut, nbytes + (message.numel() if out.rank == leader and n > 1 else 0)
+
+
+class CandidateAllreduce(Transport):
+    """Shared indices chosen from the sum: every worker nominates candidates, the ``k`` largest
+    sums among them are applied (``CyclicTopK(selection="candidates")``).
+
+    1. Every worker encodes its nominations (``compressor.nominate``: its top
+       ``m = compressor.candidates_for(d, n)`` positions, a fixed-size message).
+    2. The messages are allgathered and waited for in the hook's thread (the allreduce of step 3
+       must be issued in the same order on every rank, see :class:`SharedIndexAllreduce`); every
+       worker decodes the same sorted union ``U`` (``compressor.union_of``).
+    3. Every worker takes its values at ``U``; one allreduce-mean sums them, status word
+       appended.  This is the future.
+    4. On delivery, the ``k`` entries of ``U`` with the largest summed magnitude
+       (``compressor.keep``) make the mean; this worker takes out of its memory only its own
+       values there (``compressor.update_memory_``): what it sent at the rest of ``U`` stays in
+       its memory, so the conservation invariant holds per worker.
+
+    :meth:`wire_bytes` counts the union at its largest, ``min(n m, d)`` values; overlapping
+    nominations make it smaller (the bytes handed in count the actual union).
+    """
+
+    name = "candidates"
+
+    def accepts(self, compressor):
+        return compressor.shares_indices and compressor.selects_from_candidates
+
+    def wire_bytes(self, compressor, numel, dtype, n):
+        m = compressor.candidates_for(numel, n)
+        index = (n - 1) * compressor.index_bytes(numel, m)
+        value_size = compressor.wire_bytes(1, dtype)
+        return index + ring_allreduce_bytes((min(n * m, numel) + 1) * value_size, n)
+
+    def start(self, out, group=None):
+        compressor, source, n = out.compressor, out.source, world_size(group)
+        numel = source.numel()
+        message = compressor.nominate(source, n)
+        messages = allgather(message, group).wait()
+        union = compressor.union_of(messages, numel, n)
+        offered = compressor.values_at(source, union, out.wire_dtype)
+        wire = torch.cat([offered.data, _status(out.finite).to(offered.data.dtype)])
+        fut = allreduce_mean(wire, group)
+
+        def deliver(fut: torch.futures.Future) -> Delivery:
+            wire = fut.value()
+            kept = compressor.keep(wire[:-1], numel)
+            # Only the kept entries leave this worker's memory: the rest of what it offered stays.
+            mine = Payload(offered.data[kept], offered.shape, union[kept], offered.value_dtype)
+            mean = compressor.decompress(mine.with_data(wire[:-1][kept])).reshape(-1)
+
+            def update_memory(memory, scale=None):
+                compressor.update_memory_(memory, mine, out.grad, scale)
+
+            return Delivery(mean, wire[-1] == 0, update_memory, lambda: mine.indices)
+
+        return fut.then(deliver), wire.numel() * wire.element_size() + (message.numel() if n > 1 else 0)
 
 
 class SparseAllreduce(Transport):

@@ -122,6 +122,7 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
         "cyclic1_global_oracle_ef",
         "cyclic1_ef_private33",
         "topk1_sparse_allreduce",
+        "cyclic1_candidates_ramp16",
     ]
     cyclic_accuracy.write_configs(names, tmp_path)
     built = {
@@ -138,6 +139,8 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
     assert isinstance(built["cyclic1_global_oracle_ef"].compressor, CyclicTopK)
     assert built["cyclic1_ef_private33"].first_steps == 33 and built["cyclic1_ef_private33"].first_private
     assert type(built["topk1_sparse_allreduce"]).__name__ == "WithSparseAllreduce"
+    candidates = built["cyclic1_candidates_ramp16"]
+    assert candidates.compressor.selects_from_candidates and candidates.density_warmup_steps == 66
 
 
 @pytest.mark.slow

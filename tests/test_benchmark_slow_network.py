@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -54,6 +55,14 @@ def test_defaults_cover_every_method_with_four_ranks_at_100mbit():
     tta = slow.parse_args(["--mode", "time-to-accuracy"])
     assert tta.methods == list(slow.DEFAULT_TTA_METHODS) and tta.batch_size == 32
     assert "memsgd_cyclic_topk_1pct" in tta.methods and tta.tta_seed == 0
+
+
+def test_the_candidate_selection_is_a_method_of_its_own():
+    built = slow._compressor(slow.METHODS["memsgd_cyclic_topk_1pct_candidates"])
+    assert built.selects_from_candidates and built.density == 0.01
+    assert not slow._compressor(slow.METHODS["memsgd_cyclic_topk_1pct"]).selects_from_candidates
+    recipe = slow._compressor(slow.METHODS["memsgd_cyclic_topk_2pct_bf16"])  # the digits recipe's setting
+    assert (recipe.density, recipe.value_dtype, recipe.selection) == (0.02, torch.bfloat16, "leader")
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ec_hooks
 from ec_hooks import CyclicTopK, ErrorFeedbackState, error_feedback_hook, transport
-from ec_hooks.transport import AllgatherSum, AllreduceMean, DenseAllreduce, SharedIndexAllreduce
+from ec_hooks.transport import (
+    AllgatherSum,
+    AllreduceMean,
+    CandidateAllreduce,
+    DenseAllreduce,
+    SharedIndexAllreduce,
+)
 
 from .distributed import run_distributed
 from .test_hooks import Recorder, _gather, make_model, train
 
-ALL = (SharedIndexAllreduce(), AllreduceMean(), AllgatherSum(), DenseAllreduce())
+ALL = (SharedIndexAllreduce(), AllreduceMean(), AllgatherSum(), DenseAllreduce(), CandidateAllreduce())
 
 
 # ---------------------------------------------------------------- the compressor alone
@@ -169,6 +175,8 @@ def test_the_choice_is_the_cheapest_transport_that_accepts_the_compressor():
 TRANSPORTS = {  # name -> compressor that makes the hook choose that transport on 2 and 3 ranks
     "shared_index": lambda: CyclicTopK(0.1),
     "shared_index_bf16": lambda: CyclicTopK(0.1, value_dtype="bf16"),
+    "candidates": lambda: CyclicTopK(0.1, selection="candidates"),
+    "candidates_bf16": lambda: CyclicTopK(0.1, selection="candidates", value_dtype="bf16"),
     "allreduce": lambda: ec_hooks.RandK(0.1, seed=1),
     "allgather": lambda: ec_hooks.TopK(0.1),
     "dense": lambda: ec_hooks.TopK(0.6),
@@ -309,3 +317,103 @@ def test_sparse_allreduce_is_chosen_by_bytes_when_added():
     assert transport.SparseAllreduce().wire_bytes(topk, 100_000, f32, 8) < 2 * 1_000 * 8 + 8 * 7 * 2
     assert not transport.SparseAllreduce().accepts(CyclicTopK(0.01))
     assert not transport.SparseAllreduce().accepts(ec_hooks.RandK(0.01))
+
+
+# ---------------------------------------------------------------- shared indices chosen from candidates
+
+
+def test_candidates_keep_the_largest_sums_of_every_workers_nominations():
+    # 4 workers simulated with the compressor's own steps; 200,000 entries (gaps above 65535: fillers)
+    n, numel = 4, 200_000
+    g = torch.Generator().manual_seed(3)
+    accs = [torch.randn(numel, generator=g) for _ in range(n)]
+    accs[2][123_456] = 50.0  # one worker's strong entry: the leader of another step would miss it
+    c = CyclicTopK(0.001, selection="candidates")
+    k, m = c.k_for(numel), c.candidates_for(numel, n)
+    assert (k, m) == (200, 100)
+    messages = torch.stack([c.nominate(a, n) for a in accs])
+    assert messages.shape == (n, c.index_bytes(numel, m))
+    union = c.union_of(messages, numel, n)
+    own = [set(torch.topk(a.abs(), m).indices.tolist()) for a in accs]
+    assert set(union.tolist()) == set().union(*own) and torch.equal(union, union.sort().values)
+    summed = sum(c.values_at(a, union).data for a in accs)
+    kept = c.keep(summed, numel)
+    assert kept.numel() == k and 123_456 in union[kept].tolist()
+    expected = union[torch.topk(summed.abs(), k).indices].sort().values
+    assert torch.equal(union[kept], expected)
+
+
+def test_candidates_bad_arguments_and_the_factory():
+    for kwargs, match in [
+        ({"selection": "vote"}, "selection"),
+        ({"selection": "candidates", "candidates": 0.5}, "candidates"),
+        ({"selection": "candidates", "candidates": True}, "candidates"),
+        ({"candidates": 3.0}, "only used with selection='candidates'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CyclicTopK(0.01, **kwargs)
+    made = ec_hooks.make_compressor("cyclic_topk", density=0.02, selection="candidates", candidates=3)
+    assert (made.selection, made.candidates, made.selects_from_candidates) == ("candidates", 3.0, True)
+    assert "selection='candidates'" in repr(made) and not CyclicTopK(0.01).selects_from_candidates
+    # ranks that disagree on the selection are told so (the agreement check compares this)
+    from ec_hooks.agreement import compressor_config
+
+    assert compressor_config(made) != compressor_config(ec_hooks.make_compressor("cyclic_topk", density=0.02))
+    assert CandidateAllreduce().accepts(made) and not SharedIndexAllreduce().accepts(made)
+    assert transport.choose(ALL, made, 10_000, torch.float32, 8).name == "candidates"
+
+
+def test_candidate_bytes_follow_the_formula_and_stay_constant_in_n():
+    numel, f32 = 100_000, torch.float32
+    c, topk = CyclicTopK(0.01, selection="candidates"), ec_hooks.TopK(0.01)
+    wire = {}
+    for n in (2, 4, 8):
+        m = -(-2 * 1_000 // n)
+        index = (n - 1) * -(-2 * (m + 1) // 4) * 4  # m entries + one filler slot, 2 bytes each, padded
+        wire[n] = CandidateAllreduce().wire_bytes(c, numel, f32, n)
+        assert wire[n] == pytest.approx(index + 2 * (n - 1) / n * (n * m + 1) * 4)
+    assert wire[8] <= 2 * wire[2]
+    assert wire[4] < 0.7 * AllgatherSum().wire_bytes(topk, numel, f32, 4)
+
+
+def _candidates_one_step(rank, world_size):
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(1000, 10, bias=False))  # 10,000 fp32 parameters, one bucket
+    state = ErrorFeedbackState(compressor=CyclicTopK(0.01, selection="candidates"), module=model)
+    model.register_comm_hook(state, error_feedback_hook)
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(rank))
+    # this worker's own gradient, before the hook replaces it with the aggregate
+    local = torch.autograd.grad(model.module(x).pow(2).sum(), model.module.weight)[0].reshape(-1)
+    everyone = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(everyone, local.contiguous())
+    model(x).pow(2).sum().backward()
+    grad = model.module.weight.grad.reshape(-1).clone()
+    return {
+        "grad": grad,
+        "everyone": everyone,
+        "memory": state.memory.state_dict()["weight"].reshape(-1),
+        "sent": state.stats.last_bytes_sent,
+        "counts": dict(state.transport_counts),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_candidates_apply_the_k_largest_sums_and_leave_the_rest_in_memory(world_size):
+    results = run_distributed(_candidates_one_step, world_size)
+    c = CyclicTopK(0.01, selection="candidates")
+    k, m = 100, c.candidates_for(10_000, world_size)
+    grads = results[0]["everyone"]
+    union = torch.unique(torch.cat([torch.topk(gr.abs(), m).indices for gr in grads]))
+    summed = sum(gr[union] for gr in grads)
+    kept = union[torch.topk(summed.abs(), k).indices]
+    expected = torch.zeros(10_000)
+    expected[kept] = summed[torch.topk(summed.abs(), k).indices] / world_size
+    for rank, r in enumerate(results):
+        assert r["counts"] == {"candidates": 1}
+        assert torch.allclose(r["grad"], expected, rtol=1e-5, atol=1e-6)
+        # this worker's values at the kept entries left its memory; the rest of its offer stayed
+        mine = grads[rank].clone()
+        mine[kept] = 0
+        assert torch.allclose(r["memory"], mine, rtol=0, atol=1e-6)
+        # values at the union (+ status word), plus this worker's nominations
+        assert r["sent"] == 4 * (union.numel() + 1) + c.index_bytes(10_000, m)

@@ -69,6 +69,9 @@ class Compressor:
     #: one worker chooses the indices and the others send their values there
     #: (:class:`~ec_hooks.transport.SharedIndexAllreduce`); the payload then waits for the leader
     shares_indices: bool = False
+    #: with :attr:`shares_indices`: the index set is chosen from the summed values of every
+    #: worker's nominations (:class:`~ec_hooks.transport.CandidateAllreduce`), not by one leader
+    selects_from_candidates: bool = False
     #: payloads decode to ``(indices, values)`` with :meth:`decode` (the sparse allreduce needs it)
     index_value_pairs: bool = False
     #: ``MemSGDStrategy`` moves SGD's momentum into the hook by default (``ec_hooks.momentum``)

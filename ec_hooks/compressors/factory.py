@@ -30,10 +30,23 @@ _BY_NAME: dict[str, tuple[Callable[..., Compressor], tuple[str, ...]]] = {
     "identity": (Identity, ()),
     "fp16": (FP16, ()),
     "bf16": (BF16, ()),
-    "cyclic_topk": (_cyclic_topk, ("density", "value_dtype", "memory_filter", "backend")),
+    "cyclic_topk": (
+        _cyclic_topk,
+        ("density", "value_dtype", "memory_filter", "backend", "selection", "candidates"),
+    ),
 }
 COMPRESSOR_NAMES = tuple(_BY_NAME)
-_ALLOWED = ("density", "backend", "index_encoding", "value_dtype", "seed", "levels", "memory_filter")
+_ALLOWED = (
+    "density",
+    "backend",
+    "index_encoding",
+    "value_dtype",
+    "seed",
+    "levels",
+    "memory_filter",
+    "selection",
+    "candidates",
+)
 
 
 def compressor_arguments(name: str) -> tuple[str, ...]:
