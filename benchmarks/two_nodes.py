@@ -214,9 +214,18 @@ class StageTimers:
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
         self._undo: list[tuple[object, str, object]] = []
+        # (label, start, end) of the calls of the current step, in seconds from ``step_started``
+        self.events: list[tuple[str, float, float]] = []
+        self.step_started = time.perf_counter()
+
+    def start_step(self) -> None:
+        self.events = []
+        self.step_started = time.perf_counter()
 
     def add(self, label: str, seconds: float) -> None:
         self.totals[label] = self.totals.get(label, 0.0) + seconds
+        end = time.perf_counter() - self.step_started
+        self.events.append((label, end - seconds, end))
 
     def wrap(self, owner, attr: str, label: str, future: bool = False):
         original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
@@ -268,13 +277,14 @@ def _profile_rank(cfg: dict) -> list[dict]:
         try:
             run = Run(name, model)
             optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["lr"])
-            step_times, backward_times = [], []
+            step_times, backward_times, cpu_times = [], [], []
             for step in range(cfg["warmup"] + cfg["steps"]):
                 if step == cfg["warmup"]:
                     timers.totals.clear()
                 dist.barrier()
                 x, y = batches[step % len(batches)]
-                t0 = time.perf_counter()
+                timers.start_step()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 optimizer.zero_grad(set_to_none=False)
                 loss = F.cross_entropy(run.ddp(x), y)
                 t1 = time.perf_counter()
@@ -285,10 +295,14 @@ def _profile_rank(cfg: dict) -> list[dict]:
                 if step >= cfg["warmup"]:
                     step_times.append(time.perf_counter() - t0)
                     backward_times.append(t2 - t1)
+                    cpu_times.append(time.process_time() - cpu0)
                     timers.add("forward", t1 - t0)
                     timers.add("optimizer step", time.perf_counter() - t2)
         finally:
             timers.restore()
+        # the last step's timeline of every rank, as rank 0 prints it
+        timelines = [None] * dist.get_world_size()
+        dist.all_gather_object(timelines, sorted(timers.events, key=lambda e: e[1]))
         steps = cfg["steps"]
         stages = {
             label: _sum_over_ranks(total / steps) / dist.get_world_size()
@@ -299,7 +313,11 @@ def _profile_rank(cfg: dict) -> list[dict]:
             "label": METHODS[name],
             "step_s": _sum_over_ranks(statistics.median(step_times)) / dist.get_world_size(),
             "backward_s": _sum_over_ranks(statistics.median(backward_times)) / dist.get_world_size(),
+            # CPU seconds of the whole process (all its threads, user and system), summed over ranks:
+            # with more ranks than cores, this bounds the step from below
+            "cpu_s": _sum_over_ranks(statistics.median(cpu_times)),
             "stages": stages,
+            "timelines": timelines,
             "loadavg_1m": os.getloadavg()[0],
         }
         rows.append(row)
@@ -543,6 +561,7 @@ def profile_table(rows: Sequence[dict]) -> str:
         for key, title in (
             ("step_s", "step (median)"),
             ("backward_s", "backward, until every bucket is done"),
+            ("cpu_s", "CPU seconds, all ranks together (process time)"),
         ):
             lines.append(f"| {title} | " + " | ".join(f"{r[key]:.3f}" for r in subset) + " |")
         for label in labels:
@@ -552,6 +571,19 @@ def profile_table(rows: Sequence[dict]) -> str:
                 + " |"
             )
         lines.append("")
+    return "\n".join(lines)
+
+
+def timeline_text(rows: Sequence[dict]) -> str:
+    """The last measured step of every rank, per method: each timed call as ``label start-end``
+    (seconds from the start of the step), in order of start."""
+    lines = []
+    for r in rows:
+        lines.append(f"{r['label']}, {r['rate']}, last step:")
+        for rank, events in enumerate(r["timelines"]):
+            lines.append(
+                f"  rank {rank}: " + "; ".join(f"{label} {start:.3f}-{end:.3f}" for label, start, end in events)
+            )
     return "\n".join(lines)
 
 
@@ -617,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "step-time":
         plot_step_time(rows, stem + ".png")
     print(table)
+    if args.mode == "profile":
+        print(timeline_text(rows))
     print(f"({time.time() - started:.0f} s; results in {stem}.*)")
     return 0
 

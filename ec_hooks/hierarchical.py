@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ec_hooks import flat, transport
+from ec_hooks.shared_memory import NodeSharedMemory
 
 __all__ = ["HierarchicalGossip", "NodeHierarchy", "node_layout"]
 
@@ -272,6 +273,13 @@ class NodeHierarchy(_NodeGroups):
         # untouched since (its version counter), step 1 need not read it there, nor step 3
         # clear it.
         self._cleared: dict[tuple, tuple] = {}
+        # On gloo, the node's ranks share a host: steps 1 and 3 go through shared memory instead
+        # of loopback TCP (one copy instead of two, and no socket work).  Decided by all ranks of
+        # the node together; None when they cannot (or EC_HOOKS_SHM_DISABLE=1).
+        self._shared: NodeSharedMemory | None = None
+        if self._point_to_point and self.local_world_size > 1 and self.num_nodes > 1:
+            shared = NodeSharedMemory(self.intra_group, self._group_rank, self.local_rank)
+            self._shared = shared if shared.usable else None
 
     def reduce(
         self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
@@ -346,6 +354,10 @@ class NodeHierarchy(_NodeGroups):
                 torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
             rows.view(-1)[numel:].zero_()
             return self.sum_to_owner(rows, keys)
+        if self._shared is not None and grad.device.type == "cpu":
+            acc = self._node_sum_shared(keys, grad, memory, cleared)
+            if acc is not None:
+                return acc
         # Each rank sends the owner its gradient there (the bucket's own slice when it is fp32 and
         # the memory there is clear: no copy), plus L times the memory left there; the owner adds
         # them in the order of the local ranks and scales the sum once.
@@ -380,6 +392,63 @@ class NodeHierarchy(_NodeGroups):
         torch.add(memory[owned], total, alpha=1 / L, out=total)
         return acc
 
+    def _node_sum_shared(
+        self, keys: tuple, grad: torch.Tensor, memory: torch.Tensor, cleared: bool
+    ) -> torch.Tensor | None:
+        """Step 1 through shared memory: each rank writes what the others own of ``g + L m`` into
+        its segment, says so, and each owner adds the peers' segments in place, in the order of
+        the local ranks: the same terms and the same additions as the exchange.  ``None`` (on
+        every rank of the node) when a rank could not create its segment: then shared memory is
+        off for good and the caller exchanges through gloo."""
+        L, me, numel = self.local_world_size, self.local_rank, grad.numel()
+        shared = self._shared
+        ready = 1
+        try:
+            outbox = shared.own("sum", numel * 4, owner=keys).view(torch.float32)
+            for j in range(L):
+                part = self.slice_of(j, numel)
+                if j == me or part.stop == part.start:
+                    continue
+                if cleared:
+                    outbox[part].copy_(grad[part])
+                else:
+                    torch.add(grad[part], memory[part], alpha=L, out=outbox[part])
+        except OSError as exc:
+            logger.warning("shared memory for the node sum failed (%s): the node stages go through gloo", exc)
+            ready = 0
+        if not all(self._signal(ready)):
+            self._shared = None
+            shared.close()
+            return None
+        owned = self.owned_slice(numel)
+        length = owned.stop - owned.start
+        acc = self.buffer("acc", keys, (self.shard_size(numel),), torch.float32, grad.device)
+        acc[length:].zero_()
+        total = acc[:length]
+        for j in range(L):
+            term = (
+                grad[owned]
+                if j == me
+                else shared.peer(j, "sum", numel * 4, owner=keys).view(torch.float32)[owned]
+            )
+            if j == 0:
+                total.copy_(term)
+            else:
+                total.add_(term)
+        torch.add(memory[owned], total, alpha=1 / L, out=total)
+        return acc
+
+    def _signal(self, value: int) -> list[int]:
+        """Send ``value`` to every other local rank and receive theirs: a small message that
+        also says "my shared segment is written"; the values of all local ranks, in order."""
+        L, me = self.local_world_size, self.local_rank
+        others = [j for j in range(L) if j != me]
+        mine = torch.tensor([value], dtype=torch.int32)
+        received = torch.empty((L - 1, 1), dtype=torch.int32)
+        self._exchange({j: mine for j in others}, {j: received[i] for i, j in enumerate(others)})
+        theirs = received.view(-1).tolist()
+        return [value if j == me else theirs[others.index(j)] for j in range(L)]
+
     @staticmethod
     def _fingerprint(memory: torch.Tensor) -> tuple:
         return id(memory), memory.data_ptr(), memory._version
@@ -391,13 +460,16 @@ class NodeHierarchy(_NodeGroups):
             self._finish(previous)
             live = previous.state.memory.layouts()
             self.keep_buffers_of(live)
+            if self._shared is not None:
+                self._shared.keep(live)
+                self._shared.age()  # every peer has mapped the segments of the previous step
             self._cleared = {keys: mark for keys, mark in self._cleared.items() if keys in live}
 
     def _finish(self, bucket: _InFlight) -> None:
         try:
             mean = bucket.exchange.wait()
             # 3. every owner's averaged shard to every rank of the node, and whether a step was void.
-            void = self._gather_means(mean, bucket.grad, self._shard_state.compressor)
+            void = self._gather_means(mean, bucket.grad, self._shard_state.compressor, bucket.keys)
             # What this rank owns is what the node has not sent; elsewhere its memory is now
             # empty (it went into this step's sum).  A void step changes nothing.
             memory, owned = bucket.memory, self.owned_slice(bucket.grad.numel())
@@ -414,7 +486,7 @@ class NodeHierarchy(_NodeGroups):
             raise
         bucket.result.set_result(bucket.grad.fill_(float("nan")) if void else bucket.grad)
 
-    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor) -> bool:
+    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor, keys: tuple = ()) -> bool:
         """Write every owner's shard of the mean into ``grad``; whether some owner's step was void.
 
         After a sparse compressor the averaged shard holds at most ``N`` payloads' entries: the
@@ -422,7 +494,12 @@ class NodeHierarchy(_NodeGroups):
         the dense shard, in one message of fixed size each.  An owner with more non-zeros than
         the message holds says so, and the node then gathers the dense shards.  Every rank,
         the owner included, writes the shards from the gathered messages, so the replicas stay
-        bit-identical."""
+        bit-identical.  With shared memory, every rank copies the owners' dense shards from their
+        segments instead."""
+        if self._shared is not None and grad.device.type == "cpu":
+            void = self._gather_shared(mean, grad, keys)
+            if void is not None:
+                return void
         shard, numel = mean.numel(), grad.numel()
         capacity = min(shard, self.num_nodes * compressor.entries_sent(shard))
         value_bytes = mean.element_size()
@@ -449,6 +526,36 @@ class NodeHierarchy(_NodeGroups):
             grad[part].copy_(gathered[j, : part.stop - part.start])
         return False
 
+    def _gather_shared(self, mean: torch.Tensor, grad: torch.Tensor, keys: tuple) -> bool | None:
+        """Step 3 through shared memory: each owner writes its shard of the mean into its
+        segment and says whether its step was void; every rank, the owner included, copies every
+        shard from the segments.  ``None`` (on every rank) when a rank could not create its
+        segment: shared memory is then off and the caller gathers through gloo."""
+        L, me, numel = self.local_world_size, self.local_rank, grad.numel()
+        shared, name, nbytes = self._shared, ("mean", str(mean.dtype)), mean.numel() * mean.element_size()
+        status = 2 if _non_finite(mean) else 1
+        try:
+            shared.own(name, nbytes, owner=keys).view(mean.dtype).copy_(mean)
+        except OSError as exc:
+            logger.warning(
+                "shared memory for the node gather failed (%s): the node stages go through gloo", exc
+            )
+            status = 0
+        statuses = self._signal(status)
+        if not all(statuses):
+            self._shared = None
+            shared.close()
+            return None
+        if 2 in statuses:
+            return True
+        for j in range(L):
+            part = self.slice_of(j, numel)
+            source = (
+                shared.own(name, nbytes, owner=keys) if j == me else shared.peer(j, name, nbytes, owner=keys)
+            )
+            grad[part].copy_(source.view(mean.dtype)[: part.stop - part.start])
+        return False
+
     def _gather_nonzeros(self, mean: torch.Tensor, capacity: int) -> tuple[torch.Tensor, list]:
         """Every owner's message: an int32 header (its count of non-zeros, ``-1`` when they do
         not fit; whether its step was void), ``capacity`` int32 positions, ``capacity`` values."""
@@ -472,6 +579,15 @@ class NodeHierarchy(_NodeGroups):
             "a hierarchical ErrorFeedbackState holds process groups and cannot be copied or pickled: save "
             "state.state_dict() and load it into a state created in the new process"
         )
+
+
+def _non_finite(values: torch.Tensor) -> bool:
+    """Whether some entry is inf or NaN.  A finite sum means finite entries, and a sum reads
+    the tensor many times faster than ``isfinite`` on CPU; an overflowing sum of finite entries
+    takes the exact check."""
+    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(values).all())
 
 
 class HierarchicalGossip:
