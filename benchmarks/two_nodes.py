@@ -48,6 +48,7 @@ import slow_network  # noqa: E402
 
 import ec_hooks  # noqa: E402
 import ec_hooks.hierarchical  # noqa: E402,F401 - loaded with the rest, not midway through a run
+from ec_hooks import shared_memory  # noqa: E402
 
 MODES = ("step-time", "accuracy", "profile")
 
@@ -63,11 +64,12 @@ METHODS = {
     "powersgd_r4": "torch PowerSGD rank 4",
     "memsgd_compact": "Mem-SGD top-k 1% compact, flat",
     "memsgd_compact_hier": "Mem-SGD top-k 1% compact, hierarchical",
+    "memsgd_compact_hier_gloo": "Mem-SGD top-k 1% compact, hierarchical, node stages over gloo (no shared memory)",
     "deepsqueeze_ring": "DeepSqueeze top-k 1%, ring over ranks",
     "deepsqueeze_hier": "DeepSqueeze top-k 1%, hierarchical (ring over nodes)",
 }
-DEFAULT_STEP_METHODS = tuple(m for m in METHODS if m != "local")
-DEFAULT_PROFILE_METHODS = ("local", "memsgd_compact", "memsgd_compact_hier")
+DEFAULT_STEP_METHODS = tuple(m for m in METHODS if m not in ("local", "memsgd_compact_hier_gloo"))
+DEFAULT_PROFILE_METHODS = ("local", "memsgd_compact", "memsgd_compact_hier", "memsgd_compact_hier_gloo")
 DEFAULT_ACCURACY_METHODS = (
     "allreduce",
     "memsgd_compact",
@@ -103,9 +105,18 @@ class Run:
                 state, slow_network._one_bucket_at_a_time(powerSGD_hook.powerSGD_hook)
             )
         elif name.startswith("memsgd"):
-            state = ec_hooks.ErrorFeedbackState(
-                compressor=_compact_topk(), module=self.ddp, hierarchical=name.endswith("_hier")
-            )
+            # the gloo variant: the node stages as before shared memory, for a side-by-side figure
+            saved = os.environ.get(shared_memory.DISABLE_VARIABLE)
+            os.environ[shared_memory.DISABLE_VARIABLE] = "1" if name.endswith("_gloo") else "0"
+            try:
+                state = ec_hooks.ErrorFeedbackState(
+                    compressor=_compact_topk(), module=self.ddp, hierarchical="_hier" in name
+                )
+            finally:
+                if saved is None:
+                    del os.environ[shared_memory.DISABLE_VARIABLE]
+                else:
+                    os.environ[shared_memory.DISABLE_VARIABLE] = saved
             self.ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
         elif name == "local":
             self.ddp.register_comm_hook(None, ec_hooks.local_hook)
@@ -582,7 +593,8 @@ def timeline_text(rows: Sequence[dict]) -> str:
         lines.append(f"{r['label']}, {r['rate']}, last step:")
         for rank, events in enumerate(r["timelines"]):
             lines.append(
-                f"  rank {rank}: " + "; ".join(f"{label} {start:.3f}-{end:.3f}" for label, start, end in events)
+                f"  rank {rank}: "
+                + "; ".join(f"{label} {start:.3f}-{end:.3f}" for label, start, end in events)
             )
     return "\n".join(lines)
 

@@ -383,12 +383,7 @@ class NodeHierarchy(_NodeGroups):
         acc = self.buffer("acc", keys, (shard,), torch.float32, grad.device)
         acc[length:].zero_()
         total = acc[:length]
-        for j in range(L):
-            term = grad[owned] if j == me else received[others.index(j)]
-            if j == 0:
-                total.copy_(term)
-            else:
-                total.add_(term)
+        _sum_in_order(total, [grad[owned] if j == me else received[others.index(j)] for j in range(L)])
         torch.add(memory[owned], total, alpha=1 / L, out=total)
         return acc
 
@@ -425,16 +420,15 @@ class NodeHierarchy(_NodeGroups):
         acc = self.buffer("acc", keys, (self.shard_size(numel),), torch.float32, grad.device)
         acc[length:].zero_()
         total = acc[:length]
-        for j in range(L):
-            term = (
+        _sum_in_order(
+            total,
+            [
                 grad[owned]
                 if j == me
                 else shared.peer(j, "sum", numel * 4, owner=keys).view(torch.float32)[owned]
-            )
-            if j == 0:
-                total.copy_(term)
-            else:
-                total.add_(term)
+                for j in range(L)
+            ],
+        )
         torch.add(memory[owned], total, alpha=1 / L, out=total)
         return acc
 
@@ -579,6 +573,17 @@ class NodeHierarchy(_NodeGroups):
             "a hierarchical ErrorFeedbackState holds process groups and cannot be copied or pickled: save "
             "state.state_dict() and load it into a state created in the new process"
         )
+
+
+def _sum_in_order(total: torch.Tensor, terms: list[torch.Tensor]) -> None:
+    """``total = terms[0] + terms[1] + ...``, added left to right in fp32 (the same bits on every
+    rank), the first two in one pass."""
+    if len(terms) == 1:
+        total.copy_(terms[0])
+        return
+    torch.add(terms[0], terms[1], out=total)
+    for term in terms[2:]:
+        total.add_(term)
 
 
 def _non_finite(values: torch.Tensor) -> bool:

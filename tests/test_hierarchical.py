@@ -113,6 +113,15 @@ class _Counted:
         return self.inner(*args)
 
 
+def _failing_at(state, iteration, own):
+    def failing(*args, **kwargs):
+        if state.iteration >= iteration:
+            raise OSError(28, "No space left on device")
+        return own(*args, **kwargs)
+
+    return failing
+
+
 def _gather_paths(rank, world_size):
     results = {}
     for name, build, nodes, shared_memory in (
@@ -122,11 +131,15 @@ def _gather_paths(rank, world_size):
         ("unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]], "1"),
         ("shared memory", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
         ("shared memory, unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]], "0"),
+        ("shared memory failing", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
     ):
         model = DDP(make_model(), bucket_cap_mb=0.0005)
         os.environ[DISABLE_VARIABLE] = shared_memory
         state = ErrorFeedbackState(compressor=build(), module=model, hierarchical=True, nodes=nodes)
         calls = {"shared memory": state.hierarchy._shared is not None}
+        if name == "shared memory failing" and rank == 1:
+            # /dev/shm full at step 3 on one rank: every rank of its node goes back to gloo
+            state.hierarchy._shared.own = _failing_at(state, 3, state.hierarchy._shared.own)
         for method, counter in (("_gather_nonzeros", "nonzeros"), ("gather_rows", "gathers")):
             setattr(state.hierarchy, method, _Counted(getattr(state.hierarchy, method), calls, counter))
         model.register_comm_hook(state, error_feedback_hook)
@@ -173,6 +186,11 @@ def test_node_gather_paths_and_node_orders_give_bit_identical_results():
             # the bucket layout last changed at step 1 (DDP's rebuild): by step 5 every peer has
             # mapped the segments, and their files are gone from /dev/shm
             assert calls["mapped"] > 0 and calls["segment files"] == [], calls
+        failing = results["shared memory failing"][3]
+        if rank in (0, 1):  # the failing node: gloo from step 3 on
+            assert "mapped" not in failing and failing["nonzeros"] > 0, failing
+        else:
+            assert failing["mapped"] > 0 and failing["nonzeros"] == 0, failing
     # the owner of a shard keeps its memory: local rank 0 of [1, 0] is global rank 1 (to
     # rounding: the memory a rank left on another's shard at DDP's rebuild is added in another order)
     for a, b in ((0, 1), (2, 3)):
