@@ -397,7 +397,7 @@ class NodeHierarchy(_NodeGroups):
         off for good and the caller exchanges through gloo."""
         L, me, numel = self.local_world_size, self.local_rank, grad.numel()
         shared = self._shared
-        ready = 1
+        ready = _READY
         try:
             outbox = shared.own("sum", numel * 4, owner=keys).view(torch.float32)
             for j in range(L):
@@ -410,27 +410,47 @@ class NodeHierarchy(_NodeGroups):
                     torch.add(grad[part], memory[part], alpha=L, out=outbox[part])
         except OSError as exc:
             logger.warning("shared memory for the node sum failed (%s): the node stages go through gloo", exc)
-            ready = 0
-        if not all(self._signal(ready)):
-            self._shared = None
-            shared.close()
+            ready = _FAILED
+        peers = self._signal_shared(ready, "sum", numel * 4, keys)
+        if peers is None:
             return None
+        segments = peers[1]
         owned = self.owned_slice(numel)
         length = owned.stop - owned.start
         acc = self.buffer("acc", keys, (self.shard_size(numel),), torch.float32, grad.device)
         acc[length:].zero_()
         total = acc[:length]
         _sum_in_order(
-            total,
-            [
-                grad[owned]
-                if j == me
-                else shared.peer(j, "sum", numel * 4, owner=keys).view(torch.float32)[owned]
-                for j in range(L)
-            ],
+            total, [grad[owned] if j == me else segments[j].view(torch.float32)[owned] for j in range(L)]
         )
         torch.add(memory[owned], total, alpha=1 / L, out=total)
         return acc
+
+    def _signal_shared(self, status: int, name, nbytes: int, keys: tuple) -> tuple[list[int], dict] | None:
+        """After writing this rank's segment ``name``: tell the other local ranks ``status``
+        (:data:`_READY`, :data:`_VOID` or :data:`_FAILED`) and map theirs.  Returns every local
+        rank's status and the peers' segments (by local rank), or ``None`` on every rank when one
+        failed: shared memory is then off for good.  When a rank created a segment in this call,
+        a second message says that every peer has mapped it, and its file is unlinked."""
+        shared = self._shared
+        values = self._signal(status | (_CREATED if shared.created else 0))
+        statuses = [v & ~_CREATED for v in values]
+        if _FAILED in statuses:
+            logger.warning(
+                "shared memory inside the node is off from now on: the node stages go through gloo"
+            )
+            self._shared = None
+            shared.close()
+            return None
+        segments = {
+            j: shared.peer(j, name, nbytes, owner=keys)
+            for j in range(self.local_world_size)
+            if j != self.local_rank
+        }
+        if any(v & _CREATED for v in values):
+            self._signal(_READY)  # every rank has mapped the new segments
+            shared.settle()
+        return statuses, segments
 
     def _signal(self, value: int) -> list[int]:
         """Send ``value`` to every other local rank and receive theirs: a small message that
@@ -456,7 +476,6 @@ class NodeHierarchy(_NodeGroups):
             self.keep_buffers_of(live)
             if self._shared is not None:
                 self._shared.keep(live)
-                self._shared.age()  # every peer has mapped the segments of the previous step
             self._cleared = {keys: mark for keys, mark in self._cleared.items() if keys in live}
 
     def _finish(self, bucket: _InFlight) -> None:
@@ -527,27 +546,24 @@ class NodeHierarchy(_NodeGroups):
         segment: shared memory is then off and the caller gathers through gloo."""
         L, me, numel = self.local_world_size, self.local_rank, grad.numel()
         shared, name, nbytes = self._shared, ("mean", str(mean.dtype)), mean.numel() * mean.element_size()
-        status = 2 if _non_finite(mean) else 1
+        status = _VOID if _non_finite(mean) else _READY
         try:
             shared.own(name, nbytes, owner=keys).view(mean.dtype).copy_(mean)
         except OSError as exc:
             logger.warning(
                 "shared memory for the node gather failed (%s): the node stages go through gloo", exc
             )
-            status = 0
-        statuses = self._signal(status)
-        if not all(statuses):
-            self._shared = None
-            shared.close()
+            status = _FAILED
+        peers = self._signal_shared(status, name, nbytes, keys)
+        if peers is None:
             return None
-        if 2 in statuses:
+        statuses, segments = peers
+        if _VOID in statuses:
             return True
         for j in range(L):
             part = self.slice_of(j, numel)
-            source = (
-                shared.own(name, nbytes, owner=keys) if j == me else shared.peer(j, name, nbytes, owner=keys)
-            )
-            grad[part].copy_(source.view(mean.dtype)[: part.stop - part.start])
+            source = mean if j == me else segments[j].view(mean.dtype)
+            grad[part].copy_(source[: part.stop - part.start])
         return False
 
     def _gather_nonzeros(self, mean: torch.Tensor, capacity: int) -> tuple[torch.Tensor, list]:
@@ -573,6 +589,10 @@ class NodeHierarchy(_NodeGroups):
             "a hierarchical ErrorFeedbackState holds process groups and cannot be copied or pickled: save "
             "state.state_dict() and load it into a state created in the new process"
         )
+
+
+# what a rank tells the others of its node after writing its shared segment (_CREATED: a bit flag)
+_FAILED, _READY, _VOID, _CREATED = 0, 1, 2, 4
 
 
 def _sum_in_order(total: torch.Tensor, terms: list[torch.Tensor]) -> None:

@@ -16,11 +16,11 @@ Synchronization is the caller's: a segment is written, then the writer tells its
 gloo message), then they read it.  Space is reserved with ``posix_fallocate`` when a segment is
 created, so a full ``/dev/shm`` raises ``OSError`` there instead of a ``SIGBUS`` later.
 
-A segment's file is unlinked once every peer has mapped it, which the caller says with
-:meth:`age` (called once per step; files created before the previous call are removed); the
-mapping lives on until the segment is dropped.  Files still present are removed when the object
-is collected and at interpreter exit; only a process killed in the step after it created a
-segment leaves one behind.
+A segment's file only lives until the peers have mapped it: the caller says so with
+:meth:`settle` (after a second small message, sent only when a rank created a segment), which
+unlinks the files created since; the mappings live on until the segments are dropped.  Files
+still present are removed when the object is collected and at interpreter exit; only a process
+killed between creating a segment and that message leaves one behind.
 """
 
 from __future__ import annotations
@@ -94,7 +94,6 @@ class NodeSharedMemory:
         self._own: dict[tuple, torch.Tensor] = {}
         self._peers: dict[tuple, torch.Tensor] = {}
         self._linked: set[str] = set()  # own files not unlinked yet
-        self._young: set[str] = set()  # created since the last age()
         weakref.finalize(self, _unlink_all, self._linked)
         self.usable = False
         if shared_memory_disabled():
@@ -131,7 +130,6 @@ class NodeSharedMemory:
         self.usable = bool(agreed.item())
         self.drop_all()
         _unlink_all(self._linked)
-        self._young.clear()
         if self.usable:
             logger.info("the node stages exchange through shared memory in %s", directory)
 
@@ -151,7 +149,6 @@ class NodeSharedMemory:
             path = self._path(self.local_rank, (owner, name, nbytes))
             out = self._own[key] = _map(path, nbytes, create=True)
             self._linked.add(path)
-            self._young.add(path)
         return out
 
     def peer(self, local_rank: int, name, nbytes: int, owner=None) -> torch.Tensor:
@@ -168,16 +165,14 @@ class NodeSharedMemory:
             out = self._peers[key] = _map(path, nbytes, create=False)
         return out
 
-    def age(self) -> None:
-        """Every peer has mapped the segments created before the previous call: unlink their files."""
-        old = self._linked - self._young
-        for path in old:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._linked -= old
-        self._young.clear()
+    @property
+    def created(self) -> bool:
+        """Whether this rank created a segment whose file is still there (see :meth:`settle`)."""
+        return bool(self._linked)
+
+    def settle(self) -> None:
+        """Every peer has mapped this rank's segments: unlink their files (the mappings stay)."""
+        _unlink_all(self._linked)
 
     def keep(self, owners) -> None:
         """Unmap the segments of owners not in ``owners`` (bucket layouts no longer in use)."""
@@ -192,4 +187,3 @@ class NodeSharedMemory:
         """Unmap every segment and remove this rank's files."""
         self.drop_all()
         _unlink_all(self._linked)
-        self._young.clear()

@@ -183,8 +183,7 @@ def test_node_gather_paths_and_node_orders_give_bit_identical_results():
             calls = results[name][3]
             assert calls["shared memory"] and calls["nonzeros"] == 0 and calls["gathers"] == 0, calls
             assert calls["stale segments"] == 0
-            # the bucket layout last changed at step 1 (DDP's rebuild): by step 5 every peer has
-            # mapped the segments, and their files are gone from /dev/shm
+            # every peer has mapped the segments, and their files are gone from /dev/shm
             assert calls["mapped"] > 0 and calls["segment files"] == [], calls
         failing = results["shared memory failing"][3]
         if rank in (0, 1):  # the failing node: gloo from step 3 on

@@ -27,11 +27,11 @@ def _segments(rank, world_size, directory):
     dist.barrier()
     report["read"] = [int(shared.peer(j, "x", 16, owner=("layout",))[5]) for j in ranks if j != rank]
     report["files after creation"] = len(_files(shared))
-    shared.age()  # created since the previous call: kept
-    report["files after one age"] = len(_files(shared))
-    dist.barrier()
-    shared.age()  # every peer has mapped them since: removed, the mappings stay
-    report["files after two ages"] = len(_files(shared))
+    report["created"] = shared.created
+    dist.barrier()  # every peer has mapped them: the files go, the mappings stay
+    shared.settle()
+    report["files after settle"] = len(_files(shared))
+    report["created after settle"] = shared.created
     shared.own("x", 16, owner=("layout",))[5] = 100 + rank
     dist.barrier()
     report["read after unlink"] = [
@@ -63,8 +63,8 @@ def test_segments_are_shared_unlinked_once_mapped_and_agreed_on_by_every_rank(tm
         for rank, report in enumerate(run_distributed(_segments, world_size, str(tmp_path / "missing"))):
             assert report["usable"] and report["probe files left"] == 0
             assert report["read"] == [j + 1 for j in range(world_size) if j != rank]
-            assert report["files after creation"] == report["files after one age"] == 1
-            assert report["files after two ages"] == 0
+            assert report["files after creation"] == 1 and report["created"]
+            assert report["files after settle"] == 0 and not report["created after settle"]
             assert report["read after unlink"] == [100 + j for j in range(world_size) if j != rank]
             assert report["mapped after keep"] == 0
             assert report["files before close"] == 1 and report["files after close"] == 0
