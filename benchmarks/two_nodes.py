@@ -157,6 +157,17 @@ def _link_bytes() -> int:
     return _netns.interface_counters(os.environ["GLOO_SOCKET_IFNAME"])["tx_bytes"]
 
 
+def _tcp_retransmits() -> int:
+    """TCP segments this node retransmitted (``/proc/net/snmp`` counts per network namespace); 0 on
+    other local ranks, as for :func:`_link_bytes`.  A segment lost on the shaped link costs a
+    retransmission timeout (200 ms at least)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return 0
+    with open("/proc/net/snmp") as f:
+        header, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
+    return int(values[header.index("RetransSegs")])
+
+
 def _sum_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
@@ -177,6 +188,7 @@ def _step_time_rank(cfg: dict) -> list[dict]:
             if step == cfg["warmup"]:
                 dist.barrier()
                 crossed0 = _sum_over_ranks(_link_bytes())
+                retransmits0 = _sum_over_ranks(_tcp_retransmits())
             dist.barrier()
             x, y = batches[step % len(batches)]
             t0 = time.perf_counter()
@@ -189,14 +201,17 @@ def _step_time_rank(cfg: dict) -> list[dict]:
                 times.append(elapsed)
         dist.barrier()
         crossed = (_sum_over_ranks(_link_bytes()) - crossed0) / cfg["steps"]
+        retransmits = _sum_over_ranks(_tcp_retransmits()) - retransmits0
         row = {
             "method": name,
             "label": METHODS[name],
             "median_step_s": statistics.median(times),
             "min_step_s": min(times),
+            "step_times_s": [round(t, 4) for t in times],
             "max_step_s": max(times),
             "steps": len(times),
             "link_bytes_per_step": crossed,
+            "tcp_retransmits": retransmits,
             "params": sum(p.numel() for p in model.parameters()),
             "world_size": n,
             "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
@@ -207,7 +222,7 @@ def _step_time_rank(cfg: dict) -> list[dict]:
         if rank == 0:
             print(
                 f"[{time.strftime('%H:%M:%S')}] {name}: median step {row['median_step_s']:.3f} s, "
-                f"{crossed / 1e6:.3f} MB/step across the link",
+                f"{crossed / 1e6:.3f} MB/step across the link, {retransmits:.0f} TCP retransmissions",
                 flush=True,
             )
         del run, model, optimizer
