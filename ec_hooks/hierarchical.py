@@ -8,14 +8,17 @@ stages over ``N`` nodes of ``L`` ranks each (:meth:`NodeHierarchy.reduce`):
 1. a dense reduce-scatter inside the node: local rank ``j`` owns shard ``j`` (``ceil(P / L)``
    entries) of the node's mean gradient.  On gloo each rank sends its gradient on shard ``j``
    straight to local rank ``j`` (point to point: ``(L - 1) / L`` of the bucket per rank; gloo's
-   own reduce-scatter is 2-3x slower than its allreduce, which sends twice as much);
+   own reduce-scatter is 2-3x slower than its allreduce, which sends twice as much), or, when
+   the node's ranks share a host, writes it into a shared segment that the owner reads in place
+   (:mod:`ec_hooks.shared_memory`);
 2. on that shard, the flat Mem-SGD path (:func:`ec_hooks.hooks._reduce`, the same compressors,
    transports, dense fallback and overflow handling) with the local rank ``j`` of every other
    node: all ``L`` local ranks use the inter-node link at once, as rail-aligned NCCL rings do;
 3. an allgather of the averaged shards inside the node.  After a sparse compressor a shard
    holds at most ``N k`` non-zeros: the owners send those (positions and values), not the
    dense shard, whenever that is smaller; the dense shards otherwise (or when an owner has
-   more non-zeros than the compressor's ``entries_sent`` promised).
+   more non-zeros than the compressor's ``entries_sent`` promised).  With shared memory every
+   rank copies the owners' dense shards from their segments.
 
 Memories belong to the shard owner: a rank's memory (fp32, laid out like the bucket) is zero
 outside the shard it owns and holds, on it, what the node has not sent yet, in units of the
