@@ -502,7 +502,7 @@ class NodeHierarchy(_NodeGroups):
             raise
         bucket.result.set_result(bucket.grad.fill_(float("nan")) if void else bucket.grad)
 
-    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor, keys: tuple = ()) -> bool:
+    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor, keys: tuple) -> bool:
         """Write every owner's shard of the mean into ``grad``; whether some owner's step was void.
 
         After a sparse compressor the averaged shard holds at most ``N`` payloads' entries: the
@@ -511,7 +511,7 @@ class NodeHierarchy(_NodeGroups):
         the message holds says so, and the node then gathers the dense shards.  Every rank,
         the owner included, writes the shards from the gathered messages, so the replicas stay
         bit-identical.  With shared memory, every rank copies the owners' dense shards from their
-        segments instead."""
+        segments instead (``keys``: the bucket's, which name its segments)."""
         if self._shared is not None and grad.device.type == "cpu":
             void = self._gather_shared(mean, grad, keys)
             if void is not None:
