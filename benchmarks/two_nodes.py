@@ -48,6 +48,7 @@ import slow_network  # noqa: E402
 
 import ec_hooks  # noqa: E402
 import ec_hooks.hierarchical  # noqa: E402,F401 - loaded with the rest, not midway through a run
+from ec_hooks import shared_memory  # noqa: E402
 
 MODES = ("step-time", "accuracy", "profile")
 
@@ -63,11 +64,12 @@ METHODS = {
     "powersgd_r4": "torch PowerSGD rank 4",
     "memsgd_compact": "Mem-SGD top-k 1% compact, flat",
     "memsgd_compact_hier": "Mem-SGD top-k 1% compact, hierarchical",
+    "memsgd_compact_hier_gloo": "Mem-SGD top-k 1% compact, hierarchical, node stages over gloo (no shared memory)",
     "deepsqueeze_ring": "DeepSqueeze top-k 1%, ring over ranks",
     "deepsqueeze_hier": "DeepSqueeze top-k 1%, hierarchical (ring over nodes)",
 }
-DEFAULT_STEP_METHODS = tuple(m for m in METHODS if m != "local")
-DEFAULT_PROFILE_METHODS = ("local", "memsgd_compact", "memsgd_compact_hier")
+DEFAULT_STEP_METHODS = tuple(m for m in METHODS if m not in ("local", "memsgd_compact_hier_gloo"))
+DEFAULT_PROFILE_METHODS = ("local", "memsgd_compact", "memsgd_compact_hier", "memsgd_compact_hier_gloo")
 DEFAULT_ACCURACY_METHODS = (
     "allreduce",
     "memsgd_compact",
@@ -103,9 +105,18 @@ class Run:
                 state, slow_network._one_bucket_at_a_time(powerSGD_hook.powerSGD_hook)
             )
         elif name.startswith("memsgd"):
-            state = ec_hooks.ErrorFeedbackState(
-                compressor=_compact_topk(), module=self.ddp, hierarchical=name.endswith("_hier")
-            )
+            # the gloo variant: the node stages as before shared memory, for a side-by-side figure
+            saved = os.environ.get(shared_memory.DISABLE_VARIABLE)
+            os.environ[shared_memory.DISABLE_VARIABLE] = "1" if name.endswith("_gloo") else "0"
+            try:
+                state = ec_hooks.ErrorFeedbackState(
+                    compressor=_compact_topk(), module=self.ddp, hierarchical="_hier" in name
+                )
+            finally:
+                if saved is None:
+                    del os.environ[shared_memory.DISABLE_VARIABLE]
+                else:
+                    os.environ[shared_memory.DISABLE_VARIABLE] = saved
             self.ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
         elif name == "local":
             self.ddp.register_comm_hook(None, ec_hooks.local_hook)
@@ -146,6 +157,17 @@ def _link_bytes() -> int:
     return _netns.interface_counters(os.environ["GLOO_SOCKET_IFNAME"])["tx_bytes"]
 
 
+def _tcp_retransmits() -> int:
+    """TCP segments this node retransmitted (``/proc/net/snmp`` counts per network namespace); 0 on
+    other local ranks, as for :func:`_link_bytes`.  A segment lost on the shaped link costs a
+    retransmission timeout (200 ms at least)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return 0
+    with open("/proc/net/snmp") as f:
+        header, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
+    return int(values[header.index("RetransSegs")])
+
+
 def _sum_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
@@ -166,6 +188,7 @@ def _step_time_rank(cfg: dict) -> list[dict]:
             if step == cfg["warmup"]:
                 dist.barrier()
                 crossed0 = _sum_over_ranks(_link_bytes())
+                retransmits0 = _sum_over_ranks(_tcp_retransmits())
             dist.barrier()
             x, y = batches[step % len(batches)]
             t0 = time.perf_counter()
@@ -178,14 +201,17 @@ def _step_time_rank(cfg: dict) -> list[dict]:
                 times.append(elapsed)
         dist.barrier()
         crossed = (_sum_over_ranks(_link_bytes()) - crossed0) / cfg["steps"]
+        retransmits = _sum_over_ranks(_tcp_retransmits()) - retransmits0
         row = {
             "method": name,
             "label": METHODS[name],
             "median_step_s": statistics.median(times),
             "min_step_s": min(times),
+            "step_times_s": [round(t, 4) for t in times],
             "max_step_s": max(times),
             "steps": len(times),
             "link_bytes_per_step": crossed,
+            "tcp_retransmits": retransmits,
             "params": sum(p.numel() for p in model.parameters()),
             "world_size": n,
             "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]),
@@ -196,7 +222,7 @@ def _step_time_rank(cfg: dict) -> list[dict]:
         if rank == 0:
             print(
                 f"[{time.strftime('%H:%M:%S')}] {name}: median step {row['median_step_s']:.3f} s, "
-                f"{crossed / 1e6:.3f} MB/step across the link",
+                f"{crossed / 1e6:.3f} MB/step across the link, {retransmits:.0f} TCP retransmissions",
                 flush=True,
             )
         del run, model, optimizer
@@ -214,9 +240,18 @@ class StageTimers:
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
         self._undo: list[tuple[object, str, object]] = []
+        # (label, start, end) of the calls of the current step, in seconds from ``step_started``
+        self.events: list[tuple[str, float, float]] = []
+        self.step_started = time.perf_counter()
+
+    def start_step(self) -> None:
+        self.events = []
+        self.step_started = time.perf_counter()
 
     def add(self, label: str, seconds: float) -> None:
         self.totals[label] = self.totals.get(label, 0.0) + seconds
+        end = time.perf_counter() - self.step_started
+        self.events.append((label, end - seconds, end))
 
     def wrap(self, owner, attr: str, label: str, future: bool = False):
         original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
@@ -268,13 +303,14 @@ def _profile_rank(cfg: dict) -> list[dict]:
         try:
             run = Run(name, model)
             optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["lr"])
-            step_times, backward_times = [], []
+            step_times, backward_times, cpu_times = [], [], []
             for step in range(cfg["warmup"] + cfg["steps"]):
                 if step == cfg["warmup"]:
                     timers.totals.clear()
                 dist.barrier()
                 x, y = batches[step % len(batches)]
-                t0 = time.perf_counter()
+                timers.start_step()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 optimizer.zero_grad(set_to_none=False)
                 loss = F.cross_entropy(run.ddp(x), y)
                 t1 = time.perf_counter()
@@ -285,10 +321,14 @@ def _profile_rank(cfg: dict) -> list[dict]:
                 if step >= cfg["warmup"]:
                     step_times.append(time.perf_counter() - t0)
                     backward_times.append(t2 - t1)
+                    cpu_times.append(time.process_time() - cpu0)
                     timers.add("forward", t1 - t0)
                     timers.add("optimizer step", time.perf_counter() - t2)
         finally:
             timers.restore()
+        # the last step's timeline of every rank, as rank 0 prints it
+        timelines = [None] * dist.get_world_size()
+        dist.all_gather_object(timelines, sorted(timers.events, key=lambda e: e[1]))
         steps = cfg["steps"]
         stages = {
             label: _sum_over_ranks(total / steps) / dist.get_world_size()
@@ -299,7 +339,11 @@ def _profile_rank(cfg: dict) -> list[dict]:
             "label": METHODS[name],
             "step_s": _sum_over_ranks(statistics.median(step_times)) / dist.get_world_size(),
             "backward_s": _sum_over_ranks(statistics.median(backward_times)) / dist.get_world_size(),
+            # CPU seconds of the whole process (all its threads, user and system), summed over ranks:
+            # with more ranks than cores, this bounds the step from below
+            "cpu_s": _sum_over_ranks(statistics.median(cpu_times)),
             "stages": stages,
+            "timelines": timelines,
             "loadavg_1m": os.getloadavg()[0],
         }
         rows.append(row)
@@ -543,6 +587,7 @@ def profile_table(rows: Sequence[dict]) -> str:
         for key, title in (
             ("step_s", "step (median)"),
             ("backward_s", "backward, until every bucket is done"),
+            ("cpu_s", "CPU seconds, all ranks together (process time)"),
         ):
             lines.append(f"| {title} | " + " | ".join(f"{r[key]:.3f}" for r in subset) + " |")
         for label in labels:
@@ -552,6 +597,20 @@ def profile_table(rows: Sequence[dict]) -> str:
                 + " |"
             )
         lines.append("")
+    return "\n".join(lines)
+
+
+def timeline_text(rows: Sequence[dict]) -> str:
+    """The last measured step of every rank, per method: each timed call as ``label start-end``
+    (seconds from the start of the step), in order of start."""
+    lines = []
+    for r in rows:
+        lines.append(f"{r['label']}, {r['rate']}, last step:")
+        for rank, events in enumerate(r["timelines"]):
+            lines.append(
+                f"  rank {rank}: "
+                + "; ".join(f"{label} {start:.3f}-{end:.3f}" for label, start, end in events)
+            )
     return "\n".join(lines)
 
 
@@ -617,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "step-time":
         plot_step_time(rows, stem + ".png")
     print(table)
+    if args.mode == "profile":
+        print(timeline_text(rows))
     print(f"({time.time() - started:.0f} s; results in {stem}.*)")
     return 0
 

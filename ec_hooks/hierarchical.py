@@ -8,14 +8,17 @@ stages over ``N`` nodes of ``L`` ranks each (:meth:`NodeHierarchy.reduce`):
 1. a dense reduce-scatter inside the node: local rank ``j`` owns shard ``j`` (``ceil(P / L)``
    entries) of the node's mean gradient.  On gloo each rank sends its gradient on shard ``j``
    straight to local rank ``j`` (point to point: ``(L - 1) / L`` of the bucket per rank; gloo's
-   own reduce-scatter is 2-3x slower than its allreduce, which sends twice as much);
+   own reduce-scatter is 2-3x slower than its allreduce, which sends twice as much), or, when
+   the node's ranks share a host, writes it into a shared segment that the owner reads in place
+   (:mod:`ec_hooks.shared_memory`);
 2. on that shard, the flat Mem-SGD path (:func:`ec_hooks.hooks._reduce`, the same compressors,
    transports, dense fallback and overflow handling) with the local rank ``j`` of every other
    node: all ``L`` local ranks use the inter-node link at once, as rail-aligned NCCL rings do;
 3. an allgather of the averaged shards inside the node.  After a sparse compressor a shard
    holds at most ``N k`` non-zeros: the owners send those (positions and values), not the
    dense shard, whenever that is smaller; the dense shards otherwise (or when an owner has
-   more non-zeros than the compressor's ``entries_sent`` promised).
+   more non-zeros than the compressor's ``entries_sent`` promised).  With shared memory every
+   rank copies the owners' dense shards from their segments.
 
 Memories belong to the shard owner: a rank's memory (fp32, laid out like the bucket) is zero
 outside the shard it owns and holds, on it, what the node has not sent yet, in units of the
@@ -49,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from ec_hooks import flat, transport
+from ec_hooks.shared_memory import NodeSharedMemory
 
 __all__ = ["HierarchicalGossip", "NodeHierarchy", "node_layout"]
 
@@ -272,6 +276,13 @@ class NodeHierarchy(_NodeGroups):
         # untouched since (its version counter), step 1 need not read it there, nor step 3
         # clear it.
         self._cleared: dict[tuple, tuple] = {}
+        # On gloo, the node's ranks share a host: steps 1 and 3 go through shared memory instead
+        # of loopback TCP (one copy instead of two, and no socket work).  Decided by all ranks of
+        # the node together; None when they cannot (or EC_HOOKS_SHM_DISABLE=1).
+        self._shared: NodeSharedMemory | None = None
+        if self._point_to_point and self.local_world_size > 1 and self.num_nodes > 1:
+            shared = NodeSharedMemory(self.intra_group, self._group_rank, self.local_rank)
+            self._shared = shared if shared.usable else None
 
     def reduce(
         self, state, keys: tuple, numels: Sequence[int], grad: torch.Tensor
@@ -346,6 +357,10 @@ class NodeHierarchy(_NodeGroups):
                 torch.add(memory[part], grad[part], alpha=1 / L, out=rows[j, : part.stop - part.start])
             rows.view(-1)[numel:].zero_()
             return self.sum_to_owner(rows, keys)
+        if self._shared is not None and grad.device.type == "cpu":
+            acc = self._node_sum_shared(keys, grad, memory, cleared)
+            if acc is not None:
+                return acc
         # Each rank sends the owner its gradient there (the bucket's own slice when it is fp32 and
         # the memory there is clear: no copy), plus L times the memory left there; the owner adds
         # them in the order of the local ranks and scales the sum once.
@@ -371,14 +386,85 @@ class NodeHierarchy(_NodeGroups):
         acc = self.buffer("acc", keys, (shard,), torch.float32, grad.device)
         acc[length:].zero_()
         total = acc[:length]
-        for j in range(L):
-            term = grad[owned] if j == me else received[others.index(j)]
-            if j == 0:
-                total.copy_(term)
-            else:
-                total.add_(term)
+        _sum_in_order(total, [grad[owned] if j == me else received[others.index(j)] for j in range(L)])
         torch.add(memory[owned], total, alpha=1 / L, out=total)
         return acc
+
+    def _node_sum_shared(
+        self, keys: tuple, grad: torch.Tensor, memory: torch.Tensor, cleared: bool
+    ) -> torch.Tensor | None:
+        """Step 1 through shared memory: each rank writes what the others own of ``g + L m`` into
+        its segment, says so, and each owner adds the peers' segments in place, in the order of
+        the local ranks: the same terms and the same additions as the exchange.  ``None`` (on
+        every rank of the node) when a rank could not create its segment: then shared memory is
+        off for good and the caller exchanges through gloo."""
+        L, me, numel = self.local_world_size, self.local_rank, grad.numel()
+        shared = self._shared
+        ready = _READY
+        try:
+            outbox = shared.own("sum", numel * 4, owner=keys).view(torch.float32)
+            for j in range(L):
+                part = self.slice_of(j, numel)
+                if j == me or part.stop == part.start:
+                    continue
+                if cleared:
+                    outbox[part].copy_(grad[part])
+                else:
+                    torch.add(grad[part], memory[part], alpha=L, out=outbox[part])
+        except OSError as exc:
+            logger.warning("shared memory for the node sum failed (%s): the node stages go through gloo", exc)
+            ready = _FAILED
+        peers = self._signal_shared(ready, "sum", numel * 4, keys)
+        if peers is None:
+            return None
+        segments = peers[1]
+        owned = self.owned_slice(numel)
+        length = owned.stop - owned.start
+        acc = self.buffer("acc", keys, (self.shard_size(numel),), torch.float32, grad.device)
+        acc[length:].zero_()
+        total = acc[:length]
+        _sum_in_order(
+            total, [grad[owned] if j == me else segments[j].view(torch.float32)[owned] for j in range(L)]
+        )
+        torch.add(memory[owned], total, alpha=1 / L, out=total)
+        return acc
+
+    def _signal_shared(self, status: int, name, nbytes: int, keys: tuple) -> tuple[list[int], dict] | None:
+        """After writing this rank's segment ``name``: tell the other local ranks ``status``
+        (:data:`_READY`, :data:`_VOID` or :data:`_FAILED`) and map theirs.  Returns every local
+        rank's status and the peers' segments (by local rank), or ``None`` on every rank when one
+        failed: shared memory is then off for good.  When a rank created a segment in this call,
+        a second message says that every peer has mapped it, and its file is unlinked."""
+        shared = self._shared
+        values = self._signal(status | (_CREATED if shared.created else 0))
+        statuses = [v & ~_CREATED for v in values]
+        if _FAILED in statuses:
+            logger.warning(
+                "shared memory inside the node is off from now on: the node stages go through gloo"
+            )
+            self._shared = None
+            shared.close()
+            return None
+        segments = {
+            j: shared.peer(j, name, nbytes, owner=keys)
+            for j in range(self.local_world_size)
+            if j != self.local_rank
+        }
+        if any(v & _CREATED for v in values):
+            self._signal(_READY)  # every rank has mapped the new segments
+            shared.settle()
+        return statuses, segments
+
+    def _signal(self, value: int) -> list[int]:
+        """Send ``value`` to every other local rank and receive theirs: a small message that
+        also says "my shared segment is written"; the values of all local ranks, in order."""
+        L, me = self.local_world_size, self.local_rank
+        others = [j for j in range(L) if j != me]
+        mine = torch.tensor([value], dtype=torch.int32)
+        received = torch.empty((L - 1, 1), dtype=torch.int32)
+        self._exchange({j: mine for j in others}, {j: received[i] for i, j in enumerate(others)})
+        theirs = received.view(-1).tolist()
+        return [value if j == me else theirs[others.index(j)] for j in range(L)]
 
     @staticmethod
     def _fingerprint(memory: torch.Tensor) -> tuple:
@@ -391,13 +477,15 @@ class NodeHierarchy(_NodeGroups):
             self._finish(previous)
             live = previous.state.memory.layouts()
             self.keep_buffers_of(live)
+            if self._shared is not None:
+                self._shared.keep(live)
             self._cleared = {keys: mark for keys, mark in self._cleared.items() if keys in live}
 
     def _finish(self, bucket: _InFlight) -> None:
         try:
             mean = bucket.exchange.wait()
             # 3. every owner's averaged shard to every rank of the node, and whether a step was void.
-            void = self._gather_means(mean, bucket.grad, self._shard_state.compressor)
+            void = self._gather_means(mean, bucket.grad, self._shard_state.compressor, bucket.keys)
             # What this rank owns is what the node has not sent; elsewhere its memory is now
             # empty (it went into this step's sum).  A void step changes nothing.
             memory, owned = bucket.memory, self.owned_slice(bucket.grad.numel())
@@ -414,7 +502,7 @@ class NodeHierarchy(_NodeGroups):
             raise
         bucket.result.set_result(bucket.grad.fill_(float("nan")) if void else bucket.grad)
 
-    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor) -> bool:
+    def _gather_means(self, mean: torch.Tensor, grad: torch.Tensor, compressor, keys: tuple) -> bool:
         """Write every owner's shard of the mean into ``grad``; whether some owner's step was void.
 
         After a sparse compressor the averaged shard holds at most ``N`` payloads' entries: the
@@ -422,7 +510,12 @@ class NodeHierarchy(_NodeGroups):
         the dense shard, in one message of fixed size each.  An owner with more non-zeros than
         the message holds says so, and the node then gathers the dense shards.  Every rank,
         the owner included, writes the shards from the gathered messages, so the replicas stay
-        bit-identical."""
+        bit-identical.  With shared memory, every rank copies the owners' dense shards from their
+        segments instead (``keys``: the bucket's, which name its segments)."""
+        if self._shared is not None and grad.device.type == "cpu":
+            void = self._gather_shared(mean, grad, keys)
+            if void is not None:
+                return void
         shard, numel = mean.numel(), grad.numel()
         capacity = min(shard, self.num_nodes * compressor.entries_sent(shard))
         value_bytes = mean.element_size()
@@ -449,6 +542,33 @@ class NodeHierarchy(_NodeGroups):
             grad[part].copy_(gathered[j, : part.stop - part.start])
         return False
 
+    def _gather_shared(self, mean: torch.Tensor, grad: torch.Tensor, keys: tuple) -> bool | None:
+        """Step 3 through shared memory: each owner writes its shard of the mean into its
+        segment and says whether its step was void; every rank, the owner included, copies every
+        shard from the segments.  ``None`` (on every rank) when a rank could not create its
+        segment: shared memory is then off and the caller gathers through gloo."""
+        L, me, numel = self.local_world_size, self.local_rank, grad.numel()
+        shared, name, nbytes = self._shared, ("mean", str(mean.dtype)), mean.numel() * mean.element_size()
+        status = _VOID if _non_finite(mean) else _READY
+        try:
+            shared.own(name, nbytes, owner=keys).view(mean.dtype).copy_(mean)
+        except OSError as exc:
+            logger.warning(
+                "shared memory for the node gather failed (%s): the node stages go through gloo", exc
+            )
+            status = _FAILED
+        peers = self._signal_shared(status, name, nbytes, keys)
+        if peers is None:
+            return None
+        statuses, segments = peers
+        if _VOID in statuses:
+            return True
+        for j in range(L):
+            part = self.slice_of(j, numel)
+            source = mean if j == me else segments[j].view(mean.dtype)
+            grad[part].copy_(source[: part.stop - part.start])
+        return False
+
     def _gather_nonzeros(self, mean: torch.Tensor, capacity: int) -> tuple[torch.Tensor, list]:
         """Every owner's message: an int32 header (its count of non-zeros, ``-1`` when they do
         not fit; whether its step was void), ``capacity`` int32 positions, ``capacity`` values."""
@@ -472,6 +592,30 @@ class NodeHierarchy(_NodeGroups):
             "a hierarchical ErrorFeedbackState holds process groups and cannot be copied or pickled: save "
             "state.state_dict() and load it into a state created in the new process"
         )
+
+
+# what a rank tells the others of its node after writing its shared segment (_CREATED: a bit flag)
+_FAILED, _READY, _VOID, _CREATED = 0, 1, 2, 4
+
+
+def _sum_in_order(total: torch.Tensor, terms: list[torch.Tensor]) -> None:
+    """``total = terms[0] + terms[1] + ...``, added left to right in fp32 (the same bits on every
+    rank), the first two in one pass."""
+    if len(terms) == 1:
+        total.copy_(terms[0])
+        return
+    torch.add(terms[0], terms[1], out=total)
+    for term in terms[2:]:
+        total.add_(term)
+
+
+def _non_finite(values: torch.Tensor) -> bool:
+    """Whether some entry is inf or NaN.  A finite sum means finite entries, and a sum reads
+    the tensor many times faster than ``isfinite`` on CPU; an overflowing sum of finite entries
+    takes the exact check."""
+    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(values).all())
 
 
 class HierarchicalGossip:

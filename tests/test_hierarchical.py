@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import ec_hooks
 from ec_hooks import ErrorFeedbackState, error_feedback_hook
 from ec_hooks.hierarchical import node_layout
+from ec_hooks.shared_memory import DISABLE_VARIABLE
 
 from .distributed import run_distributed
 from .test_hooks import Recorder, _gather, _roundtrip, batch, make_model, train
@@ -112,17 +113,33 @@ class _Counted:
         return self.inner(*args)
 
 
+def _failing_at(state, iteration, own):
+    def failing(*args, **kwargs):
+        if state.iteration >= iteration:
+            raise OSError(28, "No space left on device")
+        return own(*args, **kwargs)
+
+    return failing
+
+
 def _gather_paths(rank, world_size):
     results = {}
-    for name, build, nodes in (
-        ("sparse", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO),
-        ("overflow", lambda: _Undercounting(0.1), TWO_BY_TWO),
-        ("dense", lambda: _Dense(0.1), TWO_BY_TWO),
-        ("unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]]),
+    for name, build, nodes, shared_memory in (
+        ("sparse", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "1"),
+        ("overflow", lambda: _Undercounting(0.1), TWO_BY_TWO, "1"),
+        ("dense", lambda: _Dense(0.1), TWO_BY_TWO, "1"),
+        ("unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]], "1"),
+        ("shared memory", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
+        ("shared memory, unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]], "0"),
+        ("shared memory failing", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
     ):
         model = DDP(make_model(), bucket_cap_mb=0.0005)
+        os.environ[DISABLE_VARIABLE] = shared_memory
         state = ErrorFeedbackState(compressor=build(), module=model, hierarchical=True, nodes=nodes)
-        calls = {}
+        calls = {"shared memory": state.hierarchy._shared is not None}
+        if name == "shared memory failing" and rank == 1:
+            # /dev/shm full at step 3 on one rank: every rank of its node goes back to gloo
+            state.hierarchy._shared.own = _failing_at(state, 3, state.hierarchy._shared.own)
         for method, counter in (("_gather_nonzeros", "nonzeros"), ("gather_rows", "gathers")):
             setattr(state.hierarchy, method, _Counted(getattr(state.hierarchy, method), calls, counter))
         model.register_comm_hook(state, error_feedback_hook)
@@ -133,6 +150,11 @@ def _gather_paths(rank, world_size):
         owners = {key[1] for key in state.hierarchy._buffers}
         calls["stale buffers"] = len(owners - state.memory.layouts())
         calls["buffered buckets"] = len(owners)
+        if state.hierarchy._shared is not None:
+            shared = state.hierarchy._shared
+            calls["stale segments"] = len({k[0] for k in shared._own} - state.memory.layouts())
+            calls["segment files"] = sorted(shared._linked)
+            calls["mapped"] = len(shared._own) + len(shared._peers)
         results[name] = (torch.cat([p.reshape(-1) for p in params]), memories, calls)
     return {
         name: (torch.equal(params, results["sparse"][0]), _gather([params]), memories, calls)
@@ -155,6 +177,19 @@ def test_node_gather_paths_and_node_orders_give_bit_identical_results():
         assert dense["nonzeros"] == 0 and dense["gathers"] > 0
         for calls in (sparse, overflow, dense):
             assert calls["stale buffers"] == 0 and calls["buffered buckets"] >= 1
+            assert not calls["shared memory"]
+        # the ranks of a node share this host: steps 1 and 3 go through shared memory, not gloo
+        for name in ("shared memory", "shared memory, unsorted nodes"):
+            calls = results[name][3]
+            assert calls["shared memory"] and calls["nonzeros"] == 0 and calls["gathers"] == 0, calls
+            assert calls["stale segments"] == 0
+            # every peer has mapped the segments, and their files are gone from /dev/shm
+            assert calls["mapped"] > 0 and calls["segment files"] == [], calls
+        failing = results["shared memory failing"][3]
+        if rank in (0, 1):  # the failing node: gloo from step 3 on
+            assert "mapped" not in failing and failing["nonzeros"] > 0, failing
+        else:
+            assert failing["mapped"] > 0 and failing["nonzeros"] == 0, failing
     # the owner of a shard keeps its memory: local rank 0 of [1, 0] is global rank 1 (to
     # rounding: the memory a rank left on another's shard at DDP's rebuild is added in another order)
     for a, b in ((0, 1), (2, 3)):
