@@ -49,7 +49,7 @@ from ec_hooks.compressors import Compressor, TopK, make_compressor
 from ec_hooks.compressors.base import seed_from
 from ec_hooks.layouts import SavedLayouts
 from ec_hooks.memory import ErrorFeedbackMemory, Frozen, live_mask, memory_dtype
-from ec_hooks.momentum import MomentumCorrection, VelocityUpdate
+from ec_hooks.momentum import MomentumCorrection, VelocityUpdate, optimizer_conflicts
 from ec_hooks.stats import CommStats
 from ec_hooks.usage import ParameterUse, skips_unused_parameters
 from ec_hooks.validation import check_int
@@ -262,6 +262,16 @@ class ErrorFeedbackState:
         self.memory.scale_(factor)
         if self.momentum_correction is not None:
             self.momentum_correction.scale_(factor)
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Warn (once per problem, in the log) about what in ``optimizer`` undoes the momentum
+        correction: momentum or weight decay applied twice, or weight decay left after the
+        hook's momentum (:func:`~ec_hooks.momentum.optimizer_conflicts`); returns the warnings.
+        The hook cannot see the optimizer: call this once, after building both."""
+        found = optimizer_conflicts(self.momentum_correction, optimizer)
+        for problem in found:
+            logger.warning("ErrorFeedbackState.check_optimizer: %s", problem)
+        return found
 
     def _compressor_now(self) -> Compressor:
         return self.density_warmup.at(self.iteration - self.start_iter)

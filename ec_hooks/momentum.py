@@ -24,7 +24,7 @@ import torch
 
 from ec_hooks.memory import ErrorFeedbackMemory
 
-__all__ = ["MomentumCorrection", "VelocityUpdate", "check_momentum"]
+__all__ = ["MomentumCorrection", "VelocityUpdate", "check_momentum", "optimizer_conflicts"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +174,41 @@ class MomentumCorrection:
             "clip_norm": self.clip_norm,
             "masking": self.masking,
         }
+
+
+def optimizer_conflicts(correction: MomentumCorrection | None, optimizer: torch.optim.Optimizer) -> list[str]:
+    """What in ``optimizer`` undoes the momentum correction ``correction`` (empty: nothing).
+
+    With momentum in the hook the optimizer must step on the aggregated velocities without
+    momentum, and the L2 term belongs in the hook, in front of the velocity, as in
+    ``torch.optim.SGD``.  Left in the optimizer it is not amplified by ``1 / (1 - mu)`` like the
+    gradient, so the run heads for the optimum of an L2 term ``1 / (1 - mu)`` times weaker
+    (measured on the logistic regression of ``docs/momentum-correction.md``).  Checked per
+    parameter group, from the groups' ``momentum`` and ``weight_decay`` (``torch.optim.SGD``'s
+    names; other optimizers' groups are checked for what they have).
+    """
+    if correction is None or not correction.momentum:
+        return []
+    found = []
+    for i, group in enumerate(optimizer.param_groups):
+        momentum, decay = group.get("momentum", 0) or 0, group.get("weight_decay", 0) or 0
+        if momentum:
+            found.append(
+                f"param group {i} has momentum={momentum} and the hook momentum={correction.momentum}: "
+                "momentum applies twice; set the optimizer's momentum to 0"
+            )
+        if decay and correction.weight_decay:
+            found.append(
+                f"param group {i} has weight_decay={decay} and the hook weight_decay={correction.weight_decay}: "
+                "weight decay applies twice; set the optimizer's weight_decay to 0"
+            )
+        elif decay:
+            found.append(
+                f"param group {i} has weight_decay={decay} after the hook's momentum={correction.momentum}: "
+                f"the L2 term is then {1 / (1 - correction.momentum):.3g} times weaker than in SGD with "
+                "momentum; pass weight_decay to the hook's state and set the optimizer's to 0"
+            )
+    return found
 
 
 def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:

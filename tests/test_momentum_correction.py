@@ -467,3 +467,30 @@ def test_momentum_correction_masks_only_when_asked():
         update = mc.step(["w"], [4], torch.tensor([1.0, 2.0, 3.0, 4.0]))
         mc.commit(update, torch.tensor(True), torch.tensor([1, 3]))
         assert int((mc.velocity.state_dict()["w"] == 0).sum()) == zeros
+
+
+def _optimizer_checks(rank, world_size):
+    model = DDP(make_model())
+
+    def check(optimizer, **hook):
+        state = ErrorFeedbackState(module=model, **hook)
+        return state.check_optimizer(optimizer(model.parameters()))
+
+    return {
+        "right": check(lambda p: torch.optim.SGD(p, lr=0.1), momentum=0.9, weight_decay=1e-4),
+        "plain_ef": check(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        "momentum_twice": check(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), momentum=0.9),
+        "decay_after": check(lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), momentum=0.9),
+        "decay_twice": check(
+            lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), momentum=0.9, weight_decay=1e-4
+        ),
+    }
+
+
+def test_check_optimizer_names_what_undoes_momentum_correction():
+    found = run_distributed(_optimizer_checks, 1)[0]
+    assert found["right"] == [] and found["plain_ef"] == []
+    assert len(found["momentum_twice"]) == 1 and "momentum applies twice" in found["momentum_twice"][0]
+    # the logistic regression's failure: the L2 term after the velocity is 1 / (1 - 0.9) = 10 times weaker
+    assert len(found["decay_after"]) == 1 and "10 times weaker" in found["decay_after"][0]
+    assert len(found["decay_twice"]) == 1 and "weight decay applies twice" in found["decay_twice"][0]
