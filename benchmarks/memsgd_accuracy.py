@@ -73,6 +73,13 @@ VARIANTS = {
     "mc_ramp_run": {"density_warmup_steps": 132, "density_warmup_start": 0.0625},
     "mc_ramp16": {"density_warmup_steps": 66, "density_warmup_start": 0.015625},
     "ef_ramp16": {"momentum_correction": False, "density_warmup_steps": 66, "density_warmup_start": 0.015625},
+    # each sent entry also carries its velocity's tail (masking that keeps the mass)
+    "mc_tail": {"send_momentum_tail": True},
+    "mc_ramp16_tail": {
+        "send_momentum_tail": True,
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.015625,
+    },
 }
 # the decisions' measurements: name -> (strategy, model overrides)
 ADAM = {"optimizer": "adam", "lr": 0.003}
@@ -91,6 +98,7 @@ def rows() -> dict[str, tuple[dict, dict]]:
                 ("density_warmup_steps" in extra and "density" not in compressor)
                 or (variant == "mc_masking" and name != "topk1")
                 or ("ramp" in variant and "topk" not in name)
+                or ("tail" in variant and "topk" not in name)
             ):
                 continue  # the warm-up ramps a density (sign has none); masking is measured on top-1%, ramps on top-k
             out[f"{name}_{variant}"] = ({"class_path": MEMSGD, "init_args": {**compressor, **extra}}, {})

@@ -82,6 +82,11 @@ class MomentumCorrection:
         masking: momentum factor masking (step 3; default ``False``, measured in
             ``docs/momentum-correction.md``): ``False`` keeps the velocity of sent entries, so
             that every gradient gets its full momentum ``1 / (1 - mu)`` as with SGD.
+        send_tail: send each sent entry's momentum tail with it (step 3; default ``False``):
+            the mass ``mu / (1 - mu) u`` that its velocity would still add to its memory over the
+            next steps goes out in the same slot, and the velocity is cleared.  Masking without
+            losing mass: every gradient keeps its weight ``1 / (1 - mu)``, and the tail is applied
+            at once instead of queueing in the memory behind other entries.
 
     Step, for a bucket with gradient ``g``, parameters ``p`` and velocity ``u``:
 
@@ -89,8 +94,13 @@ class MomentumCorrection:
     2. ``u_new = mu u + g``; the signal is ``u_new`` (Nesterov: ``g + mu u_new``);
     3. after the exchange, when every worker's step was finite: ``u = u_new``, and with
        ``masking``, ``u[sent] = 0`` for the entries the compressor sent (DGC's momentum factor
-       masking; dense compressors send an approximation of every entry and mask nothing).  A
-       voided step leaves ``u`` untouched.
+       masking; dense compressors send an approximation of every entry and mask nothing).  With
+       ``send_tail``, the payload's entries carried ``acc + mu / (1 - mu) u_new`` (the caller
+       adds :meth:`tail` to the memory before the exchange) and ``u[sent] = 0`` too.  A voided
+       step leaves ``u`` untouched.
+
+    Invariant (to float rounding): ``sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T``
+    with or without masking the tail in; ``masking`` alone drops ``mu / (1 - mu) u[sent]``.
     """
 
     def __init__(
@@ -100,6 +110,7 @@ class MomentumCorrection:
         weight_decay: float = 0.0,
         clip_norm: float | None = None,
         masking: bool = False,
+        send_tail: bool = False,
     ) -> None:
         self.momentum = check_momentum(momentum)
         if not isinstance(nesterov, bool):
@@ -114,13 +125,22 @@ class MomentumCorrection:
         if not isinstance(masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {masking!r}")
         self.masking = masking
+        if not isinstance(send_tail, bool):
+            raise ValueError(f"send_momentum_tail must be True or False, got {send_tail!r}")
+        if send_tail and (masking or self.momentum == 0):
+            raise ValueError(
+                "send_momentum_tail=True needs momentum > 0 and momentum_masking=False (it masks, and sends "
+                "what masking would drop)"
+            )
+        self.send_tail = send_tail
         self.clip_scale = 1.0
         self.velocity = ErrorFeedbackMemory()
 
     def __repr__(self) -> str:
         return (
             f"MomentumCorrection(momentum={self.momentum}, nesterov={self.nesterov}, "
-            f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking})"
+            f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking}, "
+            f"send_tail={self.send_tail})"
         )
 
     def step(
@@ -144,6 +164,12 @@ class MomentumCorrection:
         signal = torch.add(g, new_velocity, alpha=self.momentum) if self.nesterov else new_velocity
         return VelocityUpdate(velocity, new_velocity, signal)
 
+    def tail(self, update: VelocityUpdate, sent: torch.Tensor) -> torch.Tensor:
+        """``mu / (1 - mu) u_new[sent]``: what the velocity of the ``sent`` entries would still add
+        to their memory (non-finite entries, of a step that will be voided, as 0)."""
+        tail = update.new_velocity.index_select(0, sent) * (self.momentum / (1.0 - self.momentum))
+        return torch.where(torch.isfinite(tail), tail, 0.0)
+
     def commit(self, update: VelocityUpdate, keep: torch.Tensor, sent: torch.Tensor | None) -> None:
         """Step 3: ``u = u_new`` when ``keep`` (0-dim bool), then mask the ``sent`` indices."""
         velocity = update.velocity
@@ -154,7 +180,7 @@ class MomentumCorrection:
             velocity.copy_(update.new_velocity)
         else:
             return
-        if self.masking and sent is not None and sent.numel():
+        if (self.masking or self.send_tail) and sent is not None and sent.numel():
             if velocity.is_cuda:
                 values = torch.where(keep, 0.0, velocity.index_select(0, sent))
                 velocity.index_copy_(0, sent, values)
@@ -173,6 +199,8 @@ class MomentumCorrection:
             "weight_decay": self.weight_decay,
             "clip_norm": self.clip_norm,
             "masking": self.masking,
+            # absent = False: state dicts written before the option existed load unchanged
+            **({"send_tail": True} if self.send_tail else {}),
         }
 
 
