@@ -80,6 +80,7 @@ VARIANTS = {
         "density_warmup_steps": 66,
         "density_warmup_start": 0.015625,
     },
+    "mc_ramp_tail": {"send_momentum_tail": True, "density_warmup_steps": 66, "density_warmup_start": 0.0625},
 }
 # the decisions' measurements: name -> (strategy, model overrides)
 ADAM = {"optimizer": "adam", "lr": 0.003}

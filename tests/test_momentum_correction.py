@@ -335,6 +335,9 @@ def _bad_arguments(rank, world_size):
         "masking": {"momentum": 0.9, "momentum_masking": "yes"},
         "warmup_start_zero": {"density_warmup_steps": 10, "density_warmup_start": 0},
         "warmup_start_above_one": {"density_warmup_start": 1.5},
+        "tail_str": {"momentum": 0.9, "send_momentum_tail": "yes"},
+        "tail_and_masking": {"momentum": 0.9, "send_momentum_tail": True, "momentum_masking": True},
+        "tail_no_momentum": {"weight_decay": 1e-4, "send_momentum_tail": True},
     }
     for name, kwargs in cases.items():
         try:
@@ -360,7 +363,11 @@ def test_bad_momentum_arguments_raise_at_construction():
         "masking",
         "warmup_start_zero",
         "warmup_start_above_one",
+        "tail_str",
+        "tail_and_masking",
+        "tail_no_momentum",
     }
+    assert all("send_momentum_tail" in errors[name] for name in ("tail_str", "tail_and_masking", "tail_no_momentum"))
     assert "density_warmup_start must be a float in (0, 1]" in errors["warmup_start_zero"]
     assert "1.5" in errors["warmup_start_above_one"]
     assert "momentum must be a float in [0, 1)" in errors["momentum_one"]

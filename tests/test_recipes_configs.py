@@ -97,6 +97,19 @@ def test_digits_cyclic_row_spends_its_bytes_on_density():
     )
 
 
+def test_digits_topk1_row_sends_the_momentum_tails():
+    # measured (docs/momentum-correction.md): top-1% 0.9842 over three seeds with the tails, 0.9796 without
+    cli = main(
+        ["--config", str(CONFIGS / "digits_memsgd_topk1.yaml"), "--trainer.logger", "false"], run=False
+    )
+    assert cli.trainer.strategy.send_momentum_tail is True
+    for method in ("memsgd_topk1_nocorr", "memsgd_topk1_compact"):
+        cli = main(
+            ["--config", str(CONFIGS / f"digits_{method}.yaml"), "--trainer.logger", "false"], run=False
+        )
+        assert cli.trainer.strategy.send_momentum_tail is False, method
+
+
 @pytest.mark.parametrize("dataset", ["digits", "resnet20_cifar10"])
 def test_configs_instantiate(dataset):
     for method, (strategy_class, expected) in STRATEGY.items():
