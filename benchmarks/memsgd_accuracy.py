@@ -204,12 +204,14 @@ def digits_table(results: dict[str, list]) -> str:
 
 LOGREG_METHODS = {
     # name: (compressor or None for allreduce, optimizer momentum, hook momentum, where the
-    # L2 term goes: "optimizer" or "hook")
+    # L2 term goes: "optimizer", "hook", or "hook+tail": the hook, which also sends the momentum tails)
     "SGD, allreduce": (None, 0.0, 0.0, "optimizer"),
     "top-k 1%, error feedback": ("topk", 0.0, 0.0, "optimizer"),
     "SGD momentum 0.9, allreduce": (None, 0.9, 0.0, "optimizer"),
     # what MemSGDStrategy does with SGD(momentum=0.9, weight_decay=lam)
     "top-k 1%, momentum 0.9 and weight decay in the hook": ("topk", 0.0, 0.9, "hook"),
+    # the same with send_momentum_tail=True (the digits recipe's memsgd_topk1)
+    "top-k 1%, momentum 0.9 and weight decay in the hook, tails sent": ("topk", 0.0, 0.9, "hook+tail"),
     # the L2 term left in the optimizer: not amplified by 1 / (1 - mu) like the gradient, so the
     # run heads for the optimum of a 10 times weaker regularizer
     "top-k 1%, momentum 0.9 in the hook, weight decay in SGD": ("topk", 0.0, 0.9, "optimizer"),
@@ -241,14 +243,15 @@ def _logreg_worker(rank, world_size, port, steps, lr, batch, seed, queue):
                     compressor=ec_hooks.TopK(0.01),
                     module=ddp,
                     momentum=hook_momentum,
-                    weight_decay=lam if decay_in == "hook" else 0.0,
+                    weight_decay=lam if decay_in.startswith("hook") else 0.0,
+                    send_momentum_tail=decay_in == "hook+tail",
                 )
                 ddp.register_comm_hook(state, ec_hooks.error_feedback_hook)
             opt = torch.optim.SGD(
                 ddp.parameters(),
                 lr=lr,
                 momentum=optimizer_momentum,
-                weight_decay=lam if decay_in == "optimizer" else 0.0,
+                weight_decay=0.0 if decay_in.startswith("hook") else lam,
             )
             g = torch.Generator().manual_seed(seed * world_size + rank)
             for _ in range(steps):
