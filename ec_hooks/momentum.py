@@ -99,8 +99,10 @@ class MomentumCorrection:
        adds :meth:`tail` to the memory before the exchange) and ``u[sent] = 0`` too.  A voided
        step leaves ``u`` untouched.
 
-    Invariant (to float rounding): ``sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T``
-    with or without masking the tail in; ``masking`` alone drops ``mu / (1 - mu) u[sent]``.
+    Invariant without Nesterov (to float rounding):
+    ``sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T``, with the velocity kept or its
+    tail sent: every gradient gets the weight ``1 / (1 - mu)`` it has in SGD with momentum;
+    ``masking`` drops ``mu / (1 - mu) u[sent]`` from it.
     """
 
     def __init__(
