@@ -367,7 +367,9 @@ def test_bad_momentum_arguments_raise_at_construction():
         "tail_and_masking",
         "tail_no_momentum",
     }
-    assert all("send_momentum_tail" in errors[name] for name in ("tail_str", "tail_and_masking", "tail_no_momentum"))
+    assert all(
+        "send_momentum_tail" in errors[name] for name in ("tail_str", "tail_and_masking", "tail_no_momentum")
+    )
     assert "density_warmup_start must be a float in (0, 1]" in errors["warmup_start_zero"]
     assert "1.5" in errors["warmup_start_above_one"]
     assert "momentum must be a float in [0, 1)" in errors["momentum_one"]
