@@ -49,7 +49,7 @@ from ec_hooks.compressors import Compressor, TopK, make_compressor
 from ec_hooks.compressors.base import seed_from
 from ec_hooks.layouts import SavedLayouts
 from ec_hooks.memory import ErrorFeedbackMemory, Frozen, live_mask, memory_dtype
-from ec_hooks.momentum import MomentumCorrection, VelocityUpdate
+from ec_hooks.momentum import MomentumCorrection, VelocityUpdate, optimizer_conflicts
 from ec_hooks.stats import CommStats
 from ec_hooks.usage import ParameterUse, skips_unused_parameters
 from ec_hooks.validation import check_int
@@ -97,6 +97,10 @@ class ErrorFeedbackState:
             was sent (for compressors that send exact entries).  Default ``False``: the velocity
             is kept, so that every gradient gets its full momentum ``1 / (1 - mu)`` (measured
             better on the recipes, ``docs/momentum-correction.md``).
+        send_momentum_tail: masking that keeps the mass: each entry sent also carries the
+            momentum its velocity would still add to the memory, ``momentum / (1 - momentum) u``,
+            and its velocity is cleared (top-k, rand-k; see :class:`~ec_hooks.momentum.MomentumCorrection`).
+            Default ``False``.
         hierarchical: reduce dense inside each node and compress only between nodes
             (:mod:`ec_hooks.hierarchical`); needs the default process group.
         nodes: with ``hierarchical``, the global ranks of every node; default: ``LOCAL_WORLD_SIZE``
@@ -127,6 +131,7 @@ class ErrorFeedbackState:
         density_warmup_start: float = 0.25,
         hierarchical: bool = False,
         nodes: Sequence[Sequence[int]] | None = None,
+        send_momentum_tail: bool = False,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -142,7 +147,9 @@ class ErrorFeedbackState:
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
         self.dense_fallback = dense_fallback
-        correction = MomentumCorrection(momentum, nesterov, weight_decay, clip_norm, momentum_masking)
+        correction = MomentumCorrection(
+            momentum, nesterov, weight_decay, clip_norm, momentum_masking, send_momentum_tail
+        )
         # None: plain error feedback, no velocity is kept
         self.momentum_correction = (
             correction
@@ -262,6 +269,16 @@ class ErrorFeedbackState:
         self.memory.scale_(factor)
         if self.momentum_correction is not None:
             self.momentum_correction.scale_(factor)
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Warn (once per problem, in the log) about what in ``optimizer`` undoes the momentum
+        correction: momentum or weight decay applied twice, or weight decay left after the
+        hook's momentum (:func:`~ec_hooks.momentum.optimizer_conflicts`); returns the warnings.
+        The hook cannot see the optimizer: call this once, after building both."""
+        found = optimizer_conflicts(self.momentum_correction, optimizer)
+        for problem in found:
+            logger.warning("ErrorFeedbackState.check_optimizer: %s", problem)
+        return found
 
     def _compressor_now(self) -> Compressor:
         return self.density_warmup.at(self.iteration - self.start_iter)
@@ -644,6 +661,9 @@ def _reduce(
     payload, finite = compensate(
         memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype
     )
+    tail = None  # (indices, values) of the momentum tails sent with the payload
+    if velocity is not None and state.momentum_correction.send_tail and payload is not None:
+        payload, tail = _with_momentum_tails(state, compressor, memory, velocity, payload, key, grad.dtype)
     # 4. transport: the cheapest of the state's transports for this compressor and bucket
     chosen = transport.choose(state.transports, compressor, grad.numel(), grad.dtype, n)
     fut, bytes_sent = chosen.start(
@@ -675,13 +695,43 @@ def _reduce(
         else:
             mean = torch.full_like(mean, float("nan"))
         kernels.undo_accumulate_(memory, signal, all_finite, backend=backend)
+        if tail is not None:
+            # a voided step takes the tails out of the memory again (adds -0 when it stands)
+            memory.index_add_(0, tail[0], tail[1] * (~all_finite).to(tail[1].dtype), alpha=-1)
         if velocity is not None:
-            state.momentum_correction.commit(velocity, all_finite, delivery.sent_indices())
+            sent = delivery.sent_indices() if tail is None else tail[0]
+            state.momentum_correction.commit(velocity, all_finite, sent)
         state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)
 
     return fut.then(finish)
+
+
+def _with_momentum_tails(
+    state: ErrorFeedbackState,
+    compressor: Compressor,
+    memory: torch.Tensor,
+    velocity: VelocityUpdate,
+    payload,
+    key: int,
+    wire_dtype: torch.dtype,
+):
+    """``send_momentum_tail``: the payload's entries with their velocity's tail added (in the
+    memory too, which the sent values are then subtracted from), and ``(indices, tails)``; the
+    payload unchanged and ``None`` for a compressor that sends every entry (nothing is masked)."""
+    sent = compressor.sent_indices(payload)
+    if sent is None or not sent.numel():
+        return payload, None
+    tails = state.momentum_correction.tail(velocity, sent).to(memory.dtype)
+    memory.index_add_(0, sent, tails)
+    # The same entries again: top-k of a vector that is 0 elsewhere selects them (or 0-valued
+    # fillers), rand-k draws the same indices for the same step and key.
+    only_sent = torch.zeros_like(memory).index_copy_(0, sent, memory.index_select(0, sent))
+    payload = compressor.compress(
+        only_sent, step=state.iteration, key=key, rank=state.rank, wire_dtype=wire_dtype
+    )
+    return payload, (sent, tails)
 
 
 def _commit_dense_velocity(

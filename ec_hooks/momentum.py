@@ -24,7 +24,7 @@ import torch
 
 from ec_hooks.memory import ErrorFeedbackMemory
 
-__all__ = ["MomentumCorrection", "VelocityUpdate", "check_momentum"]
+__all__ = ["MomentumCorrection", "VelocityUpdate", "check_momentum", "optimizer_conflicts"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,11 @@ class MomentumCorrection:
         masking: momentum factor masking (step 3; default ``False``, measured in
             ``docs/momentum-correction.md``): ``False`` keeps the velocity of sent entries, so
             that every gradient gets its full momentum ``1 / (1 - mu)`` as with SGD.
+        send_tail: send each sent entry's momentum tail with it (step 3; default ``False``):
+            the mass ``mu / (1 - mu) u`` that its velocity would still add to its memory over the
+            next steps goes out in the same slot, and the velocity is cleared.  Masking without
+            losing mass: every gradient keeps its weight ``1 / (1 - mu)``, and the tail is applied
+            at once instead of queueing in the memory behind other entries.
 
     Step, for a bucket with gradient ``g``, parameters ``p`` and velocity ``u``:
 
@@ -89,8 +94,15 @@ class MomentumCorrection:
     2. ``u_new = mu u + g``; the signal is ``u_new`` (Nesterov: ``g + mu u_new``);
     3. after the exchange, when every worker's step was finite: ``u = u_new``, and with
        ``masking``, ``u[sent] = 0`` for the entries the compressor sent (DGC's momentum factor
-       masking; dense compressors send an approximation of every entry and mask nothing).  A
-       voided step leaves ``u`` untouched.
+       masking; dense compressors send an approximation of every entry and mask nothing).  With
+       ``send_tail``, the payload's entries carried ``acc + mu / (1 - mu) u_new`` (the caller
+       adds :meth:`tail` to the memory before the exchange) and ``u[sent] = 0`` too.  A voided
+       step leaves ``u`` untouched.
+
+    Invariant without Nesterov (to float rounding):
+    ``sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T``, with the velocity kept or its
+    tail sent: every gradient gets the weight ``1 / (1 - mu)`` it has in SGD with momentum;
+    ``masking`` drops ``mu / (1 - mu) u[sent]`` from it.
     """
 
     def __init__(
@@ -100,6 +112,7 @@ class MomentumCorrection:
         weight_decay: float = 0.0,
         clip_norm: float | None = None,
         masking: bool = False,
+        send_tail: bool = False,
     ) -> None:
         self.momentum = check_momentum(momentum)
         if not isinstance(nesterov, bool):
@@ -114,13 +127,22 @@ class MomentumCorrection:
         if not isinstance(masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {masking!r}")
         self.masking = masking
+        if not isinstance(send_tail, bool):
+            raise ValueError(f"send_momentum_tail must be True or False, got {send_tail!r}")
+        if send_tail and (masking or self.momentum == 0):
+            raise ValueError(
+                "send_momentum_tail=True needs momentum > 0 and momentum_masking=False (it masks, and sends "
+                "what masking would drop)"
+            )
+        self.send_tail = send_tail
         self.clip_scale = 1.0
         self.velocity = ErrorFeedbackMemory()
 
     def __repr__(self) -> str:
         return (
             f"MomentumCorrection(momentum={self.momentum}, nesterov={self.nesterov}, "
-            f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking})"
+            f"weight_decay={self.weight_decay}, clip_norm={self.clip_norm}, masking={self.masking}, "
+            f"send_tail={self.send_tail})"
         )
 
     def step(
@@ -144,6 +166,12 @@ class MomentumCorrection:
         signal = torch.add(g, new_velocity, alpha=self.momentum) if self.nesterov else new_velocity
         return VelocityUpdate(velocity, new_velocity, signal)
 
+    def tail(self, update: VelocityUpdate, sent: torch.Tensor) -> torch.Tensor:
+        """``mu / (1 - mu) u_new[sent]``: what the velocity of the ``sent`` entries would still add
+        to their memory (non-finite entries, of a step that will be voided, as 0)."""
+        tail = update.new_velocity.index_select(0, sent) * (self.momentum / (1.0 - self.momentum))
+        return torch.where(torch.isfinite(tail), tail, 0.0)
+
     def commit(self, update: VelocityUpdate, keep: torch.Tensor, sent: torch.Tensor | None) -> None:
         """Step 3: ``u = u_new`` when ``keep`` (0-dim bool), then mask the ``sent`` indices."""
         velocity = update.velocity
@@ -154,7 +182,7 @@ class MomentumCorrection:
             velocity.copy_(update.new_velocity)
         else:
             return
-        if self.masking and sent is not None and sent.numel():
+        if (self.masking or self.send_tail) and sent is not None and sent.numel():
             if velocity.is_cuda:
                 values = torch.where(keep, 0.0, velocity.index_select(0, sent))
                 velocity.index_copy_(0, sent, values)
@@ -173,7 +201,44 @@ class MomentumCorrection:
             "weight_decay": self.weight_decay,
             "clip_norm": self.clip_norm,
             "masking": self.masking,
+            # absent = False: state dicts written before the option existed load unchanged
+            **({"send_tail": True} if self.send_tail else {}),
         }
+
+
+def optimizer_conflicts(correction: MomentumCorrection | None, optimizer: torch.optim.Optimizer) -> list[str]:
+    """What in ``optimizer`` undoes the momentum correction ``correction`` (empty: nothing).
+
+    With momentum in the hook the optimizer must step on the aggregated velocities without
+    momentum, and the L2 term belongs in the hook, in front of the velocity, as in
+    ``torch.optim.SGD``.  Left in the optimizer it is not amplified by ``1 / (1 - mu)`` like the
+    gradient, so the run heads for the optimum of an L2 term ``1 / (1 - mu)`` times weaker
+    (measured on the logistic regression of ``docs/momentum-correction.md``).  Checked per
+    parameter group, from the groups' ``momentum`` and ``weight_decay`` (``torch.optim.SGD``'s
+    names; other optimizers' groups are checked for what they have).
+    """
+    if correction is None or not correction.momentum:
+        return []
+    found = []
+    for i, group in enumerate(optimizer.param_groups):
+        momentum, decay = group.get("momentum", 0) or 0, group.get("weight_decay", 0) or 0
+        if momentum:
+            found.append(
+                f"param group {i} has momentum={momentum} and the hook momentum={correction.momentum}: "
+                "momentum applies twice; set the optimizer's momentum to 0"
+            )
+        if decay and correction.weight_decay:
+            found.append(
+                f"param group {i} has weight_decay={decay} and the hook weight_decay={correction.weight_decay}: "
+                "weight decay applies twice; set the optimizer's weight_decay to 0"
+            )
+        elif decay:
+            found.append(
+                f"param group {i} has weight_decay={decay} after the hook's momentum={correction.momentum}: "
+                f"the L2 term is then {1 / (1 - correction.momentum):.3g} times weaker than in SGD with "
+                "momentum; pass weight_decay to the hook's state and set the optimizer's to 0"
+            )
+    return found
 
 
 def _clip(g: torch.Tensor, max_norm: float) -> torch.Tensor:

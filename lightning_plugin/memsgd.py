@@ -57,6 +57,9 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         density_warmup_start: the ramp's first density (default 0.25, DGC's).
         momentum_masking: DGC's momentum factor masking (default ``False``; see
             :class:`~ec_hooks.ErrorFeedbackState`).
+        send_momentum_tail: masking that keeps the mass: each sent entry also carries the momentum
+            its velocity would still add, and its velocity is cleared (default ``False``; see
+            :class:`~ec_hooks.ErrorFeedbackState`).
         hierarchical: dense inside each node, compressed only between nodes
             (:mod:`ec_hooks.hierarchical`); the nodes are the Trainer's ``num_nodes`` x
             ``devices`` unless ``nodes`` lists them.  The optimizer then keeps its own momentum
@@ -81,6 +84,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         density_warmup_start: float = 0.25,
         hierarchical: bool = False,
         nodes: list[list[int]] | None = None,
+        send_momentum_tail: bool = False,
         **kwargs: Any,
     ) -> None:
         reject_comm_hook_kwargs(type(self).__name__, kwargs)
@@ -112,6 +116,13 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         if not isinstance(momentum_masking, bool):
             raise ValueError(f"momentum_masking must be True or False, got {momentum_masking!r}")
         self.momentum_masking = momentum_masking
+        if not isinstance(send_momentum_tail, bool):
+            raise ValueError(f"send_momentum_tail must be True or False, got {send_momentum_tail!r}")
+        if send_momentum_tail and momentum_masking:
+            raise ValueError(
+                "send_momentum_tail=True masks and sends what masking would drop: leave momentum_masking=False"
+            )
+        self.send_momentum_tail = send_momentum_tail
         check_hierarchy(hierarchical, nodes)
         if hierarchical and density_warmup_steps:
             raise ValueError("hierarchical=True is not combined with density_warmup_steps yet: leave it at 0")
@@ -163,6 +174,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         moved = _movable_momentum(self.optimizers, self.model)
         if moved is not None:
             moved["masking"] = self.momentum_masking
+            moved["send_tail"] = self.send_momentum_tail
         if moved is None:
             if self._moved is not None:
                 raise ValueError(

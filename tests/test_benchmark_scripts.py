@@ -88,6 +88,7 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
         "topk01_mc_ramp",
         "topk1_mc_wd_in_optimizer",
         "sign_mc",
+        "topk1_mc_ramp16_tail",
     ]
     memsgd_accuracy.write_configs(names, tmp_path)
     built = {
@@ -104,6 +105,12 @@ def test_memsgd_accuracy_configs_instantiate_with_their_variants(tmp_path, monke
     assert type(built["topk1_mc_wd_in_optimizer"].trainer.strategy).__name__ == "WeightDecayInOptimizer"
     assert built["sign_mc"].trainer.strategy.compressor.name == "sign"
     assert "sign_mc_warmup" not in memsgd_accuracy.rows()  # sign has no density to ramp
+    tail = built["topk1_mc_ramp16_tail"].trainer.strategy
+    assert tail.send_momentum_tail is True and tail.density_warmup_start == 0.015625
+    assert "sign_mc_tail" not in memsgd_accuracy.rows()  # a dense compressor sends no entry whole
+    # the logistic regression's momentum-in-the-hook rows: the L2 term in the hook, as the strategy puts it
+    placements = {name: method[3] for name, method in memsgd_accuracy.LOGREG_METHODS.items() if method[2]}
+    assert sorted(placements.values()) == ["hook", "hook+tail", "optimizer"]
 
 
 def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ CONFIGS = {
     ),
     # velocities through a dense warm-up (start_iter) that the resume falls into
     "randk_momentum_warmup": (lambda: ec_hooks.RandK(0.25, seed=3), RESUME_AT + 1, {"momentum": 0.9}),
+    # the momentum tails travel with the payload (its second compression must resume too)
+    "topk_momentum_tail": (lambda: ec_hooks.TopK(0.1), 0, {"momentum": 0.9, "send_momentum_tail": True}),
     # the leader rotates with the step and the bucket: a resume must pick the same leaders
     "cyclic_topk": (lambda: ec_hooks.CyclicTopK(0.1), 0, {}),
     "cyclic_topk_filter": (lambda: ec_hooks.CyclicTopK(0.1, memory_filter=0.5), 0, {}),

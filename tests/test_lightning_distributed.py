@@ -373,7 +373,8 @@ def scenario_variants(out: Path, devices: int) -> None:
     from lightning_plugin import MemSGDStrategy
 
     for name, make, kwargs in (
-        ("memsgd_clip", MemSGDStrategy, {"gradient_clip_val": 0.5}),
+        # the momentum tails option reaches the hook with the moved settings
+        ("memsgd_clip", lambda: MemSGDStrategy(send_momentum_tail=True), {"gradient_clip_val": 0.5}),
         (
             "memsgd_nocorr",
             lambda: MemSGDStrategy(
@@ -992,6 +993,7 @@ def test_memsgd_moves_sgd_momentum_weight_decay_and_clipping_into_the_hook(two):
             "weight_decay": 1e-4,
             "clip_norm": 0.5 / 2**0.5,
             "masking": False,
+            "send_tail": True,
         }
         assert [(g["momentum"], g["weight_decay"]) for g in r["optimizer_groups"]] == [(0.0, 0.0)]
         assert r["gradient_clip_val"] is None  # the aggregated step is no longer clipped by Lightning

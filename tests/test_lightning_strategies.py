@@ -94,6 +94,8 @@ def test_defaults():
         (MemSGDStrategy, {"density_warmup_steps": -1}, "density_warmup_steps"),
         (MemSGDStrategy, {"density_warmup_start": 0.0}, "density_warmup_start"),
         (MemSGDStrategy, {"momentum_masking": 1}, "momentum_masking"),
+        (MemSGDStrategy, {"send_momentum_tail": 1}, "send_momentum_tail"),
+        (MemSGDStrategy, {"send_momentum_tail": True, "momentum_masking": True}, "send_momentum_tail"),
         (MemSGDStrategy, {"ddp_comm_hook": print}, "ddp_comm_hook"),
         (MemSGDStrategy, {"model_averaging_period": 4}, "model_averaging_period"),
         (DeepSqueezeStrategy, {"topology": "star"}, "topology"),

@@ -335,6 +335,9 @@ def _bad_arguments(rank, world_size):
         "masking": {"momentum": 0.9, "momentum_masking": "yes"},
         "warmup_start_zero": {"density_warmup_steps": 10, "density_warmup_start": 0},
         "warmup_start_above_one": {"density_warmup_start": 1.5},
+        "tail_str": {"momentum": 0.9, "send_momentum_tail": "yes"},
+        "tail_and_masking": {"momentum": 0.9, "send_momentum_tail": True, "momentum_masking": True},
+        "tail_no_momentum": {"weight_decay": 1e-4, "send_momentum_tail": True},
     }
     for name, kwargs in cases.items():
         try:
@@ -360,7 +363,13 @@ def test_bad_momentum_arguments_raise_at_construction():
         "masking",
         "warmup_start_zero",
         "warmup_start_above_one",
+        "tail_str",
+        "tail_and_masking",
+        "tail_no_momentum",
     }
+    assert all(
+        "send_momentum_tail" in errors[name] for name in ("tail_str", "tail_and_masking", "tail_no_momentum")
+    )
     assert "density_warmup_start must be a float in (0, 1]" in errors["warmup_start_zero"]
     assert "1.5" in errors["warmup_start_above_one"]
     assert "momentum must be a float in [0, 1)" in errors["momentum_one"]
@@ -467,3 +476,148 @@ def test_momentum_correction_masks_only_when_asked():
         update = mc.step(["w"], [4], torch.tensor([1.0, 2.0, 3.0, 4.0]))
         mc.commit(update, torch.tensor(True), torch.tensor([1, 3]))
         assert int((mc.velocity.state_dict()["w"] == 0).sum()) == zeros
+
+
+def _optimizer_checks(rank, world_size):
+    model = DDP(make_model())
+
+    def check(optimizer, **hook):
+        state = ErrorFeedbackState(module=model, **hook)
+        return state.check_optimizer(optimizer(model.parameters()))
+
+    return {
+        "right": check(lambda p: torch.optim.SGD(p, lr=0.1), momentum=0.9, weight_decay=1e-4),
+        "plain_ef": check(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4)),
+        "momentum_twice": check(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), momentum=0.9),
+        "decay_after": check(lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), momentum=0.9),
+        "decay_twice": check(
+            lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), momentum=0.9, weight_decay=1e-4
+        ),
+    }
+
+
+def test_check_optimizer_names_what_undoes_momentum_correction():
+    found = run_distributed(_optimizer_checks, 1)[0]
+    assert found["right"] == [] and found["plain_ef"] == []
+    assert len(found["momentum_twice"]) == 1 and "momentum applies twice" in found["momentum_twice"][0]
+    # the logistic regression's failure: the L2 term after the velocity is 1 / (1 - 0.9) = 10 times weaker
+    assert len(found["decay_after"]) == 1 and "10 times weaker" in found["decay_after"][0]
+    assert len(found["decay_twice"]) == 1 and "weight decay applies twice" in found["decay_twice"][0]
+
+
+# ---------------------------------------------------------------- send_momentum_tail
+
+
+def _tail_reference(grads_per_rank, k, momentum):
+    """The transcription of send_momentum_tail: select on the memory as DGC does, send each
+    selected entry with its velocity's tail ``mu / (1 - mu) u``, clear the velocity there."""
+    n, steps = len(grads_per_rank), len(grads_per_rank[0])
+    u = [torch.zeros_like(grads_per_rank[0][0]) for _ in range(n)]
+    v = [torch.zeros_like(grads_per_rank[0][0]) for _ in range(n)]
+    means = []
+    for t in range(steps):
+        total = torch.zeros_like(u[0])
+        for i in range(n):
+            u[i] = momentum * u[i] + grads_per_rank[i][t]
+            v[i] = v[i] + u[i]
+            idx = topk_magnitude_reference(v[i], k)
+            total[idx] += v[i][idx] + momentum / (1 - momentum) * u[i][idx]
+            v[i][idx] = 0
+            u[i][idx] = 0
+        means.append(total / n)
+    return means
+
+
+def _tail_cases(rank, world_size):
+    # the transcription's case
+    model = DDP(_one_parameter_model())
+    state = ErrorFeedbackState(
+        compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, send_momentum_tail=True
+    )
+    record = {"grads": [], "u_before": [], "out": []}
+    _train(model, state, rank, 6, torch.optim.SGD(model.parameters(), lr=0.1), record)
+    grads = [torch.stack(g) for g in zip(*[_all(t) for t in record["grads"]])]
+    velocity = _flat(state.momentum_correction.velocity.state_dict())
+    return grads, record["out"], velocity
+
+
+def test_momentum_tail_is_sent_with_its_entry():
+    results = run_distributed(_tail_cases, 2)
+    grads, _, _ = results[0]
+    k = ec_hooks.TopK(0.1).k_for(grads[0][0].numel())
+    expected = _tail_reference([list(g) for g in grads], k, 0.9)
+    for _, outputs, velocity in results:
+        for step, (want, got) in enumerate(zip(expected, outputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=f"step {step}")
+        # the velocity is cleared where the tail went out, and only there (k per step at most)
+        assert 0 < int((velocity == 0).sum()) <= k * 6
+
+
+def _tail_overflow(rank, world_size):
+    model = DDP(make_model())
+    state = ErrorFeedbackState(
+        compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, send_momentum_tail=True
+    )
+    velocities, memories = [], []
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def hook(state, bucket):
+        if state.iteration == 2 and rank == 0:
+            bucket.buffer()[3] = float("inf")
+        return error_feedback_hook(state, bucket)
+
+    model.register_comm_hook(state, hook)
+    for step in range(4):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        velocities.append(_flat(state.momentum_correction.velocity.state_dict()))
+        memories.append(_flat(state.memory.state_dict()))
+        if all(torch.isfinite(p.grad).all() for p in model.parameters()):
+            opt.step()
+    return velocities, memories
+
+
+def test_overflow_step_takes_the_momentum_tails_back_out_of_the_memory():
+    for velocities, memories in run_distributed(_tail_overflow, 2):
+        assert torch.equal(velocities[1], velocities[2])
+        torch.testing.assert_close(memories[1], memories[2], rtol=0, atol=1e-6)
+        assert not torch.equal(memories[2], memories[3])
+
+
+def _tail_invariants(rank, world_size):
+    compressors = {
+        "topk": ec_hooks.TopK(0.1),
+        "randk": ec_hooks.RandK(0.1),
+        "topk_delta16": ec_hooks.TopK(0.1, index_encoding="delta16", value_dtype="bf16"),
+    }
+    out = {}
+    for name, compressor in compressors.items():
+        for send_tail, masking in ((True, False), (False, True), (False, False)):
+            model = DDP(_one_parameter_model())
+            state = ErrorFeedbackState(
+                compressor=compressor,
+                module=model,
+                momentum=0.9,
+                momentum_masking=masking,
+                send_momentum_tail=send_tail,
+            )
+            record = {"grads": [], "u_before": [], "out": []}
+            _train(model, state, 0, 8, torch.optim.SGD(model.parameters(), lr=0.05), record)
+            fed = torch.stack(record["grads"]).sum(0) / (1 - 0.9)
+            pending = _flat(state.memory.state_dict()) + 0.9 / (1 - 0.9) * _flat(
+                state.momentum_correction.velocity.state_dict()
+            )
+            sent = torch.stack(record["out"]).sum(0)  # one worker: the mean is what it sent
+            out[name, send_tail, masking] = float((fed - sent - pending).abs().max()), float(fed.abs().max())
+    return out
+
+
+def test_momentum_tail_keeps_every_gradients_full_momentum():
+    for (name, _, masking), (error, scale) in run_distributed(_tail_invariants, 1)[0].items():
+        # sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T: holds with the tail sent
+        # and with the velocity kept, not with DGC's masking, which drops the tail
+        if not masking:
+            assert error < 1e-5 * scale, (name, error, scale)
+        else:
+            assert error > 1e-2 * scale, (name, error, scale)
