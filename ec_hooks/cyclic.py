@@ -25,8 +25,8 @@ import numbers
 import torch
 
 from ec_hooks.compressors.base import Compressor, Payload
+from ec_hooks.compressors.sparse import entries_for
 from ec_hooks.compressors.topk import BACKENDS as _BACKENDS
-from ec_hooks.compressors.topk import TopK
 from ec_hooks.compressors.wire import delta16_capacity as _delta16_capacity
 from ec_hooks.compressors.wire import delta16_decode as _delta16_decode
 from ec_hooks.compressors.wire import delta16_encode as _delta16_encode
@@ -108,6 +108,9 @@ class CyclicTopK(Compressor):
     #: lower than plain error feedback; with the indices of the summed memory, no difference).
     prefers_momentum_correction = False
     name = "cyclic_topk"
+    density: float
+    memory_filter: float
+    candidates: float
 
     def __init__(
         self,
@@ -160,8 +163,13 @@ class CyclicTopK(Compressor):
             args["candidates"] = self.candidates
         return args
 
-    k_for = TopK.k_for
-    entries_sent = TopK.entries_sent
+    def k_for(self, numel: int) -> int:
+        """``k = ceil(density * numel)``, as top-k counts it."""
+        return entries_for(self.density, numel)
+
+    def entries_sent(self, numel: int) -> int:
+        """``k``: tail slots and ``delta16`` fillers carry no entry of the tensor."""
+        return self.k_for(numel)
 
     def slots_for(self, numel: int) -> int:
         return _delta16_capacity(numel, self.k_for(numel))

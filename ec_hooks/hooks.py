@@ -283,6 +283,12 @@ class ErrorFeedbackState:
     def _compressor_now(self) -> Compressor:
         return self.density_warmup.at(self.iteration - self.start_iter)
 
+    @property
+    def _corrected(self) -> MomentumCorrection:
+        """The momentum correction, where a velocity exists (a state with momentum)."""
+        assert self.momentum_correction is not None
+        return self.momentum_correction
+
     def _velocity_step(self, keys: tuple, numels: Sequence[int], grad: torch.Tensor) -> VelocityUpdate | None:
         if self.momentum_correction is None:
             return None
@@ -373,8 +379,8 @@ class ErrorFeedbackState:
         )
         self.memory.load_state_dict(memories, shapes)
         if velocities is not None:
-            self.momentum_correction.velocity.load_state_dict(velocities)
-            self.momentum_correction.clip_scale = float(state_dict.get("clip_scale", 1.0))
+            self._corrected.velocity.load_state_dict(velocities)
+            self._corrected.clip_scale = float(state_dict.get("clip_scale", 1.0))
         self._saved_layouts.expect(layouts)
         self._resumed = True
         self._agreement.expect()
@@ -662,7 +668,7 @@ def _reduce(
         memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype
     )
     tail = None  # (indices, values) of the momentum tails sent with the payload
-    if velocity is not None and state.momentum_correction.send_tail and payload is not None:
+    if velocity is not None and state._corrected.send_tail and payload is not None:
         payload, tail = _with_momentum_tails(state, compressor, memory, velocity, payload, key, grad.dtype)
     # 4. transport: the cheapest of the state's transports for this compressor and bucket
     chosen = transport.choose(state.transports, compressor, grad.numel(), grad.dtype, n)
@@ -700,7 +706,7 @@ def _reduce(
             memory.index_add_(0, tail[0], tail[1] * (~all_finite).to(tail[1].dtype), alpha=-1)
         if velocity is not None:
             sent = delivery.sent_indices() if tail is None else tail[0]
-            state.momentum_correction.commit(velocity, all_finite, sent)
+            state._corrected.commit(velocity, all_finite, sent)
         state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient
         return mean.to(grad.dtype).view_as(grad)
@@ -723,7 +729,7 @@ def _with_momentum_tails(
     sent = compressor.sent_indices(payload)
     if sent is None or not sent.numel():
         return payload, None
-    tails = state.momentum_correction.tail(velocity, sent).to(memory.dtype)
+    tails = state._corrected.tail(velocity, sent).to(memory.dtype)
     memory.index_add_(0, sent, tails)
     # The same entries again: top-k of a vector that is 0 elsewhere selects them (or 0-valued
     # fillers), rand-k draws the same indices for the same step and key.
@@ -739,7 +745,7 @@ def _commit_dense_velocity(
 ) -> torch.Tensor:
     """Warm-up with momentum correction: every entry went out uncompressed, nothing is masked;
     a non-finite mean (an overflow on some worker) keeps the old velocity."""
-    state.momentum_correction.commit(velocity, torch.isfinite(mean).all(), None)
+    state._corrected.commit(velocity, torch.isfinite(mean).all(), None)
     return mean
 
 

@@ -42,14 +42,14 @@ def warmup_density(step: int, target: float, steps: int, start: float = START_DE
 class DensityWarmup:
     """The compressor to use at each step: copies of ``compressor`` at the ramp's densities.
 
-    Needs a compressor with a ``density`` attribute (top-k, rand-k): the capability is that
-    attribute, which the copies set.  ``start`` is the first stage's density.
+    Needs a compressor with a :attr:`~ec_hooks.compressors.Compressor.density` (top-k, rand-k,
+    shared-index top-k), which the copies set.  ``start`` is the first stage's density.
     """
 
     def __init__(self, compressor: Compressor, steps: int, start: float = START_DENSITY) -> None:
         self.steps = check_int("density_warmup_steps", steps, 0)
         self.start = check_unit_interval("density_warmup_start", start, "the ramp's first density")
-        if self.steps and not isinstance(getattr(compressor, "density", None), float):
+        if self.steps and not isinstance(compressor.density, float):
             raise ValueError(
                 f"density_warmup_steps={steps} needs a compressor with a density (topk, randk), got {compressor!r}"
             )
@@ -58,10 +58,11 @@ class DensityWarmup:
 
     def at(self, step: int) -> Compressor:
         """The compressor for warm-up step ``step`` (counted from the first compressed step)."""
-        if not self.steps or step >= self.steps:
+        target = self.compressor.density
+        if not self.steps or step >= self.steps or target is None:
             return self.compressor
-        density = warmup_density(step, self.compressor.density, self.steps, self.start)
-        if density == self.compressor.density:
+        density = warmup_density(step, target, self.steps, self.start)
+        if density == target:
             return self.compressor
         found = self._copies.get(density)
         if found is None:

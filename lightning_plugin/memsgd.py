@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -92,7 +93,9 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             raise ValueError("compressor must be a Compressor or a compressor name, got None")
         if density is None and isinstance(compressor, str) and "density" in compressor_arguments(compressor):
             density = 0.01
-        self.compressor = build_compressor(compressor, density)
+        built = build_compressor(compressor, density)
+        assert built is not None  # a name or an object: never None
+        self.compressor: Compressor = built
         self.start_iter = check_int("start_iter", start_iter, 0)
         if not isinstance(dense_fallback, bool):
             raise ValueError(f"dense_fallback must be True or False, got {dense_fallback!r}")
@@ -164,6 +167,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             # A second fit with the same strategy keeps the memories of the first.
             state.load_state_dict(self.comm_state.state_dict())
         self.comm_state = state
+        assert isinstance(self.model, DistributedDataParallel)
         self.model.register_comm_hook(state, error_feedback_hook)
 
     @override
@@ -171,6 +175,7 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         super().setup_optimizers(trainer)
         if self.comm_state is None or not self.momentum_correction:
             return
+        assert self.model is not None
         moved = _movable_momentum(self.optimizers, self.model)
         if moved is not None:
             moved["masking"] = self.momentum_masking

@@ -76,6 +76,9 @@ class Compressor:
     index_value_pairs: bool = False
     #: ``MemSGDStrategy`` moves SGD's momentum into the hook by default (``ec_hooks.momentum``)
     prefers_momentum_correction: bool = True
+    #: fraction of the entries sent, for the compressors that choose how many (top-k, rand-k,
+    #: shared-index top-k); the density warm-up sets it on copies.  ``None``: no such choice.
+    density: float | None = None
     #: backend of the selection and accumulation kernels (see :mod:`ec_hooks.kernels`)
     backend: str = "auto"
     #: default consensus step per gossip algorithm: a step, or ``(step per unit, min, max)`` with

@@ -7,7 +7,13 @@ import math
 from ec_hooks.compressors.base import Compressor
 from ec_hooks.validation import check_density
 
-__all__ = ["Sparsifier"]
+__all__ = ["Sparsifier", "entries_for"]
+
+
+def entries_for(density: float, numel: int) -> int:
+    """``k = ceil(density * numel)``, at least 1 and at most ``numel``."""
+    # The small epsilon keeps density=k/d from rounding up to k+1.
+    return min(numel, max(1, math.ceil(density * numel - 1e-9)))
 
 
 class Sparsifier(Compressor):
@@ -30,8 +36,7 @@ class Sparsifier(Compressor):
 
     def k_for(self, numel: int) -> int:
         """``k = ceil(density * numel)``, at least 1 and at most ``numel``."""
-        # The small epsilon keeps density=k/d from rounding up to k+1.
-        return min(numel, max(1, math.ceil(self.density * numel - 1e-9)))
+        return entries_for(self.density, numel)
 
     def entries_sent(self, numel: int) -> int:
         """``k``: padding (``delta16`` fillers and tail slots of top-k) carries no entry of the tensor."""
