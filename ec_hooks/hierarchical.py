@@ -47,12 +47,16 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from ec_hooks import flat, transport
 from ec_hooks.shared_memory import NodeSharedMemory
+
+if TYPE_CHECKING:  # hooks imports this module lazily
+    from ec_hooks.hooks import ErrorFeedbackState
 
 __all__ = ["HierarchicalGossip", "NodeHierarchy", "node_layout"]
 
@@ -111,6 +115,7 @@ class _ShardMemory:
         self.buffer: torch.Tensor | None = None
 
     def buffer_for(self, keys, numels, device, dtype=torch.float32) -> torch.Tensor:
+        assert self.buffer is not None  # set by NodeHierarchy.reduce before the flat path runs
         return self.buffer
 
     def layouts(self) -> set:
@@ -139,6 +144,7 @@ class _NodeGroups:
             group = dist.new_group([node[j] for node in self.nodes])
             if j == self.local_rank:
                 self.inter_group = group
+        assert self.intra_group is not None and self.inter_group is not None  # each rank is in a node
         # The rank in the node's group of each local rank (groups number their ranks in the
         # order of the global ranks, a node may list its ranks in another order).
         self._group_rank = [dist.get_group_rank(self.intra_group, r) for r in self.nodes[self.node_rank]]
@@ -208,6 +214,7 @@ class _NodeGroups:
         for j in range(L):  # in place: the rows and the received buffer are scratch
             term = rows[me] if j == me else received[others.index(j)]
             total = term if total is None else total.add_(term)
+        assert total is not None  # L >= 2 terms
         return total
 
     def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
@@ -237,7 +244,7 @@ class _NodeGroups:
 class _InFlight:
     """A bucket between steps 2 and 3 of :meth:`NodeHierarchy.reduce`."""
 
-    state: object
+    state: ErrorFeedbackState
     keys: tuple
     grad: torch.Tensor
     memory: torch.Tensor
@@ -267,7 +274,8 @@ class NodeHierarchy(_NodeGroups):
         self._shard_state = ErrorFeedbackState(
             process_group=self.inter_group, compressor=state.compressor, dense_fallback=state.dense_fallback
         )
-        self._shard_state.memory = _ShardMemory()
+        self._shard_memory = _ShardMemory()
+        self._shard_state.memory = self._shard_memory  # type: ignore[assignment]  # buffer_for and layouts suffice
         self._shard_state.stats = state.stats
         # The bucket whose exchange between nodes is in flight, finished by the next bucket's
         # reduce or by :meth:`flush`.
@@ -330,12 +338,13 @@ class NodeHierarchy(_NodeGroups):
         else:
             scratch = acc - shard_grad.float()
         sub = self._shard_state
-        sub.memory.buffer = scratch
+        self._shard_memory.buffer = scratch
         sub.iteration = state.iteration
         shard_keys = (("node_shard", self.local_rank, L), *keys)
         exchange = _reduce(sub, shard_keys, [shard], shard_grad)
 
-        previous, result = self._in_flight, torch.futures.Future()
+        previous = self._in_flight
+        result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         self._in_flight = _InFlight(state, keys, grad, memory, scratch, exchange, result, cleared)
         if previous is not None:
             try:
@@ -400,6 +409,7 @@ class NodeHierarchy(_NodeGroups):
         off for good and the caller exchanges through gloo."""
         L, me, numel = self.local_world_size, self.local_rank, grad.numel()
         shared = self._shared
+        assert shared is not None  # called while shared memory is on
         ready = _READY
         try:
             outbox = shared.own("sum", numel * 4, owner=keys).view(torch.float32)
@@ -436,6 +446,7 @@ class NodeHierarchy(_NodeGroups):
         failed: shared memory is then off for good.  When a rank created a segment in this call,
         a second message says that every peer has mapped it, and its file is unlinked."""
         shared = self._shared
+        assert shared is not None  # called while shared memory is on
         values = self._signal(status | (_CREATED if shared.created else 0))
         statuses = [v & ~_CREATED for v in values]
         if _FAILED in statuses:
@@ -513,9 +524,9 @@ class NodeHierarchy(_NodeGroups):
         bit-identical.  With shared memory, every rank copies the owners' dense shards from their
         segments instead (``keys``: the bucket's, which name its segments)."""
         if self._shared is not None and grad.device.type == "cpu":
-            void = self._gather_shared(mean, grad, keys)
-            if void is not None:
-                return void
+            shared_void = self._gather_shared(mean, grad, keys)
+            if shared_void is not None:
+                return shared_void
         shard, numel = mean.numel(), grad.numel()
         capacity = min(shard, self.num_nodes * compressor.entries_sent(shard))
         value_bytes = mean.element_size()
@@ -549,6 +560,7 @@ class NodeHierarchy(_NodeGroups):
         segment: shared memory is then off and the caller gathers through gloo."""
         L, me, numel = self.local_world_size, self.local_rank, grad.numel()
         shared, name, nbytes = self._shared, ("mean", str(mean.dtype)), mean.numel() * mean.element_size()
+        assert shared is not None  # called while shared memory is on
         status = _VOID if _non_finite(mean) else _READY
         try:
             shared.own(name, nbytes, owner=keys).view(mean.dtype).copy_(mean)
@@ -729,7 +741,7 @@ class HierarchicalGossip:
         Collective."""
         from ec_hooks.gossip import GossipAlgorithm
 
-        GossipAlgorithm.average_into(self, module)
+        GossipAlgorithm.average_into(self, module)  # type: ignore[arg-type]  # it has what the mean model needs
 
     def consensus_distance(self) -> float:
         """``sqrt((1/n) sum_i ||x_i - x_bar||^2)`` over all ranks, fp64.  Collective."""
