@@ -167,9 +167,13 @@ class MomentumCorrection:
         return VelocityUpdate(velocity, new_velocity, signal)
 
     def tail(self, update: VelocityUpdate, sent: torch.Tensor) -> torch.Tensor:
-        """``mu / (1 - mu) u_new[sent]``: what the velocity of the ``sent`` entries would still add
-        to their memory (non-finite entries, of a step that will be voided, as 0)."""
-        tail = update.new_velocity.index_select(0, sent) * (self.momentum / (1.0 - self.momentum))
+        """``mu / (1 - mu) u_new[sent]`` (Nesterov: ``mu^2 / (1 - mu) u_new[sent]``): what the
+        velocity of the ``sent`` entries would still add to their memory in the steps to come
+        (non-finite entries, of a step that will be voided, as 0)."""
+        mu = self.momentum
+        # Nesterov feeds g + mu u: later steps feed mu u_{t+1} = mu^2 u_new, mu^3 u_new, ...
+        factor = (mu * mu if self.nesterov else mu) / (1.0 - mu)
+        tail = update.new_velocity.index_select(0, sent) * factor
         return torch.where(torch.isfinite(tail), tail, 0.0)
 
     def commit(self, update: VelocityUpdate, keep: torch.Tensor, sent: torch.Tensor | None) -> None:
@@ -217,12 +221,12 @@ def optimizer_conflicts(correction: MomentumCorrection | None, optimizer: torch.
     parameter group, from the groups' ``momentum`` and ``weight_decay`` (``torch.optim.SGD``'s
     names; other optimizers' groups are checked for what they have).
     """
-    if correction is None or not correction.momentum:
+    if correction is None:
         return []
     found = []
     for i, group in enumerate(optimizer.param_groups):
         momentum, decay = group.get("momentum", 0) or 0, group.get("weight_decay", 0) or 0
-        if momentum:
+        if momentum and correction.momentum:
             found.append(
                 f"param group {i} has momentum={momentum} and the hook momentum={correction.momentum}: "
                 "momentum applies twice; set the optimizer's momentum to 0"
@@ -232,7 +236,7 @@ def optimizer_conflicts(correction: MomentumCorrection | None, optimizer: torch.
                 f"param group {i} has weight_decay={decay} and the hook weight_decay={correction.weight_decay}: "
                 "weight decay applies twice; set the optimizer's weight_decay to 0"
             )
-        elif decay:
+        elif decay and correction.momentum:
             found.append(
                 f"param group {i} has weight_decay={decay} after the hook's momentum={correction.momentum}: "
                 f"the L2 term is then {1 / (1 - correction.momentum):.3g} times weaker than in SGD with "

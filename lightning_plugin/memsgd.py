@@ -131,6 +131,11 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
             raise ValueError("hierarchical=True is not combined with density_warmup_steps yet: leave it at 0")
         # The hierarchical hook does not apply momentum correction yet: the optimizer keeps its own.
         self.momentum_correction = momentum_correction and not hierarchical
+        if send_momentum_tail and not self.momentum_correction:
+            raise ValueError(
+                "send_momentum_tail=True needs the momentum in the hook: pass momentum_correction=True "
+                "(and hierarchical=False, where the optimizer keeps its momentum)"
+            )
         self.hierarchical = hierarchical
         self.nodes = nodes
         super().__init__(**kwargs)

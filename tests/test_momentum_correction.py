@@ -493,6 +493,10 @@ def _optimizer_checks(rank, world_size):
         "decay_twice": check(
             lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), momentum=0.9, weight_decay=1e-4
         ),
+        # no momentum in the hook, the L2 term in both: still twice
+        "decay_twice_no_momentum": check(
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4), weight_decay=1e-4
+        ),
     }
 
 
@@ -503,6 +507,8 @@ def test_check_optimizer_names_what_undoes_momentum_correction():
     # the logistic regression's failure: the L2 term after the velocity is 1 / (1 - 0.9) = 10 times weaker
     assert len(found["decay_after"]) == 1 and "10 times weaker" in found["decay_after"][0]
     assert len(found["decay_twice"]) == 1 and "weight decay applies twice" in found["decay_twice"][0]
+    assert len(found["decay_twice_no_momentum"]) == 1
+    assert "weight decay applies twice" in found["decay_twice_no_momentum"][0]
 
 
 # ---------------------------------------------------------------- send_momentum_tail
@@ -592,32 +598,46 @@ def _tail_invariants(rank, world_size):
         "topk_delta16": ec_hooks.TopK(0.1, index_encoding="delta16", value_dtype="bf16"),
     }
     out = {}
+    cases = [
+        (True, False, False),
+        (False, True, False),
+        (False, False, False),
+        (True, False, True),
+        (False, False, True),
+    ]
     for name, compressor in compressors.items():
-        for send_tail, masking in ((True, False), (False, True), (False, False)):
+        for send_tail, masking, nesterov in cases:
             model = DDP(_one_parameter_model())
             state = ErrorFeedbackState(
                 compressor=compressor,
                 module=model,
                 momentum=0.9,
+                nesterov=nesterov,
                 momentum_masking=masking,
                 send_momentum_tail=send_tail,
             )
             record = {"grads": [], "u_before": [], "out": []}
             _train(model, state, 0, 8, torch.optim.SGD(model.parameters(), lr=0.05), record)
             fed = torch.stack(record["grads"]).sum(0) / (1 - 0.9)
-            pending = _flat(state.memory.state_dict()) + 0.9 / (1 - 0.9) * _flat(
+            # what the velocity still owes: mu / (1 - mu) u, with Nesterov mu^2 / (1 - mu) u
+            owed = (0.81 if nesterov else 0.9) / (1 - 0.9)
+            pending = _flat(state.memory.state_dict()) + owed * _flat(
                 state.momentum_correction.velocity.state_dict()
             )
             sent = torch.stack(record["out"]).sum(0)  # one worker: the mean is what it sent
-            out[name, send_tail, masking] = float((fed - sent - pending).abs().max()), float(fed.abs().max())
+            error = float((fed - sent - pending).abs().max())
+            out[name, send_tail, masking, nesterov] = error, float(fed.abs().max())
     return out
 
 
 def test_momentum_tail_keeps_every_gradients_full_momentum():
-    for (name, _, masking), (error, scale) in run_distributed(_tail_invariants, 1)[0].items():
-        # sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T: holds with the tail sent
-        # and with the velocity kept, not with DGC's masking, which drops the tail
+    for (name, send_tail, masking, nesterov), (error, scale) in run_distributed(_tail_invariants, 1)[
+        0
+    ].items():
+        # sum_t g_t / (1 - mu) = sum_t sent_t + m_T + mu / (1 - mu) u_T (Nesterov: mu^2 / (1 - mu) u_T):
+        # holds with the tail sent and with the velocity kept, not with DGC's masking, which drops the tail
+        case = (name, send_tail, masking, nesterov, error, scale)
         if not masking:
-            assert error < 1e-5 * scale, (name, error, scale)
+            assert error < 1e-5 * scale, case
         else:
-            assert error > 1e-2 * scale, (name, error, scale)
+            assert error > 1e-2 * scale, case
