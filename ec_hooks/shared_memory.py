@@ -70,6 +70,10 @@ def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
         elif os.fstat(fd).st_size < nbytes:
             raise RuntimeError(f"shared segment {path} holds {os.fstat(fd).st_size} bytes, expected {nbytes}")
         region = mmap.mmap(fd, max(nbytes, 1))
+    except BaseException:
+        if create:  # not yet known to anyone: a full /dev/shm must not keep the half-made file
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
     return torch.frombuffer(region, dtype=torch.uint8)[:nbytes]
@@ -96,27 +100,36 @@ class NodeSharedMemory:
         self._linked: set[str] = set()  # own files not unlinked yet
         weakref.finalize(self, _unlink_all, self._linked)
         self.usable = False
-        if shared_memory_disabled():
-            return
+        # Every rank takes part in the collectives below, turned off or not, so that a rank whose
+        # environment differs is outvoted (or named, for a bad value) instead of leaving its peers waiting.
+        try:
+            disabled, error = shared_memory_disabled(), ""
+        except ValueError as exc:
+            disabled, error = True, str(exc)
         prefix = f"ec-hooks-{uuid.uuid4().hex}-{local_rank}-"
         probe = os.urandom(16)
         self._prefixes = [""] * len(group_ranks)
         self._prefixes[local_rank] = prefix
-        try:
-            self.own("probe", len(probe)).copy_(torch.frombuffer(bytearray(probe), dtype=torch.uint8))
-            ok = True
-        except OSError as exc:
-            logger.info(
-                "shared memory unavailable in %s (%s): the node stages go through gloo", directory, exc
-            )
-            ok = False
+        ok = False
+        if not disabled:
+            try:
+                self.own("probe", len(probe)).copy_(torch.frombuffer(bytearray(probe), dtype=torch.uint8))
+                ok = True
+            except OSError as exc:
+                logger.info(
+                    "shared memory unavailable in %s (%s): the node stages go through gloo", directory, exc
+                )
         gathered: list = [None] * len(group_ranks)
-        dist.all_gather_object(gathered, (prefix, probe, ok), group=group)
+        dist.all_gather_object(gathered, (prefix, probe, ok, error), group=group)
         by_local_rank = [gathered[r] for r in group_ranks]
-        self._prefixes = [p for p, _, _ in by_local_rank]
+        errors = [f"local rank {j}: {e}" for j, (_, _, _, e) in enumerate(by_local_rank) if e]
+        if errors:
+            _unlink_all(self._linked)
+            raise ValueError("; ".join(errors))
+        self._prefixes = [p for p, _, _, _ in by_local_rank]
         ok = ok and self._prefixes[local_rank] == prefix
-        if all(peer_ok for _, _, peer_ok in by_local_rank):
-            for j, (_, peer_probe, _) in enumerate(by_local_rank):
+        if all(peer_ok for _, _, peer_ok, _ in by_local_rank):
+            for j, (_, peer_probe, _, _) in enumerate(by_local_rank):
                 if j == local_rank:
                     continue
                 try:

@@ -54,6 +54,18 @@ def _segments(rank, world_size, directory):
     )
     report["one rank failing usable"] = failing.usable
     report["one rank failing files"] = len(_files(failing))
+    # a rank whose environment differs takes part all the same: turned off on rank 0 only
+    if rank == 0:
+        os.environ[DISABLE_VARIABLE] = "1"
+    report["one rank disabled usable"] = NodeSharedMemory(dist.group.WORLD, ranks, rank).usable
+    # a bad value on the last rank: every rank is told, none waits for it
+    os.environ[DISABLE_VARIABLE] = "yes" if rank == world_size - 1 else "0"
+    try:
+        NodeSharedMemory(dist.group.WORLD, ranks, rank)
+        report["bad value"] = None
+    except ValueError as exc:
+        report["bad value"] = str(exc)
+    del os.environ[DISABLE_VARIABLE]
     return report
 
 
@@ -70,6 +82,11 @@ def test_segments_are_shared_unlinked_once_mapped_and_agreed_on_by_every_rank(tm
             assert report["files before close"] == 1 and report["files after close"] == 0
             assert not report["disabled usable"]
             assert not report["one rank failing usable"] and report["one rank failing files"] == 0
+            assert not report["one rank disabled usable"]
+            assert (
+                report["bad value"]
+                == f"local rank {world_size - 1}: EC_HOOKS_SHM_DISABLE must be '0' or '1', got 'yes'"
+            )
 
 
 def test_the_disable_variable_takes_0_or_1():
@@ -77,3 +94,15 @@ def test_the_disable_variable_takes_0_or_1():
     assert not shared_memory_disabled({DISABLE_VARIABLE: "0"}) and not shared_memory_disabled({})
     with pytest.raises(ValueError, match="EC_HOOKS_SHM_DISABLE must be '0' or '1'"):
         shared_memory_disabled({DISABLE_VARIABLE: "yes"})
+
+
+def test_a_segment_that_cannot_be_reserved_leaves_no_file(tmp_path, monkeypatch):
+    from ec_hooks import shared_memory
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shared_memory.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left"):
+        shared_memory._map(str(tmp_path / "segment"), 1024, create=True)
+    assert list(tmp_path.iterdir()) == []
