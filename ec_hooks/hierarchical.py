@@ -450,21 +450,33 @@ class NodeHierarchy(_NodeGroups):
         values = self._signal(status | (_CREATED if shared.created else 0))
         statuses = [v & ~_CREATED for v in values]
         if _FAILED in statuses:
-            logger.warning(
-                "shared memory inside the node is off from now on: the node stages go through gloo"
-            )
-            self._shared = None
-            shared.close()
+            self._shared_memory_off(shared)
             return None
-        segments = {
-            j: shared.peer(j, name, nbytes, owner=keys)
-            for j in range(self.local_world_size)
-            if j != self.local_rank
-        }
+        try:
+            segments = {
+                j: shared.peer(j, name, nbytes, owner=keys)
+                for j in range(self.local_world_size)
+                if j != self.local_rank
+            }
+            mapped = _READY
+        except (OSError, RuntimeError) as exc:
+            logger.warning("mapping a shared segment of the node failed (%s)", exc)
+            segments, mapped = {}, _FAILED
+        # A peer's segment is mapped in the call where it was created, which always has this
+        # second message: a rank that could not map one says so here, and the node agrees.
         if any(v & _CREATED for v in values):
-            self._signal(_READY)  # every rank has mapped the new segments
+            if _FAILED in self._signal(mapped):
+                self._shared_memory_off(shared)
+                return None
             shared.settle()
+        elif mapped == _FAILED:
+            raise RuntimeError("a shared segment that was mapped before could not be read again")
         return statuses, segments
+
+    def _shared_memory_off(self, shared: NodeSharedMemory) -> None:
+        logger.warning("shared memory inside the node is off from now on: the node stages go through gloo")
+        self._shared = None
+        shared.close()
 
     def _signal(self, value: int) -> list[int]:
         """Send ``value`` to every other local rank and receive theirs: a small message that

@@ -132,6 +132,7 @@ def _gather_paths(rank, world_size):
         ("shared memory", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
         ("shared memory, unsorted nodes", lambda: ec_hooks.TopK(0.1), [[1, 0], [3, 2]], "0"),
         ("shared memory failing", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
+        ("shared memory mapping failing", lambda: ec_hooks.TopK(0.1), TWO_BY_TWO, "0"),
     ):
         model = DDP(make_model(), bucket_cap_mb=0.0005)
         os.environ[DISABLE_VARIABLE] = shared_memory
@@ -140,6 +141,9 @@ def _gather_paths(rank, world_size):
         if name == "shared memory failing" and rank == 1:
             # /dev/shm full at step 3 on one rank: every rank of its node goes back to gloo
             state.hierarchy._shared.own = _failing_at(state, 3, state.hierarchy._shared.own)
+        if name == "shared memory mapping failing" and rank == 2:
+            # a peer's new segment cannot be mapped (from the first step on): its node goes back to gloo
+            state.hierarchy._shared.peer = _failing_at(state, 0, state.hierarchy._shared.peer)
         for method, counter in (("_gather_nonzeros", "nonzeros"), ("gather_rows", "gathers")):
             setattr(state.hierarchy, method, _Counted(getattr(state.hierarchy, method), calls, counter))
         model.register_comm_hook(state, error_feedback_hook)
@@ -187,6 +191,11 @@ def test_node_gather_paths_and_node_orders_give_bit_identical_results():
             assert calls["mapped"] > 0 and calls["segment files"] == [], calls
         failing = results["shared memory failing"][3]
         if rank in (0, 1):  # the failing node: gloo from step 3 on
+            assert "mapped" not in failing and failing["nonzeros"] > 0, failing
+        else:
+            assert failing["mapped"] > 0 and failing["nonzeros"] == 0, failing
+        failing = results["shared memory mapping failing"][3]
+        if rank in (2, 3):  # the node that could not map: gloo, and no file left behind
             assert "mapped" not in failing and failing["nonzeros"] > 0, failing
         else:
             assert failing["mapped"] > 0 and failing["nonzeros"] == 0, failing
