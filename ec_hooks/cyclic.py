@@ -66,8 +66,8 @@ class CyclicTopK(Compressor):
 
     1. every worker nominates the ``m = ceil(candidates * k / n)`` entries of largest magnitude
        of its own compensated buffer (:meth:`nominate`, the same gap format with ``m`` entries);
-    2. the nominations are allgathered (``n m`` positions in all, ``2 candidates k`` for the
-       default; the broadcast of step 2 above moves ``k``) and their union ``U`` is decoded
+    2. the nominations are allgathered (``n m``, about ``candidates k``, positions in all, 2
+       bytes each; the broadcast of step 2 above moves ``k``) and their union ``U`` is decoded
        identically on every worker;
     3. one allreduce sums every worker's values at ``U`` (at most ``n m`` values);
     4. the ``k`` entries of ``U`` with the largest summed magnitude are applied
@@ -76,7 +76,8 @@ class CyclicTopK(Compressor):
 
     The entries applied are the top-``k`` of the summed buffer whenever those are among the
     candidates, which every worker's strongest entries are.  Bytes per worker stay constant in
-    ``n``: about ``2 (n - 1) / n (2 candidates k + 4 candidates k)`` for fp32 values, twice the
+    ``n``: about ``(n - 1) / n (2 candidates k)`` index bytes for the allgather plus
+    ``2 (n - 1) / n (4 candidates k)`` for the ring allreduce of fp32 values, about twice the
     leader's at the default ``candidates = 2``.
 
     ScaleCom's low-pass filter (``memory_filter = beta < 1``) replaces the memory update

@@ -372,7 +372,7 @@ def test_candidate_bytes_follow_the_formula_and_stay_constant_in_n():
         index = (n - 1) * -(-2 * (m + 1) // 4) * 4  # m entries + one filler slot, 2 bytes each, padded
         wire[n] = CandidateAllreduce().wire_bytes(c, numel, f32, n)
         assert wire[n] == pytest.approx(index + 2 * (n - 1) / n * (n * m + 1) * 4)
-    assert wire[8] <= 2 * wire[2]
+    assert wire[8] <= 1.8 * wire[2]  # a ring allreduce's own growth from 2 to 8 is 1.75x
     assert wire[4] < 0.7 * AllgatherSum().wire_bytes(topk, numel, f32, 4)
 
 
