@@ -282,6 +282,12 @@ ROWS: dict[str, dict] = {
     "cyclic1_ramp_mc": {"compressor": "cyclic_topk", "density": 0.01, **RAMP16, "momentum_correction": True},
     "cyclic1_ramp_mc_tail": {"compressor": "cyclic_topk", "density": 0.01, **RAMP16, **MC_TAIL},
     "cyclic1_candidates_ramp16_mc_tail": {"compressor": _cyclic(selection="candidates"), **RAMP16, **MC_TAIL},
+    "cyclic15_candidates_bf16_ramp_mc_tail": {
+        "compressor": _cyclic(density=0.015, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.0234375,
+        **MC_TAIL,
+    },
     "topk1_sparse_allreduce": (
         "cyclic_accuracy.WithSparseAllreduce",
         {"compressor": "topk", "density": 0.01},
