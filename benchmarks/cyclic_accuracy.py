@@ -154,6 +154,7 @@ if __name__ != "__main__":  # imported by the training workers, for the class_pa
 
 
 RAMP16 = {"density_warmup_steps": 66, "density_warmup_start": 0.015625}
+MC_TAIL = {"momentum_correction": True, "send_momentum_tail": True}
 
 #: row name -> init_args of MemSGDStrategy, or (strategy class_path, init_args)
 ROWS: dict[str, dict] = {
@@ -263,6 +264,29 @@ ROWS: dict[str, dict] = {
         "compressor": _cyclic(density=0.03, value_dtype="bf16"),
         "density_warmup_steps": 66,
         "density_warmup_start": 0.046875,
+    },
+    # momentum correction with the tails sent (send_momentum_tail): each shared entry also carries
+    # mu / (1 - mu) u, and the velocity is cleared there, so it no longer refills the memories
+    "cyclic2_bf16_ramp_mc_tail": {
+        "compressor": _cyclic(density=0.02, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+        **MC_TAIL,
+    },
+    "cyclic2_bf16_ramp_mc": {
+        "compressor": _cyclic(density=0.02, value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.03125,
+        "momentum_correction": True,
+    },
+    "cyclic1_ramp_mc": {"compressor": "cyclic_topk", "density": 0.01, **RAMP16, "momentum_correction": True},
+    "cyclic1_ramp_mc_tail": {"compressor": "cyclic_topk", "density": 0.01, **RAMP16, **MC_TAIL},
+    "cyclic1_candidates_ramp16_mc_tail": {"compressor": _cyclic(selection="candidates"), **RAMP16, **MC_TAIL},
+    "cyclic15_candidates_bf16_ramp_mc_tail": {
+        "compressor": _cyclic(density=0.015, selection="candidates", value_dtype="bf16"),
+        "density_warmup_steps": 66,
+        "density_warmup_start": 0.0234375,
+        **MC_TAIL,
     },
     "topk1_sparse_allreduce": (
         "cyclic_accuracy.WithSparseAllreduce",

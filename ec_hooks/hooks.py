@@ -99,7 +99,7 @@ class ErrorFeedbackState:
             better on the recipes, ``docs/momentum-correction.md``).
         send_momentum_tail: masking that keeps the mass: each entry sent also carries the
             momentum its velocity would still add to the memory, ``momentum / (1 - momentum) u``,
-            and its velocity is cleared (top-k, rand-k; see :class:`~ec_hooks.momentum.MomentumCorrection`).
+            and its velocity is cleared (top-k, rand-k, shared-index top-k; see :class:`~ec_hooks.momentum.MomentumCorrection`).
             Default ``False``.
         hierarchical: reduce dense inside each node and compress only between nodes
             (:mod:`ec_hooks.hierarchical`); needs the default process group.
@@ -668,13 +668,35 @@ def _reduce(
         memory, signal, step=state.iteration, key=key, rank=state.rank, wire_dtype=grad.dtype
     )
     tail = None  # (indices, values) of the momentum tails sent with the payload
-    if velocity is not None and state._corrected.send_tail and payload is not None:
-        payload, tail = _with_momentum_tails(state, compressor, memory, velocity, payload, key, grad.dtype)
+    tails_added: list = []  # the same, for a shared-index transport (it adds them: add_tails)
+    add_tails = None
+    if velocity is not None and state._corrected.send_tail:
+        corrected = state._corrected
+        if payload is not None:
+            payload, tail = _with_momentum_tails(
+                state, compressor, memory, velocity, payload, key, grad.dtype
+            )
+        else:
+
+            def add_tails(indices: torch.Tensor) -> None:
+                tails = corrected.tail(velocity, indices).to(memory.dtype)
+                memory.index_add_(0, indices, tails)
+                tails_added.append((indices, tails))
+
     # 4. transport: the cheapest of the state's transports for this compressor and bucket
     chosen = transport.choose(state.transports, compressor, grad.numel(), grad.dtype, n)
     fut, bytes_sent = chosen.start(
         transport.Outgoing(
-            compressor, memory, payload, finite, signal, grad.dtype, state.iteration, key, state.rank
+            compressor,
+            memory,
+            payload,
+            finite,
+            signal,
+            grad.dtype,
+            state.iteration,
+            key,
+            state.rank,
+            add_tails,
         ),
         group,
     )
@@ -690,6 +712,7 @@ def _reduce(
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         delivery = fut.value()
+        tail_sent = tail if tail is not None or not tails_added else tails_added[0]
         mean, all_finite = delivery.mean, delivery.all_finite
         # 5. memory update, conditional on every worker's status
         if memory.is_cuda:
@@ -701,11 +724,11 @@ def _reduce(
         else:
             mean = torch.full_like(mean, float("nan"))
         kernels.undo_accumulate_(memory, signal, all_finite, backend=backend)
-        if tail is not None:
+        if tail_sent is not None:
             # a voided step takes the tails out of the memory again (adds -0 when it stands)
-            memory.index_add_(0, tail[0], tail[1] * (~all_finite).to(tail[1].dtype), alpha=-1)
+            memory.index_add_(0, tail_sent[0], tail_sent[1] * (~all_finite).to(tail_sent[1].dtype), alpha=-1)
         if velocity is not None:
-            sent = delivery.sent_indices() if tail is None else tail[0]
+            sent = delivery.sent_indices() if tail_sent is None else tail_sent[0]
             state._corrected.commit(velocity, all_finite, sent)
         state.stats.set_residual(keys, memory, live_keys=state.memory.layouts())
         # 6. the bucket's new gradient

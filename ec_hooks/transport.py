@@ -185,6 +185,10 @@ class Outgoing:
         grad: the bucket's gradient (for memory filters that look at it).
         wire_dtype: the gradient's dtype, in which values travel unless the compressor says.
         step, key, rank: the step, the bucket's randomness key, this worker's rank in the group.
+        add_tails: with ``send_momentum_tail`` and a compressor that :attr:`shares_indices`:
+            adds the momentum tails of the given entries to ``source``; a transport calls it
+            once the shared entries are known and before it reads their values, so that each
+            sent entry carries its tail (``None``: no tails).
     """
 
     compressor: object
@@ -196,6 +200,7 @@ class Outgoing:
     step: int
     key: int
     rank: int
+    add_tails: Callable[[torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -359,7 +364,8 @@ class SharedIndexAllreduce(Transport):
        hook's thread: the allreduce of step 3 must be issued in the same order on every rank
        (gloo and NCCL match collectives by issue order), and a collective issued from a future
        callback would race the next bucket's.  The message is small (2 bytes per entry).
-    3. Every worker takes its values at those positions (``compressor.compress_at``) and one
+    3. Every worker takes its values at those positions (``compressor.compress_at``), with
+       their momentum tails added first when the hook sends them (``out.add_tails``), and one
        allreduce-mean sums them, status word appended.
 
     The memory update is the compressor's ``update_memory_`` (which may filter the memory).
@@ -385,6 +391,9 @@ class SharedIndexAllreduce(Transport):
             message = compressor.empty_index_message(source.numel(), source.device)
         if n > 1:
             dist.broadcast(message, src=_global_rank(leader, group), group=group, async_op=True).wait()
+        if out.add_tails is not None:
+            indices, used = compressor.decode_indices(message, source.numel())
+            out.add_tails(indices[used])
         payload = compressor.compress_at(source, message, out.wire_dtype)
 
         def update_memory(memory, scale=None):
@@ -431,6 +440,10 @@ class CandidateAllreduce(Transport):
         message = compressor.nominate(source, n)
         messages = allgather(message, group).wait()
         union = compressor.union_of(messages, numel, n)
+        if out.add_tails is not None:
+            # at all of U: an entry of U that is not kept keeps its tail in memory (its velocity
+            # is cleared with the rest of U), so no tail is counted twice
+            out.add_tails(union)
         offered = compressor.values_at(source, union, out.wire_dtype)
         wire = torch.cat([offered.data, _status(out.finite).to(offered.data.dtype)])
         fut = allreduce_mean(wire, group)

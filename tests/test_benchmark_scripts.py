@@ -130,6 +130,7 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
         "cyclic1_ef_private33",
         "topk1_sparse_allreduce",
         "cyclic1_candidates_ramp16",
+        "cyclic2_bf16_ramp_mc_tail",
     ]
     cyclic_accuracy.write_configs(names, tmp_path)
     built = {
@@ -148,6 +149,8 @@ def test_cyclic_accuracy_configs_instantiate_with_their_momentum_settings(tmp_pa
     assert type(built["topk1_sparse_allreduce"]).__name__ == "WithSparseAllreduce"
     candidates = built["cyclic1_candidates_ramp16"]
     assert candidates.compressor.selects_from_candidates and candidates.density_warmup_steps == 66
+    tails = built["cyclic2_bf16_ramp_mc_tail"]
+    assert tails.momentum_correction is True and tails.send_momentum_tail is True
 
 
 @pytest.mark.slow

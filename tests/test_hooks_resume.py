@@ -55,6 +55,12 @@ CONFIGS = {
         0,
         {"density_warmup_steps": 5, "density_warmup_start": 0.4},
     ),
+    # the digits recipe's setting: the tails added at the union by the transport
+    "cyclic_topk_candidates_momentum_tail": (
+        lambda: ec_hooks.CyclicTopK(0.1, selection="candidates"),
+        0,
+        {"momentum": 0.9, "send_momentum_tail": True},
+    ),
 }
 
 

@@ -559,11 +559,77 @@ def test_momentum_tail_is_sent_with_its_entry():
         assert 0 < int((velocity == 0).sum()) <= k * 6
 
 
-def _tail_overflow(rank, world_size):
+def _shared_tail_cases(rank, world_size):
+    out = {}
+    for selection in ("leader", "candidates"):
+        model = DDP(_one_parameter_model())
+        state = ErrorFeedbackState(
+            compressor=ec_hooks.CyclicTopK(0.1, selection=selection),
+            module=model,
+            momentum=0.9,
+            send_momentum_tail=True,
+        )
+        record = {"grads": [], "u_before": [], "out": []}
+        _train(model, state, rank, 6, torch.optim.SGD(model.parameters(), lr=0.1), record)
+        grads = [torch.stack(g) for g in zip(*[_all(t) for t in record["grads"]])]
+        out[selection] = grads, record["out"], _flat(state.momentum_correction.velocity.state_dict())
+    return out
+
+
+def _shared_tail_reference(grads_per_rank, outputs, compressor, momentum):
+    """The transcription of send_momentum_tail with shared indices.  Leader: the entries are
+    those of the output (checked to be one worker's top-k); candidates: every worker nominates
+    its top ``m`` of the memory, the tails are added at the union ``U``, the ``k`` largest sums
+    are kept, and the velocity is cleared at all of ``U`` (the tails not kept stay in memory)."""
+    n, steps, tail = len(grads_per_rank), len(grads_per_rank[0]), momentum / (1 - momentum)
+    u = [torch.zeros_like(grads_per_rank[0][0]) for _ in range(n)]
+    v = [torch.zeros_like(grads_per_rank[0][0]) for _ in range(n)]
+    d = u[0].numel()
+    k = compressor.k_for(d)
+    means = []
+    for t in range(steps):
+        for i in range(n):
+            u[i] = momentum * u[i] + grads_per_rank[i][t]
+            v[i] = v[i] + u[i]
+        if compressor.selects_from_candidates:
+            m = compressor.candidates_for(d, n)
+            union = torch.unique(torch.cat([topk_magnitude_reference(v[i], m) for i in range(n)]))
+        else:
+            union = outputs[t].nonzero().reshape(-1)
+            assert union.numel() == k
+            leaders = [
+                set(topk_magnitude_reference(v[i], k).tolist()) == set(union.tolist()) for i in range(n)
+            ]
+            assert any(leaders), f"step {t}: the shared entries are no worker's top-k"
+        offered = [v[i][union] + tail * u[i][union] for i in range(n)]
+        summed = torch.stack(offered).sum(0)
+        kept = torch.topk(summed.abs(), k).indices
+        total = torch.zeros_like(u[0])
+        total[union[kept]] = summed[kept]
+        means.append(total / n)
+        for i in range(n):
+            v[i][union] = offered[i]
+            v[i][union[kept]] = 0
+            u[i][union] = 0
+    return means
+
+
+def test_shared_index_transports_send_the_momentum_tails():
+    results = run_distributed(_shared_tail_cases, 2)
+    for selection in ("leader", "candidates"):
+        compressor = ec_hooks.CyclicTopK(0.1, selection=selection)
+        grads, outputs, _ = results[0][selection]
+        expected = _shared_tail_reference([list(g) for g in grads], outputs, compressor, 0.9)
+        for _, outputs, velocity in (r[selection] for r in results):
+            for step, (want, got) in enumerate(zip(expected, outputs)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=f"{selection}, step {step}")
+            # cleared where the tails went out (the shared entries, or the union of nominations)
+            assert int((velocity == 0).sum()) > 0, selection
+
+
+def _tail_overflow(rank, world_size, compressor):
     model = DDP(make_model())
-    state = ErrorFeedbackState(
-        compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, send_momentum_tail=True
-    )
+    state = ErrorFeedbackState(compressor=compressor, module=model, momentum=0.9, send_momentum_tail=True)
     velocities, memories = [], []
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -584,8 +650,13 @@ def _tail_overflow(rank, world_size):
     return velocities, memories
 
 
-def test_overflow_step_takes_the_momentum_tails_back_out_of_the_memory():
-    for velocities, memories in run_distributed(_tail_overflow, 2):
+@pytest.mark.parametrize(
+    "compressor",
+    [ec_hooks.TopK(0.1), ec_hooks.CyclicTopK(0.1), ec_hooks.CyclicTopK(0.1, selection="candidates")],
+    ids=["topk", "cyclic_leader", "cyclic_candidates"],
+)
+def test_overflow_step_takes_the_momentum_tails_back_out_of_the_memory(compressor):
+    for velocities, memories in run_distributed(_tail_overflow, 2, compressor):
         assert torch.equal(velocities[1], velocities[2])
         torch.testing.assert_close(memories[1], memories[2], rtol=0, atol=1e-6)
         assert not torch.equal(memories[2], memories[3])

@@ -109,7 +109,7 @@ MAIN_JOB = [
     ("memsgd_topk1", 0.9805, 3_932),
     ("memsgd_topk1_nocorr", 0.9610, 3_068),
     ("memsgd_topk1_compact", 0.9721, 1_536),
-    ("memsgd_cyclic_topk1", 0.9694, 2_456),
+    ("memsgd_cyclic_topk1", 0.9861, 2_968),
     ("memsgd_topk01", 0.9721, 4_349),
     ("memsgd_randk", 0.7409, 1_536),
     ("ef_sign", 0.9777, 4_796),
