@@ -59,7 +59,8 @@ class MemSGDStrategy(WorkerStateDDPStrategy):
         momentum_masking: DGC's momentum factor masking (default ``False``; see
             :class:`~ec_hooks.ErrorFeedbackState`).
         send_momentum_tail: masking that keeps the mass: each sent entry also carries the momentum
-            its velocity would still add, and its velocity is cleared (default ``False``; see
+            its velocity would still add, and its velocity is cleared (top-k, rand-k, shared-index
+            top-k; needs the momentum in the hook; default ``False``; see
             :class:`~ec_hooks.ErrorFeedbackState`).
         hierarchical: dense inside each node, compressed only between nodes
             (:mod:`ec_hooks.hierarchical`); the nodes are the Trainer's ``num_nodes`` x
