@@ -210,6 +210,18 @@ def test_conservation_invariant_with_the_velocity():
 # ---------------------------------------------------------------- overflow voids the velocity too
 
 
+def _four_steps_skipping_overflows(model, state, opt, rank, velocities, memories):
+    """Four steps; after each, the velocity and memory; the optimizer skips a non-finite step."""
+    for step in range(4):
+        x, y = batch(rank, step)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        velocities.append(_flat(state.momentum_correction.velocity.state_dict()))
+        memories.append(_flat(state.memory.state_dict()))
+        if all(torch.isfinite(p.grad).all() for p in model.parameters()):
+            opt.step()
+
+
 def _overflow(rank, world_size):
     model = DDP(make_model())
     state = ErrorFeedbackState(compressor=ec_hooks.TopK(0.1), module=model, momentum=0.9, clip_norm=0.5)
@@ -224,14 +236,7 @@ def _overflow(rank, world_size):
 
     model.register_comm_hook(state, hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(4):
-        x, y = batch(rank, step)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        velocities.append(_flat(state.momentum_correction.velocity.state_dict()))
-        memories.append(_flat(state.memory.state_dict()))
-        if all(torch.isfinite(p.grad).all() for p in model.parameters()):
-            opt.step()
+    _four_steps_skipping_overflows(model, state, opt, rank, velocities, memories)
     return velocities, memories, outputs
 
 
@@ -639,14 +644,7 @@ def _tail_overflow(rank, world_size, compressor):
         return error_feedback_hook(state, bucket)
 
     model.register_comm_hook(state, hook)
-    for step in range(4):
-        x, y = batch(rank, step)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        velocities.append(_flat(state.momentum_correction.velocity.state_dict()))
-        memories.append(_flat(state.memory.state_dict()))
-        if all(torch.isfinite(p.grad).all() for p in model.parameters()):
-            opt.step()
+    _four_steps_skipping_overflows(model, state, opt, rank, velocities, memories)
     return velocities, memories
 
 
