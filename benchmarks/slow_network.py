@@ -22,7 +22,8 @@ Two modes:
 * ``--mode time-to-accuracy``: the offline digits recipe (scikit-learn's 8x8 digits, the
   recipes' ``DigitsCNN``), trained for ``--tta-steps`` steps per method; wall time (training
   steps only, evaluation excluded) to reach ``--tta-target`` validation accuracy, and the final
-  accuracy.  Decentralized methods are evaluated on their mean model.
+  accuracy.  Decentralized methods are evaluated on their mean model.  SGD keeps momentum 0.9,
+  except for methods whose hook applies it (``Method.hook_options``): their optimizer has none.
 
 Writes ``<out>/step_time.{csv,png,md}`` or ``<out>/time_to_accuracy.{csv,png,md}`` (and
 ``time_to_accuracy_curves.csv``) and prints a Markdown table::
@@ -103,7 +104,20 @@ class Method:
     topk_options: tuple[tuple[str, str], ...] = ()
     #: ``ec_hooks.transport`` classes added to the hook's transports (opt-in ones)
     extra_transports: tuple[str, ...] = ()
+    #: further ``ErrorFeedbackState`` arguments, as ``(name, value)`` pairs (e.g. momentum
+    #: correction: ``("momentum", 0.9), ("send_momentum_tail", True)``)
+    hook_options: tuple[tuple[str, object], ...] = ()
 
+    @property
+    def hook_takes_momentum(self) -> bool:
+        """Whether the hook applies the momentum itself (the optimizer's must then be 0, or it
+        would apply twice)."""
+        return bool(dict(self.hook_options).get("momentum", 0.0))
+
+
+#: momentum correction as the main job's recipes run it: the hook keeps the velocity (SGD's
+#: 0.9) and each entry sent carries its velocity's tail (``docs/momentum-correction.md``)
+MOMENTUM_IN_HOOK: tuple[tuple[str, object], ...] = (("momentum", 0.9), ("send_momentum_tail", True))
 
 METHODS = {
     m.name: m
@@ -114,6 +128,13 @@ METHODS = {
         Method("powersgd_r2", "torch PowerSGD rank 2", "ddp"),
         Method("powersgd_r4", "torch PowerSGD rank 4", "ddp"),
         Method("memsgd_topk_1pct", "Mem-SGD top-k 1%", "hook", density=0.01),
+        Method(
+            "memsgd_topk_1pct_mc_tail",
+            "Mem-SGD top-k 1%, momentum in the hook + tail",
+            "hook",
+            density=0.01,
+            hook_options=MOMENTUM_IN_HOOK,
+        ),
         Method("memsgd_topk_0.1pct", "Mem-SGD top-k 0.1%", "hook", density=0.001),
         Method(
             "memsgd_topk_1pct_delta16",
@@ -147,6 +168,15 @@ METHODS = {
             ("CyclicTopK",),
             0.01,
             topk_options=(("selection", "candidates"),),
+        ),
+        Method(
+            "memsgd_cyclic_candidates_1_5pct_bf16_mc_tail",
+            "Mem-SGD shared-index top-k 1.5%, candidates, bf16, momentum in the hook + tail",
+            "hook",
+            ("CyclicTopK",),
+            0.015,
+            topk_options=(("selection", "candidates"), ("value_dtype", "bf16")),
+            hook_options=MOMENTUM_IN_HOOK,
         ),
         Method(
             "memsgd_cyclic_topk_2pct", "Mem-SGD shared-index (cyclic) top-k 2%", "hook", ("CyclicTopK",), 0.02
@@ -297,7 +327,9 @@ class MethodRun:
             self.bytes_source, self.wire_factor = "analytic", ring_factor
         elif kind == "hook":
             compressor = _compressor(method)
-            state = ec_hooks.ErrorFeedbackState(compressor=compressor, module=self.ddp)
+            state = ec_hooks.ErrorFeedbackState(
+                compressor=compressor, module=self.ddp, **dict(method.hook_options)
+            )
             self.hook_state = state
             from ec_hooks import transport
 
@@ -674,6 +706,13 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(y)
 
 
+def tta_optimizer_momentum(method: Method, momentum: float = 0.9) -> float:
+    """The optimizer's momentum in time-to-accuracy mode: ``momentum``, unless the method's hook
+    applies it (then 0: once, in the hook, like the main job's momentum-correction rows).
+    No weight decay on either side."""
+    return 0.0 if method.hook_takes_momentum else momentum
+
+
 def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]]:
     n = dist.get_world_size()
     x_train, y_train, x_val, y_val = _digits(cfg)
@@ -687,7 +726,9 @@ def _time_to_accuracy_rank(rank: int, cfg: dict) -> tuple[list[dict], list[dict]
         run = MethodRun(
             method, model, n, powersgd_start_iter=cfg["powersgd_start_iter"], skip_powersgd_warmup=False
         )
-        optimizer = torch.optim.SGD(run.ddp.parameters(), lr=cfg["tta_lr"], momentum=0.9)
+        optimizer = torch.optim.SGD(
+            run.ddp.parameters(), lr=cfg["tta_lr"], momentum=tta_optimizer_momentum(method)
+        )
         evaluator = build_digits_model(cfg["tta_hidden"])
         wall, step, epoch = 0.0, 0, 0
         time_to_target = steps_to_target = None

@@ -65,6 +65,38 @@ def test_the_candidate_selection_is_a_method_of_its_own():
     assert (recipe.density, recipe.value_dtype, recipe.selection) == (0.02, torch.bfloat16, "leader")
 
 
+def test_hook_options_reach_the_hook_state_and_take_the_optimizer_momentum(tmp_path):
+    """The momentum-correction methods build their ErrorFeedbackState with the method's options
+    (1 gloo rank: DDP needs a process group, no network); their time-to-accuracy optimizer then
+    has no momentum, and the plain ones keep SGD's 0.9."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for name, compressor in (
+            ("memsgd_topk_1pct_mc_tail", "TopK"),
+            ("memsgd_cyclic_candidates_1_5pct_bf16_mc_tail", "CyclicTopK"),
+        ):
+            method = slow.METHODS[name]
+            assert method.hook_takes_momentum and slow.tta_optimizer_momentum(method) == 0.0
+            run = slow.MethodRun(method, slow.build_digits_model(16), 1)
+            state = run.hook_state
+            assert type(state.compressor).__name__ == compressor
+            assert state.momentum_correction is not None
+            assert state.momentum_correction.momentum == 0.9
+            assert state.momentum_correction.send_tail and state.momentum_correction.weight_decay == 0
+        recipe = slow.MethodRun(
+            slow.METHODS["memsgd_cyclic_candidates_1_5pct_bf16_mc_tail"], slow.build_digits_model(16), 1
+        ).hook_state.compressor
+        assert (recipe.density, recipe.selection, recipe.value_dtype) == (0.015, "candidates", torch.bfloat16)
+        plain = slow.METHODS["memsgd_topk_1pct"]
+        assert not plain.hook_takes_momentum and slow.tta_optimizer_momentum(plain) == 0.9
+        assert slow.MethodRun(plain, slow.build_digits_model(16), 1).hook_state.momentum_correction is None
+        assert slow.tta_optimizer_momentum(slow.METHODS["powersgd_r4"]) == 0.9
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize(
     "argv, names",
     [
